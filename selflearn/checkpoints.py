@@ -1,0 +1,398 @@
+"""CheckpointStore: round checkpoints on file:// or s3:// that nobody can half-read.
+
+Layout under the store's prefix:
+
+    <run>/r000007/{model files...}      weights, tokenizer, config: uploaded first
+    <run>/r000007/manifest.json         written last; its presence is what makes a checkpoint exist
+    <run>/promoted.json                 the serving pointer {"uri": ..., "round": ...}
+
+Readers list only directories holding a manifest, and `download` verifies every file's sha256
+and size against it, so a crash mid-upload or a flipped byte can never reach a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+from urllib.parse import urlparse
+
+MANIFEST = "manifest.json"
+PROMOTED = "promoted.json"
+MANIFEST_FORMAT = "selflearn.checkpoint/v1"
+_ROUND_DIR = re.compile(r"^r(\d{6,})$")
+_CHUNK = 8 * 1024 * 1024
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, or fails verification."""
+
+
+def round_dir(round_: int) -> str:
+    return f"r{round_:06d}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    run: str
+    round: int
+    uri: str
+
+    @property
+    def id(self) -> str:
+        """Short identity shown to users and in headers: `<run>/r000007`."""
+        return f"{self.run}/{round_dir(self.round)}"
+
+
+class _Backend(Protocol):
+    def put_file(self, key: str, src: Path) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes | None: ...
+    def get_file(self, key: str, dest: Path) -> None: ...
+    def list_dirs(self, prefix: str) -> list[str]: ...
+    def list_files(self, prefix: str) -> list[str]: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+    def check(self) -> None: ...
+
+
+class FileBackend:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _p(self, key: str) -> Path:
+        return self.root / key
+
+    def put_file(self, key: str, src: Path) -> None:
+        dst = self._p(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        dst = self._p(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        # Write-then-rename so a reader never sees a torn manifest or pointer.
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._p(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def get_file(self, key: str, dest: Path) -> None:
+        src = self._p(key)
+        if not src.is_file():
+            raise CheckpointError(f"missing file {src}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        d = self._p(prefix)
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+    def list_files(self, prefix: str) -> list[str]:
+        d = self._p(prefix)
+        if not d.is_dir():
+            return []
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self._p(prefix), ignore_errors=True)
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"checkpoint directory {self.root} is not writable: {err}") from None
+        if not os.access(self.root, os.W_OK):
+            raise ValueError(f"checkpoint directory {self.root} is not writable")
+
+
+class S3Backend:
+    def __init__(self, bucket: str, prefix: str, *, endpoint: str | None = None, region: str | None = None,
+                 access_key: str | None = None, secret_key: str | None = None):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint = endpoint
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("S3_ENDPOINT") or None,
+            region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60,
+                          s3={"addressing_style": "path"}),
+        )
+        from boto3.s3.transfer import TransferConfig
+
+        # Multipart above 64 MiB: a 500 MB weights file goes up in parallel parts and can resume.
+        self.transfer = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_file(self, key: str, src: Path) -> None:
+        self.client.upload_file(str(src), self.bucket, self._k(key), Config=self.transfer)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+
+    def get_file(self, key: str, dest: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.download_file(self.bucket, self._k(key), str(dest), Config=self.transfer)
+        except ClientError as err:
+            raise CheckpointError(f"cannot download s3://{self.bucket}/{self._k(key)}: {err}") from None
+
+    def _list(self, prefix: str, delimiter: bool) -> Iterable[dict]:
+        p = self._k(prefix).rstrip("/") + "/"
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": p}
+        if delimiter:
+            kw["Delimiter"] = "/"
+        for page in self.client.get_paginator("list_objects_v2").paginate(**kw):
+            yield page
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        out = []
+        for page in self._list(prefix, True):
+            for cp in page.get("CommonPrefixes", []):
+                out.append(cp["Prefix"].rstrip("/").rsplit("/", 1)[-1])
+        return sorted(out)
+
+    def list_files(self, prefix: str) -> list[str]:
+        base = self._k(prefix).rstrip("/") + "/"
+        return sorted(o["Key"][len(base):] for page in self._list(prefix, False) for o in page.get("Contents", []))
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = [{"Key": o["Key"]} for page in self._list(prefix, False) for o in page.get("Contents", [])]
+        for i in range(0, len(keys), 1000):
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i:i + 1000]})
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as err:
+            where = f" at {self.endpoint}" if self.endpoint else ""
+            raise ValueError(f"bucket s3://{self.bucket}{where} is not reachable: {err}") from None
+
+
+class CheckpointStore:
+    """Checkpoints of one or more runs under a `file://` or `s3://` prefix."""
+
+    def __init__(self, uri: str, backend: _Backend):
+        self.uri = uri.rstrip("/")
+        self.backend = backend
+
+    @classmethod
+    def from_uri(cls, uri: str, *, endpoint: str | None = None, region: str | None = None,
+                 access_key: str | None = None, secret_key: str | None = None) -> "CheckpointStore":
+        parsed = urlparse(uri)
+        if parsed.scheme == "file":
+            path = Path(uri[len("file://"):]).expanduser().resolve()
+            return cls(f"file://{path}", FileBackend(path))
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError(f"s3 uri {uri!r} needs a bucket: s3://bucket/prefix")
+            return cls(uri, S3Backend(parsed.netloc, parsed.path, endpoint=endpoint, region=region,
+                                      access_key=access_key, secret_key=secret_key))
+        raise ValueError(f"unsupported store uri {uri!r}: use file:///path or s3://bucket/prefix")
+
+    @classmethod
+    def for_checkpoint(cls, checkpoint_uri: str, **kw: Any) -> tuple["CheckpointStore", str, int]:
+        """Split `<store>/<run>/r000007` into its store, run and round."""
+        base, run, rdir = checkpoint_uri.rstrip("/").rsplit("/", 2)
+        m = _ROUND_DIR.match(rdir)
+        if not m:
+            raise ValueError(f"{checkpoint_uri!r} is not a checkpoint uri (expected .../<run>/r000007)")
+        return cls.from_uri(base, **kw), run, int(m.group(1))
+
+    # -- names ---------------------------------------------------------------------------------
+    def ref(self, run: str, round_: int) -> CheckpointRef:
+        return CheckpointRef(run, round_, f"{self.uri}/{run}/{round_dir(round_)}")
+
+    def ref_for_uri(self, uri: str) -> CheckpointRef:
+        base, run, rdir = uri.rstrip("/").rsplit("/", 2)
+        m = _ROUND_DIR.match(rdir)
+        if base != self.uri or not m:
+            raise ValueError(f"{uri!r} is not a checkpoint of store {self.uri}")
+        return CheckpointRef(run, int(m.group(1)), uri.rstrip("/"))
+
+    def check(self) -> None:
+        """Raise ValueError with a one-line message if the store cannot be reached or written."""
+        self.backend.check()
+
+    # -- publish -------------------------------------------------------------------------------
+    def publish(self, run: str, round_: int, local_dir: Path, manifest: dict[str, Any]) -> CheckpointRef:
+        """Upload every file of `local_dir`, then the manifest (with sha256 and size per file)."""
+        ref = self.ref(run, round_)
+        base = f"{run}/{round_dir(round_)}"
+        if self.backend.get_bytes(f"{base}/{MANIFEST}") is not None:
+            raise CheckpointError(f"checkpoint {ref.uri} already exists; rounds are immutable")
+        files: dict[str, dict[str, Any]] = {}
+        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+            rel = path.relative_to(local_dir).as_posix()
+            if rel == MANIFEST:
+                continue
+            files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+            self.backend.put_file(f"{base}/{rel}", path)
+        if not files:
+            raise CheckpointError(f"refusing to publish an empty checkpoint from {local_dir}")
+        doc = {**manifest, "format": MANIFEST_FORMAT, "run": run, "round": round_, "uri": ref.uri,
+               "id": ref.id, "published_at": time.time(), "files": files}
+        # The manifest goes last: until it lands, readers do not see this checkpoint at all.
+        self.backend.put_bytes(f"{base}/{MANIFEST}", json.dumps(doc, indent=2, sort_keys=True).encode())
+        return ref
+
+    # -- read ----------------------------------------------------------------------------------
+    def list(self, run: str) -> list[CheckpointRef]:
+        """Complete checkpoints of `run` (those with a manifest), oldest first."""
+        out = []
+        for d in self.backend.list_dirs(run):
+            m = _ROUND_DIR.match(d)
+            if m and self.backend.get_bytes(f"{run}/{d}/{MANIFEST}") is not None:
+                out.append(self.ref(run, int(m.group(1))))
+        return sorted(out, key=lambda r: r.round)
+
+    def latest(self, run: str) -> CheckpointRef | None:
+        refs = self.list(run)
+        return refs[-1] if refs else None
+
+    def runs(self) -> list[str]:
+        return [d for d in self.backend.list_dirs("") if not d.startswith(".")]
+
+    def manifest(self, ref: CheckpointRef | str) -> dict[str, Any]:
+        ref = self.ref_for_uri(ref) if isinstance(ref, str) else ref
+        raw = self.backend.get_bytes(f"{ref.run}/{round_dir(ref.round)}/{MANIFEST}")
+        if raw is None:
+            raise CheckpointError(f"checkpoint {ref.uri} does not exist (no manifest)")
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"manifest of {ref.uri} is not valid JSON: {err}") from None
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), dict):
+            raise CheckpointError(f"manifest of {ref.uri} is not a {MANIFEST_FORMAT} manifest")
+        return doc
+
+    def download(self, ref: CheckpointRef | str, dest: Path) -> dict[str, Any]:
+        """Fetch a checkpoint into `dest`, verifying every file; returns its manifest.
+
+        Files land in a temporary sibling directory that is renamed into place only after every
+        sha256 matches, so `dest` is either absent or complete and verified.
+        """
+        ref = self.ref_for_uri(ref) if isinstance(ref, str) else ref
+        doc = self.manifest(ref)
+        dest = Path(dest)
+        if (dest / MANIFEST).is_file():
+            try:
+                if json.loads((dest / MANIFEST).read_text()).get("files") == doc["files"]:
+                    return doc  # already downloaded and verified
+            except json.JSONDecodeError:
+                pass
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+        try:
+            for rel, meta in doc["files"].items():
+                if ".." in Path(rel).parts or rel.startswith("/"):
+                    raise CheckpointError(f"manifest of {ref.uri} names an unsafe path {rel!r}")
+                target = tmp / rel
+                self.backend.get_file(f"{ref.run}/{round_dir(ref.round)}/{rel}", target)
+                size = target.stat().st_size
+                if size != meta.get("size"):
+                    raise CheckpointError(f"{ref.uri}/{rel}: size {size} != manifest {meta.get('size')}")
+                digest = sha256_file(target)
+                if digest != meta.get("sha256"):
+                    raise CheckpointError(f"{ref.uri}/{rel}: sha256 mismatch (file {digest[:12]}, "
+                                          f"manifest {str(meta.get('sha256'))[:12]}); refusing to load")
+            (tmp / MANIFEST).write_text(json.dumps(doc, indent=2, sort_keys=True))
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return doc
+
+    # -- serving pointer ------------------------------------------------------------------------
+    def promoted(self, run: str) -> CheckpointRef | None:
+        raw = self.backend.get_bytes(f"{run}/{PROMOTED}")
+        if raw is None:
+            return None
+        try:
+            return self.ref_for_uri(json.loads(raw)["uri"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"promoted pointer of run {run} is corrupt: {err}") from None
+
+    def set_promoted(self, ref: CheckpointRef) -> None:
+        self.manifest(ref)  # only a complete checkpoint can be promoted
+        doc = {"uri": ref.uri, "round": ref.round, "id": ref.id, "at": time.time()}
+        self.backend.put_bytes(f"{ref.run}/{PROMOTED}", json.dumps(doc).encode())
+
+    # -- retention ------------------------------------------------------------------------------
+    def retain(self, run: str, keep: int, protect: Iterable[str] = ()) -> list[CheckpointRef]:
+        """Delete all but the newest `keep` checkpoints; never the promoted or `protect`ed ones.
+
+        Incomplete directories (no manifest) older than the newest complete one are debris from a
+        crashed upload and go too.
+        """
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        complete = self.list(run)
+        keep_uris = {r.uri for r in complete[-keep:]} | set(protect)
+        promoted = self.promoted(run)
+        if promoted:
+            keep_uris.add(promoted.uri)
+        deleted = []
+        for r in complete:
+            if r.uri not in keep_uris:
+                self.backend.delete_prefix(f"{run}/{round_dir(r.round)}")
+                deleted.append(r)
+        newest = complete[-1].round if complete else -1
+        for d in self.backend.list_dirs(run):
+            m = _ROUND_DIR.match(d)
+            if m and int(m.group(1)) < newest and self.backend.get_bytes(f"{run}/{d}/{MANIFEST}") is None:
+                self.backend.delete_prefix(f"{run}/{d}")
+        return deleted
+
+    def delete_run(self, run: str) -> None:
+        self.backend.delete_prefix(run)
+
+    # -- small JSON documents beside checkpoints (run state, feedback) ---------------------------
+    def put_json(self, key: str, doc: Any) -> None:
+        self.backend.put_bytes(key, json.dumps(doc, indent=2, sort_keys=True).encode())
+
+    def get_json(self, key: str) -> Any | None:
+        raw = self.backend.get_bytes(key)
+        return None if raw is None else json.loads(raw)

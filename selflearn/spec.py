@@ -1,0 +1,230 @@
+"""The LearnerRun spec as typed config, shared by the trainer, `selflearn local` and the operator.
+
+Field names follow the Kubernetes manifest (camelCase); Python code uses snake_case attributes.
+Unknown fields are rejected so that a typo in a manifest is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+RUN_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class WikipediaSource(_Spec):
+    language: str = Field("en", pattern=r"^[a-z]{2,3}(-[a-z]+)?$")
+    articles_per_round: int = Field(32, ge=1, le=500)
+    # Base URL of the REST API; overridable so tests can point it at a recorded local server.
+    endpoint: str | None = None
+
+
+class SnapshotSource(_Spec):
+    language: Literal["en", "fr", "es"] = "en"
+    articles_per_round: int = Field(32, ge=1, le=5000)
+
+
+class FilesSource(_Spec):
+    paths: list[str] = Field(default_factory=list)
+    urls: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "FilesSource":
+        if not self.paths and not self.urls:
+            raise ValueError("a files source needs at least one path or url")
+        return self
+
+
+class SourceSpec(_Spec):
+    """Exactly one of wikipedia, snapshot or files."""
+
+    wikipedia: WikipediaSource | None = None
+    snapshot: SnapshotSource | None = None
+    files: FilesSource | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SourceSpec":
+        kinds = [k for k in ("wikipedia", "snapshot", "files") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"each source must set exactly one of wikipedia, snapshot, files (got {kinds or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("wikipedia", "snapshot", "files") if getattr(self, k) is not None)
+
+
+class LoraSpec(_Spec):
+    r: int = Field(16, ge=1, le=512)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # merged: fold the adapter into the weights (a plain checkpoint); otherwise save the adapter only.
+    merge: bool = True
+
+
+class TrainingSpec(_Spec):
+    epochs: float = Field(1, gt=0, le=100)
+    batch_size: int = Field(4, ge=1, le=1024)
+    gradient_accumulation: int = Field(4, ge=1, le=1024)
+    learning_rate: float = Field(2.0e-5, gt=0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0, le=1.0)
+    max_length: int = Field(512, ge=16, le=131072)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    method: Literal["full", "lora"] = "full"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    warmup_ratio: float = Field(0.0, ge=0, le=0.5)
+    # Fraction of this round's training blocks drawn from earlier rounds' articles (limits forgetting).
+    replay_fraction: float = Field(0.0, ge=0, le=0.9)
+    # Fresh articles fetched per round but held out of training, to measure generalisation.
+    eval_articles: int = Field(8, ge=0, le=500)
+    # Size of the fixed general set, identical every round.
+    general_articles: int = Field(16, ge=1, le=500)
+    min_chars: int = Field(200, ge=1)
+    blocklist: list[str] = Field(default_factory=list)
+    seed: int = 0
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _lr_positive(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)) and v <= 0:
+            raise ValueError(f"learningRate must be > 0, got {v}")
+        return v
+
+
+class ScheduleSpec(_Spec):
+    interval_seconds: int = Field(600, ge=0)
+    max_rounds: int | None = Field(None, ge=1)
+
+
+class StorageSpec(_Spec):
+    uri: str = "file://./.selflearn/checkpoints"
+    endpoint: str | None = None
+    region: str | None = None
+    credentials_secret: str | None = None
+    keep_checkpoints: int = Field(5, ge=1, le=1000)
+    delete_on_removal: bool = False
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not (v.startswith("file://") or v.startswith("s3://")):
+            raise ValueError(f"storage.uri must start with file:// or s3://, got {v!r}")
+        if v.startswith("s3://") and len(v) <= len("s3://"):
+            raise ValueError("storage.uri s3:// needs a bucket name")
+        return v
+
+
+class PromotionSpec(_Spec):
+    # Fractions: 0.02 allows the new weights' perplexity to be at most 2% above the parent's.
+    max_perplexity_increase: float = Field(0.02, ge=0, le=10)
+    max_fresh_perplexity_increase: float = Field(0.05, ge=0, le=10)
+    pinned_checkpoint: str | None = None
+
+
+class TrainerSpec(_Spec):
+    image: str = "ghcr.io/selflearn/trainer:0.1.0"
+    resources: dict[str, Any] = Field(default_factory=dict)
+    backoff_limit: int = Field(2, ge=0, le=20)
+    active_deadline_seconds: int = Field(3600, ge=60)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class IngressSpec(_Spec):
+    host: str | None = None
+    class_name: str | None = None
+    tls_secret: str | None = None
+
+
+class ServingSpec(_Spec):
+    image: str = "ghcr.io/selflearn/serve:0.1.0"
+    replicas: int = Field(1, ge=0, le=64)
+    resources: dict[str, Any] = Field(default_factory=dict)
+    ingress: IngressSpec = Field(default_factory=IngressSpec)
+
+
+class LearnerRunSpec(_Spec):
+    base_model: str = EMBEDDED_MODEL
+    sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(snapshot=SnapshotSource())], min_length=1)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    suspend: bool = False
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
+    trainer: TrainerSpec = Field(default_factory=TrainerSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+
+    @field_validator("base_model")
+    @classmethod
+    def _model_id(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("baseModel must not be empty")
+        if v.startswith("embedded:") and v != EMBEDDED_MODEL:
+            raise ValueError(f"unknown embedded model {v!r}; the bundled one is {EMBEDDED_MODEL!r}")
+        return v
+
+
+class RunConfig(_Spec):
+    """What a trainer needs: the run's name and its spec (the LearnerRun manifest's shape)."""
+
+    name: str = "local"
+    spec: LearnerRunSpec = Field(default_factory=LearnerRunSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not RUN_NAME_RE.match(v):
+            raise ValueError(f"run name {v!r} must be lowercase alphanumerics and '-', at most 40 chars")
+        return v
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem, with the manifest's field path: `training.learningRate: must be > 0`."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_spec(data: dict[str, Any]) -> LearnerRunSpec:
+    """Validate a spec dict; raise ValueError with a one-line message naming each bad field."""
+    try:
+        return LearnerRunSpec.model_validate(data or {})
+    except ValidationError as err:
+        raise ValueError(f"invalid LearnerRun spec: {format_validation_error(err)}") from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a run config: a LearnerRun manifest, a bare spec, or {name, spec}."""
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"run config {p} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"run config {p} is not valid YAML: {err}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"run config {p} must be a mapping, got {type(doc).__name__}")
+    if doc.get("kind") == "LearnerRun":
+        doc = {"name": (doc.get("metadata") or {}).get("name", "local"), "spec": doc.get("spec") or {}}
+    elif "spec" not in doc:
+        doc = {"name": doc.pop("name", "local"), "spec": doc}
+    try:
+        return RunConfig.model_validate(doc)
+    except ValidationError as err:
+        raise ValueError(f"invalid run config {p}: {format_validation_error(err)}") from None
