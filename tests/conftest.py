@@ -1,0 +1,75 @@
+"""Shared fixtures: the real embedded model, a real S3 API server on 127.0.0.1, a tiny OPT."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> str:
+    """HF-format directory of the bundled SmolLM2-135M-Instruct (materialised once)."""
+    from selflearn import basemodel
+
+    return basemodel.resolve("embedded:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 API over real HTTP on 127.0.0.1; yields (endpoint, make_bucket)."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def make_bucket(name: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+        return name
+
+    yield endpoint, make_bucket
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory) -> str:
+    """A tiny randomly initialised OPT saved locally, to prove the OPT path without a hub."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from selflearn import basemodel
+
+    d = tmp_path_factory.mktemp("tiny-opt")
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=49152, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                    max_position_embeddings=256, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2)
+    OPTForCausalLM(cfg).save_pretrained(d)
+    # Reuse the embedded model's tokenizer files (vocab 49152) without its chat template, as OPT has none.
+    tok = basemodel.load_tokenizer(basemodel.resolve("embedded:smollm2-135m-instruct"))
+    tok.chat_template = None
+    tok.save_pretrained(d)
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    return str(d)
