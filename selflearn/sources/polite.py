@@ -1,0 +1,266 @@
+"""Polite HTTP for sources: a descriptive User-Agent, a rate limit, bounded retries.
+
+Wikimedia's User-Agent policy asks for a client name, version and a way to reach the operator;
+anonymous or generic agents get throttled or blocked. Every source that reaches the network
+(the Wikipedia client, URLs of the files source) goes through `PoliteSession`:
+
+- at most one request per `min_interval` seconds (measured between request starts);
+- retries on 429 (waiting at least Retry-After), 5xx, connection errors and timeouts, with
+  exponential backoff and jitter, at most `max_attempts` tries per request;
+- other 4xx answers fail at once: retrying a 404 or 403 helps nobody.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import requests
+
+from .. import __version__ as _VERSION
+
+log = logging.getLogger(__name__)
+
+# Where a Wikimedia operator can find out who is calling. Override with SELFLEARN_CONTACT.
+DEFAULT_CONTACT = "https://github.com/selflearn/selflearn"
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504, 507, 508, 509, 520, 521, 522, 523, 524})
+
+
+def default_user_agent(contact: str | None = None) -> str:
+    contact = contact or os.environ.get("SELFLEARN_CONTACT") or DEFAULT_CONTACT
+    return f"selflearn/{_VERSION} ({contact}) python-requests/{requests.__version__}"
+
+
+class SourceHTTPError(RuntimeError):
+    """A request failed for good: a non-retryable status, or every allowed attempt failed."""
+
+    def __init__(self, message: str, *, url: str, status: int | None = None, attempts: int = 0):
+        super().__init__(message)
+        self.url = url
+        self.status = status
+        self.attempts = attempts
+
+
+class ResponseTooLarge(SourceHTTPError):
+    pass
+
+
+@dataclass
+class RetryPolicy:
+    max_attempts: int = 5          # tries per request, the first one included
+    backoff_base: float = 1.0      # seconds before the 1st retry; doubles each time
+    backoff_max: float = 60.0      # cap on one backoff sleep
+    max_retry_after: float = 300.0  # a longer Retry-After is an error, not a 5-minute hang
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.backoff_base < 0 or self.backoff_max < 0:
+            raise ValueError("backoff_base and backoff_max must be >= 0")
+
+
+@dataclass
+class Fetched:
+    """A complete response: the body is read (and size-checked) inside the retry loop."""
+
+    url: str
+    status: int
+    headers: Mapping[str, str]
+    content: bytes
+    attempts: int = 1
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+
+    def text(self) -> str:
+        """Decode with the declared charset, else UTF-8, else a detected one."""
+        charset = requests.utils.get_encoding_from_headers(dict(self.headers))
+        declared = "charset=" in self.headers.get("Content-Type", "").lower()
+        return decode_bytes(self.content, charset if declared else None)
+
+
+def decode_bytes(data: bytes, charset: str | None = None) -> str:
+    if charset:
+        try:
+            return data.decode(charset)
+        except (LookupError, UnicodeDecodeError):
+            pass
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    try:
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(data).best()
+        if best is not None:
+            return str(best)
+    except ImportError:  # pragma: no cover - requests depends on it
+        pass
+    return data.decode("latin-1")
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After is either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass
+class Stats:
+    requests: int = 0   # logical requests (get calls)
+    attempts: int = 0   # HTTP attempts, retries included
+    retries: int = 0
+    throttled: int = 0  # 429 answers
+    waited_s: float = 0.0  # time slept for backoff, Retry-After and the rate limit
+    errors: list[str] = field(default_factory=list)
+
+
+class PoliteSession:
+    def __init__(
+        self,
+        *,
+        user_agent: str | None = None,
+        min_interval: float = 1.0,
+        timeout: float | tuple[float, float] = 30.0,
+        retry: RetryPolicy | None = None,
+        max_bytes: int | None = None,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ):
+        if min_interval < 0:
+            raise ValueError(f"min_interval must be >= 0, got {min_interval}")
+        self.user_agent = user_agent or default_user_agent()
+        self.min_interval = float(min_interval)
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.max_bytes = max_bytes
+        self.session = session or requests.Session()
+        self.session.headers["User-Agent"] = self.user_agent
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._last_start: float | None = None
+        self.stats = Stats()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "PoliteSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- pacing -------------------------------------------------------------------------------
+
+    def wait(self, seconds: float) -> None:
+        if seconds > 0:
+            self.stats.waited_s += seconds
+            self._sleep(seconds)
+
+    def _pace(self) -> None:
+        """Block until `min_interval` has passed since the previous request started."""
+        with self._lock:
+            now = time.monotonic()
+            if self._last_start is not None:
+                self.wait(self._last_start + self.min_interval - now)
+            self._last_start = time.monotonic()
+
+    def backoff(self, retry_index: int) -> float:
+        # Exponential with "equal jitter": half fixed, half random, so clients that failed
+        # together do not come back together.
+        cap = min(self.retry.backoff_max, self.retry.backoff_base * (2 ** retry_index))
+        return cap / 2 + self._rng.uniform(0, cap / 2)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def get(self, url: str, *, params: Mapping[str, Any] | None = None,
+            headers: Mapping[str, str] | None = None) -> Fetched:
+        """GET with pacing and retries. Returns 2xx/3xx answers (304 included) with the body read;
+        raises SourceHTTPError on a non-retryable status or when attempts run out."""
+        self.stats.requests += 1
+        last = "no attempt"
+        attempts = self.retry.max_attempts
+        for attempt in range(1, attempts + 1):
+            self._pace()
+            self.stats.attempts += 1
+            delay: float | None = None
+            try:
+                fetched = self._attempt(url, params, headers, attempt)
+            except requests.Timeout as err:
+                last = f"timed out ({type(err).__name__})"
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
+                last = f"connection error ({type(err).__name__}: {err})"
+            else:
+                status = fetched.status
+                if status < 400:
+                    return fetched
+                if status not in RETRYABLE_STATUS:
+                    raise SourceHTTPError(f"GET {url}: HTTP {status} (not retried){_snippet(fetched)}",
+                                          url=url, status=status, attempts=attempt)
+                last = f"HTTP {status}"
+                retry_after = parse_retry_after(fetched.headers.get("Retry-After"))
+                if status == 429:
+                    self.stats.throttled += 1
+                if retry_after is not None:
+                    if retry_after > self.retry.max_retry_after:
+                        raise SourceHTTPError(
+                            f"GET {url}: HTTP {status} asks to retry after {retry_after:.0f}s, more than "
+                            f"the allowed {self.retry.max_retry_after:.0f}s; giving up",
+                            url=url, status=status, attempts=attempt)
+                    # Honour the server's wish, with a little jitter on top.
+                    delay = retry_after + self._rng.uniform(0, min(1.0, 0.1 * retry_after))
+            self.stats.errors.append(f"{url}: {last}")
+            if attempt == attempts:
+                break
+            delay = self.backoff(attempt - 1) if delay is None else delay
+            self.stats.retries += 1
+            log.warning("GET %s: %s; retry %d/%d in %.2fs", url, last, attempt, attempts - 1, delay)
+            self.wait(delay)
+        status = int(last.split()[1]) if last.startswith("HTTP ") else None
+        raise SourceHTTPError(f"GET {url}: gave up after {attempts} attempts (last: {last})",
+                              url=url, status=status, attempts=attempts)
+
+    def _attempt(self, url: str, params: Mapping[str, Any] | None, headers: Mapping[str, str] | None,
+                 attempt: int) -> Fetched:
+        with self.session.get(url, params=params, headers=dict(headers or {}), timeout=self.timeout,
+                              stream=True) as resp:
+            length = resp.headers.get("Content-Length")
+            if self.max_bytes is not None and length and length.isdigit() and int(length) > self.max_bytes:
+                raise ResponseTooLarge(f"GET {url}: {int(length)} bytes is over the {self.max_bytes}-byte limit",
+                                       url=url, status=resp.status_code, attempts=attempt)
+            chunks, size = [], 0
+            for chunk in resp.iter_content(64 * 1024):
+                size += len(chunk)
+                if self.max_bytes is not None and size > self.max_bytes:
+                    raise ResponseTooLarge(f"GET {url}: body is over the {self.max_bytes}-byte limit",
+                                           url=url, status=resp.status_code, attempts=attempt)
+                chunks.append(chunk)
+            return Fetched(url=resp.url, status=resp.status_code, headers=resp.headers,
+                           content=b"".join(chunks), attempts=attempt)
+
+
+def _snippet(f: Fetched, limit: int = 200) -> str:
+    body = f.content[:limit].decode("utf-8", "replace").strip()
+    return f": {body}" if body else ""
