@@ -25,8 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+            continue  # a component not installed in this image (e.g. a trainer-only build)
         p = sub.add_parser(name, help=help_, description=help_)
-        mod = importlib.import_module(module)
         mod.add_arguments(p)
         p.set_defaults(_module=mod)
     return parser

@@ -1,0 +1,413 @@
+"""Local files and URLs: .txt, .md, .html and .pdf, each learned once (and again when it changes).
+
+- Plain text is decoded (UTF-8, else a detected charset).
+- Markdown is rendered with markdown-it-py and read back as text, so syntax (emphasis, links,
+  code fences, tables, inline HTML) disappears and the words stay; YAML front matter is dropped.
+- HTML keeps the readable text: script, style, nav, forms, asides and the like are dropped, and
+  `<main>` or `<article>` is preferred over the whole body when a page has one.
+- PDF text comes from pypdf, page by page, with hyphenated line breaks re-joined.
+
+Directories are walked recursively for those extensions (hidden files and folders skipped). URLs
+are fetched politely (see `polite.py`); the Content-Type decides the parser, with the URL's
+extension as the fallback for generic types.
+
+The cursor maps each learned file (its file:// URI or URL) to the sha256 of its bytes. A file
+whose bytes were learned before is skipped; a changed file is learned again. For URLs the
+cursor also keeps ETag/Last-Modified, so an unchanged page costs a 304 and no body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import unquote, urlsplit
+
+from .base import Article
+from .polite import PoliteSession, RetryPolicy, SourceHTTPError, decode_bytes, default_user_agent
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown",
+              ".html": "html", ".htm": "html", ".xhtml": "html", ".pdf": "pdf"}
+CONTENT_TYPES = {"text/plain": "text", "text/markdown": "markdown", "text/x-markdown": "markdown",
+                 "text/html": "html", "application/xhtml+xml": "html", "application/pdf": "pdf",
+                 "application/x-pdf": "pdf"}
+GENERIC_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/binary"}
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+
+
+# -- text extraction ------------------------------------------------------------------------------
+
+_DROP_TAGS = ("script", "style", "noscript", "template", "nav", "aside", "form", "button", "select",
+              "iframe", "svg", "canvas", "object", "embed", "footer", "head", "dialog")
+_DROP_ROLES = {"navigation", "banner", "contentinfo", "search", "complementary", "menu", "menubar"}
+_PARAGRAPH = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "pre", "table", "ul", "ol", "dl",
+              "figure", "section", "article", "main", "header", "address", "details", "hr"}
+_LINE = {"div", "li", "dt", "dd", "tr", "figcaption", "caption", "summary", "body", "html"}
+_SPACES = re.compile(r"[ \t\r\n\f\v]+")
+_FRONT_MATTER = re.compile(r"\A(?:\ufeff)?---[ \t]*\n.*?\n(?:---|\.\.\.)[ \t]*(?:\n|\Z)", re.S)
+
+
+def _tidy(text: str) -> str:
+    lines = [" ".join(line.split()) if line.strip() else "" for line in text.split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def html_to_text(html: str) -> tuple[str | None, str]:
+    """(title, readable text) of an HTML document."""
+    from bs4 import BeautifulSoup
+    from bs4.element import NavigableString, Tag
+
+    soup = BeautifulSoup(html, "html.parser")
+    title = None
+    meta = soup.find("meta", attrs={"property": "og:title"})
+    if soup.title and soup.title.get_text(strip=True):
+        title = soup.title.get_text(" ", strip=True)
+    elif isinstance(meta, Tag) and meta.get("content"):
+        title = str(meta["content"]).strip()
+    for tag in soup.find_all(_DROP_TAGS):
+        tag.decompose()
+    for tag in soup.find_all(True):
+        if tag.decomposed or tag.attrs is None:
+            continue
+        if (tag.get("role") in _DROP_ROLES or tag.get("aria-hidden") == "true" or tag.has_attr("hidden")
+                or (tag.name == "header" and tag.find_parent(("article", "main")) is None)):
+            tag.decompose()
+    articles = soup.find_all("article")
+    root = soup.find("main") or (max(articles, key=lambda a: len(a.get_text())) if articles else None)
+    root = root or soup.body or soup
+    if title is None and (h1 := root.find("h1")):
+        title = h1.get_text(" ", strip=True) or None
+
+    # Walk without recursion (deeply nested pages exist): block elements become line breaks
+    # (adjacent blocks share them: a paragraph break is at most one blank line), whitespace in
+    # running text collapses, <pre> keeps its line breaks.
+    out: list[str] = []
+    newlines = 0  # newlines at the end of `out`
+
+    def text(t: str) -> None:
+        nonlocal newlines
+        if not t:
+            return
+        out.append(t)
+        core = t.rstrip(" \t")
+        if core.strip("\n"):  # visible text: count only the newlines after it
+            newlines = len(core) - len(core.rstrip("\n"))
+        else:
+            newlines += core.count("\n")
+
+    def block(sep: str) -> None:
+        if sep == " ":
+            text(" ")
+        elif len(sep) > newlines and out:
+            text("\n" * (len(sep) - newlines))
+
+    stack: list[Any] = [(root, False)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            block(item)
+            continue
+        node, in_pre = item
+        if isinstance(node, NavigableString):
+            if type(node) is not NavigableString:  # a Comment, Doctype, CData, ...
+                continue
+            if in_pre:
+                text(str(node))
+            elif node.strip() or not newlines:
+                # Whitespace between blocks is layout, not a word separator.
+                text(_SPACES.sub(" ", str(node)))
+            continue
+        if not isinstance(node, Tag):
+            continue
+        name = node.name
+        if name == "br":
+            text("\n")
+            continue
+        sep = "\n\n" if name in _PARAGRAPH else "\n" if name in _LINE else " " if name in ("td", "th") else ""
+        if name == "img" and node.get("alt"):
+            text(f" {node['alt']} ")
+        block(sep)
+        stack.append(sep)
+        for child in reversed(list(node.children)):
+            stack.append((child, in_pre or name == "pre"))
+    return title, _tidy("".join(out))
+
+
+def markdown_to_text(md: str) -> tuple[str | None, str]:
+    """(title, text) of a Markdown document: rendered to HTML by markdown-it-py, then read back.
+    The title is the front matter's `title:` or the first `# heading`."""
+    from markdown_it import MarkdownIt
+
+    title = None
+    if fm := _FRONT_MATTER.match(md):
+        if m := re.search(r"^title:[ \t]*(.+?)[ \t]*$", fm.group(0), re.M):
+            title = m.group(1).strip("'\"") or None
+        md = md[fm.end():]
+    parser = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+    if title is None and (heading := re.search(r"^ {0,3}#[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$", md, re.M)):
+        title = html_to_text(parser.renderInline(heading.group(1)))[1] or None
+    _, text = html_to_text(f"<html><body>{parser.render(md)}</body></html>")
+    return title, text
+
+
+_HYPHEN_BREAK = re.compile(r"(\w)-\n(?=[a-z])")
+_SOFT_BREAK = re.compile(r"(?<=[^\n])\n(?=[a-z(])")
+
+
+def pdf_to_text(data: bytes) -> tuple[str | None, str, int]:
+    """(title, text, page count) of a PDF, through pypdf."""
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise ValueError("the PDF is encrypted")
+        pages = list(reader.pages)
+    except (PdfReadError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read PDF: {err}") from None
+    texts = []
+    for i, page in enumerate(pages):
+        try:
+            t = page.extract_text() or ""
+        except Exception as err:  # one broken page should not lose the rest of the document
+            log.warning("PDF page %d: no text (%s)", i + 1, err)
+            continue
+        # Lines of a paragraph come back as separate lines; re-join words hyphenated across a
+        # line break and lines that continue a sentence.
+        t = _SOFT_BREAK.sub(" ", _HYPHEN_BREAK.sub(r"\1", t.replace("\r\n", "\n")))
+        texts.append(t.strip())
+    title = None
+    try:
+        meta = reader.metadata
+        title = (meta.title or "").strip() or None if meta else None
+    except Exception:  # broken metadata is not worth losing the text over
+        pass
+    return title, _tidy("\n\n".join(t for t in texts if t)), len(pages)
+
+
+def extract(data: bytes, kind: str, *, charset: str | None = None) -> tuple[str | None, str, dict[str, Any]]:
+    """(title or None, text, extra) for raw bytes of one of the supported kinds."""
+    if kind == "pdf":
+        title, text, pages = pdf_to_text(data)
+        return title, text, {"pages": pages}
+    decoded = decode_bytes(data, charset)
+    if kind == "html":
+        return (*html_to_text(decoded), {})
+    if kind == "markdown":
+        return (*markdown_to_text(decoded), {})
+    if kind == "text":
+        return None, _tidy(decoded.replace("\r\n", "\n").replace("\r", "\n")), {}
+    raise ValueError(f"unsupported kind {kind!r}")
+
+
+# -- the source ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Item:
+    key: str            # file:// URI or URL: the article's url and the cursor's key
+    path: Path | None   # local file, or None for a URL
+    explicit: bool      # named in the spec (errors are raised) rather than found in a folder
+
+
+class FilesClient:
+    """Source protocol over local files, folders and URLs. `name` is "files"."""
+
+    name = "files"
+
+    def __init__(
+        self,
+        paths: list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...] = (),
+        urls: list[str] | tuple[str, ...] = (),
+        *,
+        contact: str | None = None,
+        user_agent: str | None = None,
+        min_interval: float = 1.0,
+        timeout: float = 30.0,
+        max_attempts: int = 4,
+        backoff_base: float = 1.0,
+        backoff_max: float = 30.0,
+        max_retry_after: float = 300.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        session: Any = None,
+    ):
+        """Raises ValueError for a path that does not exist, a file of an unsupported type or a
+        URL that is not http(s). `max_bytes` caps one file or download."""
+        if not paths and not urls:
+            raise ValueError("a files source needs at least one path or url")
+        self.paths = [self._local(p) for p in paths]
+        for p in self.paths:
+            if p.is_file():
+                _kind_for_path(p)  # unsupported type: fail now, before any training
+        self.urls = [str(u) for u in urls]
+        for u in self.urls:
+            if urlsplit(u).scheme not in ("http", "https") or not urlsplit(u).netloc:
+                raise ValueError(f"files source: {u!r} is not an http(s) URL")
+        self.max_bytes = max_bytes
+        self.http = PoliteSession(
+            user_agent=user_agent or default_user_agent(contact), min_interval=min_interval, timeout=timeout,
+            retry=RetryPolicy(max_attempts=max_attempts, backoff_base=backoff_base, backoff_max=backoff_max,
+                              max_retry_after=max_retry_after),
+            max_bytes=max_bytes, session=session,
+        )
+        self.last_skipped: dict[str, int] = {}
+
+    @classmethod
+    def from_spec(cls, spec: Any, **overrides: Any) -> "FilesClient":
+        """Build from a `selflearn.spec.FilesSource` (paths, urls)."""
+        return cls(list(spec.paths), list(spec.urls), **overrides)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "FilesClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @staticmethod
+    def _local(p: str | os.PathLike[str]) -> Path:
+        s = os.fspath(p)
+        if s.startswith("file://"):
+            s = unquote(urlsplit(s).path)
+        path = Path(s).expanduser().resolve()
+        if not path.exists():
+            raise ValueError(f"files source: {s} does not exist")
+        return path
+
+    # -- Source protocol ----------------------------------------------------------------------
+
+    def fetch(self, n: int, cursor: dict[str, Any] | None) -> tuple[list[Article], dict[str, Any]]:
+        """Up to `n` articles from files not learned before (or changed since), and the new cursor.
+
+        Raises ValueError for a missing path, an unsupported or unreadable file named in the
+        spec, or a URL of an unsupported type; SourceHTTPError when a URL cannot be fetched.
+        Unreadable files found while walking a folder are skipped with a warning.
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        cursor = cursor if isinstance(cursor, dict) else {}
+        learned: dict[str, str] = {str(k): str(v) for k, v in (cursor.get("learned") or {}).items()}
+        validators: dict[str, dict[str, str]] = dict(cursor.get("validators") or {})
+        known = set(learned.values())
+        skipped = {"unchanged": 0, "not_modified": 0, "no_text": 0, "unreadable": 0}
+        articles: list[Article] = []
+        for item in self._items():
+            if len(articles) >= n:
+                break
+            if item.path is not None:
+                got = self._read_file(item)
+            else:
+                got = self._read_url(item, validators if learned.get(item.key) else {})
+            if got is None:
+                skipped["unreadable" if item.path is not None else "not_modified"] += 1
+                continue
+            data, kind, charset, headers = got
+            digest = hashlib.sha256(data).hexdigest()
+            if item.path is None:
+                v = {k: headers[h] for k, h in (("etag", "ETag"), ("last_modified", "Last-Modified")) if headers.get(h)}
+                if v:
+                    validators[item.key] = v
+            if digest in known:
+                skipped["unchanged"] += 1
+                continue
+            try:
+                title, text, extra = extract(data, kind, charset=charset)
+            except ValueError as err:
+                if item.explicit:
+                    raise ValueError(f"files source: {item.key}: {err}") from None
+                log.warning("files source: skipping %s: %s", item.key, err)
+                skipped["unreadable"] += 1
+                continue
+            learned[item.key] = digest
+            known.add(digest)
+            if not text.strip():
+                log.warning("files source: %s has no extractable text (a scanned PDF?)", item.key)
+                skipped["no_text"] += 1
+                continue
+            fallback = item.path.name if item.path else (Path(unquote(urlsplit(item.key).path)).name or item.key)
+            articles.append(Article(
+                title=title or fallback, text=text, source="file" if item.path else "url", url=item.key,
+                revision=digest, extra={"format": kind, "bytes": len(data), **extra},
+            ))
+        self.last_skipped = skipped
+        new_cursor = {**cursor, "learned": learned}
+        if validators:
+            new_cursor["validators"] = {k: v for k, v in validators.items() if k in learned}
+        return articles, new_cursor
+
+    # -- items --------------------------------------------------------------------------------
+
+    def _items(self) -> Iterator[_Item]:
+        for root in self.paths:
+            if not root.exists():
+                raise ValueError(f"files source: {root} does not exist")
+            if root.is_file():
+                yield _Item(root.as_uri(), root, True)
+                continue
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for f in sorted(filenames):
+                    p = Path(dirpath) / f
+                    if not f.startswith(".") and p.suffix.lower() in EXTENSIONS and p.is_file():
+                        yield _Item(p.as_uri(), p, False)
+        for u in self.urls:
+            yield _Item(u, None, True)
+
+    def _read_file(self, item: _Item) -> tuple[bytes, str, str | None, dict[str, str]] | None:
+        assert item.path is not None
+        try:
+            size = item.path.stat().st_size
+            if size > self.max_bytes:
+                raise ValueError(f"{size} bytes is over the {self.max_bytes}-byte limit")
+            data = item.path.read_bytes()
+        except (OSError, ValueError) as err:
+            if item.explicit:
+                raise ValueError(f"files source: cannot read {item.path}: {err}") from None
+            log.warning("files source: skipping %s: %s", item.path, err)
+            return None
+        return data, _kind_for_path(item.path), None, {}
+
+    def _read_url(self, item: _Item, validators: dict[str, dict[str, str]]) -> \
+            tuple[bytes, str, str | None, dict[str, str]] | None:
+        headers = {"Accept": "text/html, text/markdown, text/plain, application/pdf;q=0.9, */*;q=0.1"}
+        v = validators.get(item.key) or {}
+        if v.get("etag"):
+            headers["If-None-Match"] = v["etag"]
+        if v.get("last_modified"):
+            headers["If-Modified-Since"] = v["last_modified"]
+        try:
+            fetched = self.http.get(item.key, headers=headers)
+        except SourceHTTPError as err:
+            raise SourceHTTPError(f"files source: {err}", url=err.url, status=err.status,
+                                  attempts=err.attempts) from None
+        if fetched.status == 304:
+            return None
+        ctype = fetched.content_type
+        path_kind = EXTENSIONS.get(Path(urlsplit(fetched.url).path).suffix.lower())
+        kind = CONTENT_TYPES.get(ctype)
+        if ctype in GENERIC_TYPES or (kind == "text" and path_kind == "markdown"):
+            kind = path_kind or kind  # e.g. raw .md files are commonly served as text/plain
+        if kind is None:
+            raise ValueError(f"files source: {item.key}: unsupported content type {ctype or '(none)'!r}; "
+                             f"supported: {', '.join(sorted(CONTENT_TYPES))}")
+        charset = None
+        if "charset=" in fetched.headers.get("Content-Type", "").lower():
+            charset = fetched.headers["Content-Type"].lower().split("charset=")[1].split(";")[0].strip(' "')
+        return fetched.content, kind, charset, dict(fetched.headers)
+
+
+def _kind_for_path(p: Path) -> str:
+    kind = EXTENSIONS.get(p.suffix.lower())
+    if kind is None:
+        raise ValueError(f"files source: {p} has an unsupported type {p.suffix or '(no extension)'!r}; "
+                         f"supported: {', '.join(sorted(EXTENSIONS))}")
+    return kind

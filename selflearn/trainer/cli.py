@@ -1,0 +1,58 @@
+"""`selflearn train`: one round end to end; the trainer Job's entrypoint.
+
+Prints the round's result as one JSON line on stdout and, inside a Kubernetes pod, writes the
+same line to the termination message file, where the operator reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-config", required=True, help="LearnerRun manifest, bare spec, or {name, spec} YAML")
+    p.add_argument("--round", type=int, required=True, help="round number (>= 1)")
+    p.add_argument("--parent", default=None,
+                   help="checkpoint URI to train from, or 'base'; default: the promoted, else newest checkpoint")
+    p.add_argument("--workdir", default=None, help="scratch directory (default: system temp)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _termination_log(line: str) -> None:
+    path = os.environ.get("SELFLEARN_TERMINATION_LOG", TERMINATION_LOG)
+    if os.path.exists(os.path.dirname(path) or ".") and (os.path.exists(path) or "SELFLEARN_TERMINATION_LOG" in os.environ):
+        try:
+            # Kubernetes keeps at most 4096 bytes of a termination message.
+            Path(path).write_text(line[:4096])
+        except OSError:
+            pass
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import CheckpointError
+    from ..spec import load_run_config
+    from .round import run_round
+
+    config = load_run_config(args.run_config)
+    try:
+        result = run_round(config, args.round, parent=args.parent,
+                           workdir=Path(args.workdir) if args.workdir else None, progress=not args.no_progress)
+    except (ValueError, CheckpointError) as err:
+        _termination_log(json.dumps({"status": "failed", "round": args.round, "reason": str(err)}))
+        raise ValueError(str(err)) from None
+    line = json.dumps(result.to_json(), sort_keys=True)
+    _termination_log(line)
+    print(line, flush=True)
+    return 0 if result.status in ("published", "empty") else 1
+
+
+if __name__ == "__main__":
+    from ..cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

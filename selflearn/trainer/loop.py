@@ -1,0 +1,207 @@
+"""The fine-tuning loop, readable top to bottom (nanoGPT-style), plus perplexity.
+
+Precision strategy:
+  * CUDA: fp32 weights, autocast to bf16/fp16 (GradScaler for fp16).
+  * CPU bf16: the model itself runs in bf16 (no per-op casts, half the memory traffic) while the
+    optimizer updates fp32 master copies. Pure bf16 updates would vanish: at lr 2e-5 an Adam step
+    is ~1e-4 of a weight, below bf16's 2^-8 resolution.
+  * fp32: plain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .data import count_tokens
+
+log = logging.getLogger("selflearn.trainer")
+
+
+@dataclass
+class LoopConfig:
+    epochs: float = 1.0
+    gradient_accumulation: int = 4
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    precision: str = "fp32"  # resolved: bf16 | fp16 | fp32
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class LoopStats:
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def final_loss(self) -> float | None:
+        tail = self.losses[-max(1, len(self.losses) // 4):]
+        return sum(tail) / len(tail) if tail else None
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return nullcontext()
+
+
+class MasterWeights:
+    """fp32 copies of a low-precision model's trainable parameters, which the optimizer owns."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in params]
+
+    @classmethod
+    def for_cpu_bf16(cls, model: torch.nn.Module) -> "MasterWeights":
+        """Take exact fp32 masters from a fp32 model, then run the model itself in bf16."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        mw = cls(trainable)
+        model.to(torch.bfloat16)
+        return mw
+
+    @torch.no_grad()
+    def restore_fp32(self, model: torch.nn.Module) -> None:
+        """Back to an fp32 model holding the exact master weights (what a checkpoint saves)."""
+        model.float()
+        for m, p in zip(self.master, self.params):
+            p.copy_(m)
+
+    def grads_to_master(self) -> None:
+        for m, p in zip(self.master, self.params):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        for m, p in zip(self.master, self.params):
+            p.copy_(m)
+
+
+def train(
+    model: torch.nn.Module,
+    batches: Sequence[torch.Tensor],
+    cfg: LoopConfig,
+    *,
+    master: MasterWeights | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> LoopStats:
+    """Fine-tune `model` in place on [B, T] token batches (causal LM loss on every token)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if master is None and trainable and trainable[0].dtype != torch.float32:
+        master = MasterWeights(trainable)
+    opt_params = master.master if master else trainable
+    decay = [p for p in opt_params if p.dim() >= 2]
+    no_decay = [p for p in opt_params if p.dim() < 2]  # norms and biases are not decayed
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate, foreach=True)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.precision == "fp16" else None
+
+    # Order: every epoch walks all batches (a fractional epoch walks a prefix of the last pass).
+    n_micro = max(1, math.ceil(len(batches) * cfg.epochs))
+    total_steps = max(1, math.ceil(n_micro / cfg.gradient_accumulation))
+    warmup = int(total_steps * cfg.warmup_ratio)
+
+    def lr_at(step: int) -> float:  # linear warmup, then linear decay (the HF Trainer default)
+        if step < warmup:
+            return cfg.learning_rate * (step + 1) / warmup
+        return cfg.learning_rate * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    while len(order) < n_micro:
+        order += torch.randperm(len(batches), generator=gen).tolist()
+    order = order[:n_micro]
+
+    stats = LoopStats()
+    model.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, desc="train", unit="step", leave=False)
+    t0 = time.perf_counter()
+    for step in range(total_steps):
+        window = [batches[i] for i in order[step * cfg.gradient_accumulation:(step + 1) * cfg.gradient_accumulation]]
+        # Each micro-batch's mean loss is weighted by its share of the window's predicted tokens,
+        # so a short tail block counts for exactly its tokens.
+        window_tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in window)
+        step_loss = 0.0
+        for b in window:
+            b = b.to(device)
+            with _autocast(device, cfg.precision):
+                loss = model(input_ids=b, labels=b).loss
+            weight = b.shape[0] * (b.shape[1] - 1) / window_tokens
+            scaled = loss * weight
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            step_loss += loss.item() * weight
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        if master:
+            master.grads_to_master()
+        if scaler:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(opt_params, cfg.max_grad_norm)
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if master:
+            master.master_to_model()
+        stats.steps += 1
+        stats.tokens += count_tokens(window)
+        stats.losses.append(step_loss)
+        stats.seconds = time.perf_counter() - t0
+        event = {"event": "step", "step": step + 1, "of": total_steps, "loss": round(step_loss, 4),
+                 "lr": lr_at(step), "tokens_per_s": round(stats.tokens_per_s, 1)}
+        log.debug(json.dumps(event))
+        if on_step:
+            on_step(event)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{stats.tokens_per_s:.0f}")
+    if bar:
+        bar.close()
+    model.eval()
+    return stats
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, batches: Sequence[torch.Tensor], precision: str = "fp32") -> float | None:
+    """Token-weighted perplexity of `model` over [B, T] batches; None for an empty set."""
+    if not batches:
+        return None
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    for b in batches:
+        b = b.to(device)
+        with _autocast(device, precision):
+            loss = model(input_ids=b, labels=b).loss.float().item()
+        k = b.shape[0] * (b.shape[1] - 1)
+        nll += loss * k
+        n += k
+    if was_training:
+        model.train()
+    return math.exp(nll / n) if n else None

@@ -1,0 +1,243 @@
+"""One training round end to end: fetch, clean, split, evaluate, train, evaluate, publish.
+
+    sources -> pipeline -> pack -> ppl(parent) -> fine-tune -> ppl(new) -> publish (manifest last)
+
+The round trains from `parent` (the served checkpoint), or the base model on round 1, and
+measures both weights on three sets: fresh held-out articles, the trained articles, and the
+fixed general set. The promotion decision is not made here: the driver (local or operator)
+applies selflearn.policy to the metrics this round publishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import basemodel
+from ..checkpoints import CheckpointRef, CheckpointStore
+from ..sources.base import Article
+from ..sources.factory import build_sources, general_language
+from ..sources.pipeline import DEFAULT_BLOCKLIST, BlocklistFilter, clean_articles
+from ..sources.snapshot import general_set
+from ..spec import RunConfig
+from . import data, loop, precision as prec
+from .model_io import load_for_training, save_for_checkpoint
+
+log = logging.getLogger("selflearn.trainer")
+
+STATE_KEY = "state.json"
+ARTICLES_FILE = "articles.jsonl"
+
+
+@dataclass
+class RoundResult:
+    status: str  # published | empty
+    round: int
+    checkpoint: str | None = None
+    id: str | None = None
+    parent: str | None = None
+    metrics: dict[str, Any] | None = None
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def open_store(config: RunConfig) -> CheckpointStore:
+    import os
+
+    st = config.spec.storage
+    return CheckpointStore.from_uri(st.uri, endpoint=st.endpoint or os.environ.get("S3_ENDPOINT"),
+                                    region=st.region)
+
+
+def preflight(config: RunConfig, store: CheckpointStore) -> Any:
+    """Everything that can be wrong with a run, checked before any article is fetched."""
+    spec = config.spec
+    model_cfg = basemodel.load_config(spec.base_model)
+    ctx = basemodel.context_length(model_cfg)
+    if spec.training.max_length > ctx:
+        raise ValueError(f"training.maxLength {spec.training.max_length} exceeds {spec.base_model}'s context of {ctx}")
+    prec.resolve(spec.training.precision, prec.pick_device())
+    store.check()
+    return model_cfg
+
+
+def resolve_parent(store: CheckpointStore, run: str, parent: str | None) -> CheckpointRef | None:
+    """`base` -> the base model; a URI -> that checkpoint; None -> promoted, else newest complete."""
+    if parent == "base":
+        return None
+    if parent:
+        src, prun, pround = CheckpointStore.for_checkpoint(parent)
+        return src.ref(prun, pround) if src.uri == store.uri else CheckpointRef(prun, pround, parent)
+    return store.promoted(run) or store.latest(run)
+
+
+def _earlier_articles(store: CheckpointStore, run: str, limit: int) -> list[dict[str, Any]]:
+    """Texts of articles learned in earlier rounds, newest first (for replay)."""
+    out: list[dict[str, Any]] = []
+    for ref in reversed(store.list(run)):
+        raw = store.backend.get_bytes(f"{run}/r{ref.round:06d}/{ARTICLES_FILE}")
+        if raw:
+            out += [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+        if len(out) >= limit:
+            break
+    return out[:limit]
+
+
+def _seen_hashes(store: CheckpointStore, run: str) -> set[str]:
+    seen: set[str] = set()
+    for ref in store.list(run):
+        for a in store.manifest(ref).get("articles", []):
+            if a.get("sha256"):
+                seen.add(a["sha256"])
+    return seen
+
+
+def collect_articles(config: RunConfig, cursors: dict[str, Any], seen: set[str],
+                     sources: list | None = None) -> tuple[list[Article], list[Article], list, dict]:
+    """-> (train, held_out, dropped, new_cursors). Held-out articles come from the first
+    Wikipedia/snapshot source, fetched on top of its articlesPerRound, and are never trained on."""
+    spec = config.spec
+    sources = sources if sources is not None else build_sources(spec)
+    new_cursors = dict(cursors)
+    train: list[Article] = []
+    held: list[Article] = []
+    dropped: list = []
+    filters = [BlocklistFilter(list(DEFAULT_BLOCKLIST) + list(spec.training.blocklist))]
+    eval_left = spec.training.eval_articles
+    for src_spec, src in zip(spec.sources, sources):
+        n = getattr(src_spec.wikipedia or src_spec.snapshot, "articles_per_round", 10_000)
+        extra = eval_left if src_spec.kind in ("wikipedia", "snapshot") else 0
+        fetched, new_cursors[src.name] = src.fetch(n + extra, cursors.get(src.name, {}))
+        res = clean_articles(fetched, min_chars=spec.training.min_chars, filters=filters, seen_sha256=seen)
+        seen |= {a.sha256 for a in res.kept}
+        dropped += res.dropped
+        if extra and len(res.kept) > extra:
+            held += res.kept[-extra:]
+            res.kept = res.kept[:-extra]
+            eval_left = 0
+        train += res.kept
+    return train, held, dropped, new_cursors
+
+
+def run_round(
+    config: RunConfig,
+    round_: int,
+    *,
+    parent: str | None = None,
+    store: CheckpointStore | None = None,
+    workdir: Path | None = None,
+    sources: list | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> RoundResult:
+    if round_ < 1:
+        raise ValueError(f"round must be >= 1, got {round_}")
+    spec, run, t_start = config.spec, config.name, time.time()
+    store = store or open_store(config)
+    preflight(config, store)
+    if store.list(run) and any(r.round == round_ for r in store.list(run)):
+        raise ValueError(f"round {round_} of run {run!r} is already published at {store.ref(run, round_).uri}")
+    parent_ref = resolve_parent(store, run, parent)
+    state = store.get_json(f"{run}/{STATE_KEY}") or {}
+
+    train_arts, held, dropped, cursors = collect_articles(config, state.get("cursors", {}),
+                                                          _seen_hashes(store, run), sources)
+    for title, why in dropped:
+        log.info(json.dumps({"event": "dropped", "title": title, "reason": why}))
+    if not train_arts:
+        store.put_json(f"{run}/{STATE_KEY}", {**state, "cursors": cursors, "last_round": round_})
+        reason = f"empty round: all {len(dropped)} fetched articles were filtered out" if dropped else \
+            "empty round: the sources returned no new articles"
+        log.warning(reason)
+        return RoundResult("empty", round_, reason=reason)
+
+    device = prec.pick_device()
+    precision = prec.resolve(spec.training.precision, device)
+    torch.manual_seed(spec.training.seed + round_)
+    with tempfile.TemporaryDirectory(prefix="selflearn-round-", dir=workdir) as tmp:
+        tmp = Path(tmp)
+        model, tok = load_for_training(spec, parent_ref, store, tmp / "parent", device)
+        # CPU bf16: the model runs in bf16 while exact fp32 masters take the updates.
+        master = loop.MasterWeights.for_cpu_bf16(model) if device.type == "cpu" and precision == "bf16" else None
+        eos = tok.eos_token_id
+        L, B = spec.training.max_length, spec.training.batch_size
+
+        def batches_of(texts: list[str]) -> list[torch.Tensor]:
+            return data.batches(data.pack(data.tokenize(tok, texts), L, eos), B)
+
+        general = general_set(general_language(spec), spec.training.general_articles)
+        train_batches = batches_of([a.text for a in train_arts])
+        replay_n = 0
+        if spec.training.replay_fraction > 0:
+            # Replay earlier rounds' articles so this round's blocks are `replay_fraction` old text.
+            earlier = _earlier_articles(store, run, 10_000)
+            rng = random.Random(spec.training.seed + round_)
+            rng.shuffle(earlier)
+            want = int(len(train_arts) * spec.training.replay_fraction / (1 - spec.training.replay_fraction))
+            replay = [a["text"] for a in earlier[:want]]
+            replay_n = len(replay)
+            train_batches += batches_of(replay) if replay else []
+        sets = {"fresh": batches_of([a.text for a in held]), "trained": batches_of([a.text for a in train_arts]),
+                "general": batches_of([a.text for a in general])}
+        ppl_before = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
+        cfg = loop.LoopConfig(epochs=spec.training.epochs, gradient_accumulation=spec.training.gradient_accumulation,
+                              learning_rate=spec.training.learning_rate, weight_decay=spec.training.weight_decay,
+                              warmup_ratio=spec.training.warmup_ratio, precision=precision,
+                              seed=spec.training.seed + round_)
+        stats = loop.train(model, train_batches, cfg, master=master, on_step=on_step, progress=progress)
+        ppl_after = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
+
+        out = tmp / "checkpoint"
+        if master:
+            master.restore_fp32(model)
+        save_for_checkpoint(model, tok, spec, out)
+        with open(out / ARTICLES_FILE, "w") as f:
+            for a in train_arts:
+                f.write(json.dumps({"title": a.title, "sha256": a.sha256, "text": a.text}) + "\n")
+        metrics = {
+            "train_loss": stats.final_loss,
+            "losses": [round(x, 4) for x in stats.losses],
+            "train_tokens": stats.tokens,
+            "train_seconds": round(stats.seconds, 2),
+            "tokens_per_s": round(stats.tokens_per_s, 1),
+            "steps": stats.steps,
+            "ppl": {k: {"before": ppl_before[k], "after": ppl_after[k]} for k in sets if ppl_before[k] is not None},
+            "articles": len(train_arts),
+            "held_out": len(held),
+            "replayed": replay_n,
+            "dropped": len(dropped),
+        }
+        manifest = {
+            "base_model": spec.base_model,
+            "parent": parent_ref.uri if parent_ref else None,
+            "method": spec.training.method,
+            "adapter": spec.training.method == "lora" and not spec.training.lora.merge,
+            "precision": precision,
+            "device": device.type,
+            "hyperparameters": spec.training.model_dump(by_alias=True, mode="json"),
+            "metrics": metrics,
+            "articles": [a.provenance() for a in train_arts],
+            "held_out_articles": [a.provenance() for a in held],
+            "dropped_articles": [{"title": t, "reason": r} for t, r in dropped],
+            "cursors": cursors,
+            "software": {"torch": torch.__version__, "python": platform.python_version()},
+            "started_at": t_start,
+        }
+        ref = store.publish(run, round_, out, manifest)
+    store.put_json(f"{run}/{STATE_KEY}", {**state, "cursors": cursors, "last_round": round_})
+    store.retain(run, spec.storage.keep_checkpoints, protect=[parent_ref.uri] if parent_ref else [])
+    log.info(json.dumps({"event": "published", "checkpoint": ref.uri, "seconds": round(time.time() - t_start, 1)}))
+    summary = {k: v for k, v in metrics.items() if k != "losses"}
+    return RoundResult("published", round_, ref.uri, ref.id, parent_ref.uri if parent_ref else None, summary)
