@@ -411,3 +411,7 @@ def _kind_for_path(p: Path) -> str:
         raise ValueError(f"files source: {p} has an unsupported type {p.suffix or '(no extension)'!r}; "
                          f"supported: {', '.join(sorted(EXTENSIONS))}")
     return kind
+
+
+# The name `sources/factory.py` imports; the same class.
+FilesSource = FilesClient
