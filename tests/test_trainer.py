@@ -1,0 +1,127 @@
+"""A training round end to end: real models, real stores, bad input refused before training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from selflearn.checkpoints import CheckpointStore
+from selflearn.sources.base import Article
+from selflearn.spec import RunConfig, load_run_config, parse_spec
+from selflearn.trainer.round import run_round
+
+TINY = {"maxLength": 64, "batchSize": 2, "gradientAccumulation": 1, "learningRate": 2.0e-4,
+        "evalArticles": 1, "generalArticles": 2, "epochs": 1}
+
+
+class ListSource:
+    """A real Source over given articles (stands in for a live fetch)."""
+
+    name = "list"
+
+    def __init__(self, articles):
+        self.articles = articles
+
+    def fetch(self, n, cursor):
+        start = cursor.get("next", 0)
+        return self.articles[start:start + n], {"next": start + n}
+
+
+def config(tmp_path, model: str, **training) -> RunConfig:
+    return RunConfig(name="t", spec=parse_spec({
+        "baseModel": model, "sources": [{"snapshot": {"language": "en", "articlesPerRound": 3}}],
+        "training": {**TINY, **training}, "storage": {"uri": f"file://{tmp_path}/store"}}))
+
+
+def test_round_on_embedded_model_learns_and_publishes_to_s3(tmp_path, s3_server, embedded_model_dir):
+    endpoint, make_bucket = s3_server
+    make_bucket("rounds")
+    cfg = RunConfig(name="wiki", spec=parse_spec({
+        "sources": [{"snapshot": {"articlesPerRound": 3}}], "training": {**TINY, "epochs": 2},
+        "storage": {"uri": "s3://rounds/ckpt", "endpoint": endpoint}}))
+    res = run_round(cfg, 1, progress=False)
+    assert res.status == "published" and res.checkpoint == "s3://rounds/ckpt/wiki/r000001"
+    ppl = res.metrics["ppl"]
+    assert ppl["trained"]["after"] < ppl["trained"]["before"], "the round learned its articles"
+    assert set(ppl) == {"fresh", "trained", "general"}
+    store = CheckpointStore.from_uri("s3://rounds/ckpt", endpoint=endpoint)
+    manifest = store.download(res.checkpoint, tmp_path / "dl")
+    assert manifest["parent"] is None and manifest["base_model"] == "embedded:smollm2-135m-instruct"
+    assert len(manifest["articles"]) == 3 and all(len(a["sha256"]) == 64 for a in manifest["articles"])
+    assert manifest["hyperparameters"]["learningRate"] == 2.0e-4
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
+    # Round 2 starts from round 1 and never sees round 1's articles again.
+    res2 = run_round(cfg, 2, progress=False)
+    m2 = store.manifest(res2.checkpoint)
+    assert m2["parent"] == res.checkpoint
+    assert not {a["sha256"] for a in m2["articles"]} & {a["sha256"] for a in manifest["articles"]}
+
+
+def test_opt_path_full_and_lora(tmp_path, tiny_opt_dir):
+    res = run_round(config(tmp_path, tiny_opt_dir), 1, progress=False)
+    assert res.status == "published"
+    assert res.metrics["ppl"]["trained"]["after"] < res.metrics["ppl"]["trained"]["before"]
+    lora = config(tmp_path, tiny_opt_dir, method="lora", lora={"r": 4, "alpha": 8, "merge": False})
+    lora.name = "lora"
+    res = run_round(lora, 1, progress=False)
+    files = CheckpointStore.from_uri(f"file://{tmp_path}/store").manifest(res.checkpoint)["files"]
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    # The next round continues the same adapter on top of the base model.
+    res2 = run_round(lora, 2, progress=False)
+    assert res2.status == "published"
+
+
+def test_empty_round_publishes_nothing(tmp_path, tiny_opt_dir):
+    cfg = config(tmp_path, tiny_opt_dir)
+    src = ListSource([Article(title="x", text="too short", source="list")])
+    res = run_round(cfg, 1, sources=[src], progress=False)
+    assert res.status == "empty" and "filtered out" in res.reason
+    assert CheckpointStore.from_uri(f"file://{tmp_path}/store").list("t") == []
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"training": {"learningRate": -1}}, "training.learningRate"),
+    ({"training": {"precision": "fp8"}}, "training.precision"),
+    ({"storage": {"uri": "ftp://x"}}, "storage.uri"),
+    ({"sources": [{"snapshot": {}, "files": {"paths": ["a"]}}]}, "exactly one"),
+    ({"trainng": {}}, "trainng"),
+])
+def test_bad_spec_is_one_clear_line(patch, message):
+    with pytest.raises(ValueError, match=message) as err:
+        parse_spec(patch)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_refuses_bad_runs_before_training(tmp_path, tiny_opt_dir, s3_server):
+    endpoint, _ = s3_server
+
+    def cli(spec: dict):
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump({"name": "c", "spec": spec}))
+        return subprocess.run([sys.executable, "-m", "selflearn.trainer", "--run-config", str(path),
+                               "--round", "1", "--no-progress"], capture_output=True, text=True, timeout=300)
+
+    store = {"uri": f"file://{tmp_path}/s"}
+    cases = [
+        ({"baseModel": tiny_opt_dir, "training": {"maxLength": 4096}, "storage": store}, "exceeds"),
+        ({"baseModel": str(tmp_path / "nope"), "storage": store}, "unknown model"),
+        ({"baseModel": tiny_opt_dir, "training": TINY, "storage": {"uri": "s3://missing/x", "endpoint": endpoint}},
+         "not reachable"),
+        ({"baseModel": tiny_opt_dir, "training": {"learningRate": 0}}, "learningRate"),
+    ]
+    for spec, message in cases:
+        proc = cli(spec)
+        assert proc.returncode == 2, proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert message in last and last.startswith("selflearn train: error:"), last
+    # And a good one prints exactly one JSON line.
+    proc = cli({"baseModel": tiny_opt_dir, "training": TINY, "storage": store,
+                "sources": [{"snapshot": {"articlesPerRound": 2}}]})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip())
+    assert result["status"] == "published" and result["checkpoint"].endswith("/c/r000001")
+    assert load_run_config(tmp_path / "run.yaml").name == "c"
