@@ -61,10 +61,13 @@ def test_round_on_embedded_model_learns_and_publishes_to_s3(tmp_path, s3_server,
     assert not {a["sha256"] for a in m2["articles"]} & {a["sha256"] for a in manifest["articles"]}
 
 
-def test_opt_path_full_and_lora(tmp_path, tiny_opt_dir):
+def test_opt_path_full_replay_and_lora(tmp_path, tiny_opt_dir):
     res = run_round(config(tmp_path, tiny_opt_dir), 1, progress=False)
     assert res.status == "published"
     assert res.metrics["ppl"]["trained"]["after"] < res.metrics["ppl"]["trained"]["before"]
+    # Replay mixes round 1's articles back into round 2.
+    res2 = run_round(config(tmp_path, tiny_opt_dir, replayFraction=0.5), 2, progress=False)
+    assert res2.metrics["replayed"] >= 1 and res2.parent == res.checkpoint
     lora = config(tmp_path, tiny_opt_dir, method="lora", lora={"r": 4, "alpha": 8, "merge": False})
     lora.name = "lora"
     res = run_round(lora, 1, progress=False)
