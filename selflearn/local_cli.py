@@ -1,0 +1,157 @@
+"""`selflearn local`: serve the chat page at once, then learn round after round on this machine.
+
+Defaults need no network: the bundled model, the offline Wikipedia snapshot, a file:// store
+under --data-dir, and small CPU-sized rounds spaced --interval seconds apart (the trainer runs
+niced in a subprocess, so the chat stays responsive on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("selflearn.local")
+
+# CPU-sized rounds: a minute or two each on 2 cores with the bundled 135M model.
+LOCAL_TRAINING = {"epochs": 2, "batchSize": 4, "gradientAccumulation": 1, "learningRate": 5.0e-5,
+                  "maxLength": 256, "evalArticles": 4, "generalArticles": 8}
+LOCAL_ARTICLES = 16
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    n = p.add_mutually_exclusive_group()
+    n.add_argument("--rounds", type=int, metavar="N", help="stop after N rounds (default: forever)")
+    n.add_argument("--forever", action="store_true", help="learn until Ctrl-C (the default)")
+    p.add_argument("--model", metavar="ID", help="embedded:smollm2-135m-instruct (default), a hub id or a local dir")
+    p.add_argument("--source", action="append", metavar="SRC",
+                   help="snapshot[:lang] (default snapshot:en), wikipedia[:lang] or files:PATH[,PATH...]; repeatable")
+    p.add_argument("--articles", type=int, metavar="N", help=f"articles per round per source (default {LOCAL_ARTICLES})")
+    p.add_argument("--store", metavar="URI", help="file://DIR or s3://bucket/prefix (default file://DATA_DIR/checkpoints)")
+    p.add_argument("--storage-endpoint", metavar="URL", help="S3 endpoint (credentials from AWS_* env vars)")
+    p.add_argument("--data-dir", default=".selflearn", help="state, logs and the default store (default ./.selflearn)")
+    p.add_argument("--name", default=None, help="run name (default: local)")
+    p.add_argument("--config", metavar="FILE", help="a LearnerRun manifest or spec YAML; flags override it")
+    p.add_argument("--interval", type=float, metavar="SECONDS",
+                   help="pause between rounds (default: the spec's schedule.intervalSeconds, 30 locally)")
+    p.add_argument("--learning-rate", type=float, metavar="LR", help="override training.learningRate")
+    p.add_argument("--max-perplexity-increase", type=float, metavar="FRACTION",
+                   help="promotion gate on the general set (default 0.02)")
+    p.add_argument("--pin", metavar="URI", help="serve this checkpoint and promote nothing (rollback)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the chat page and API (default 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--no-serve", action="store_true", help="learn only; start no Ray Serve (headless)")
+    p.add_argument("--nice", type=int, default=10, help="niceness of the trainer subprocess (default 10)")
+
+
+def parse_source(text: str, articles: int) -> dict[str, Any]:
+    kind, _, arg = text.partition(":")
+    if kind in ("snapshot", "wikipedia"):
+        body: dict[str, Any] = {"articlesPerRound": articles}
+        if arg:
+            body["language"] = arg
+        return {kind: body}
+    if kind == "files":
+        if not arg:
+            raise ValueError("--source files:PATH needs a path")
+        paths = [x for x in arg.split(",") if x]
+        return {"files": {"paths": [str(Path(x).expanduser().resolve()) if "://" not in x else x for x in paths]}}
+    raise ValueError(f"--source {text!r}: expected snapshot[:lang], wikipedia[:lang] or files:PATH")
+
+
+def build_config(args: argparse.Namespace):
+    """The local run's RunConfig from --config (if any) and the flags; ValueError when bad."""
+    from .spec import RunConfig, load_run_config
+
+    if args.config:
+        base = load_run_config(args.config)
+        doc = base.model_dump(by_alias=True, mode="json", exclude_none=True)
+        spec = doc["spec"]
+        if args.name:
+            doc["name"] = args.name
+    else:
+        doc = {"name": args.name or "local", "spec": {}}
+        spec = doc["spec"]
+        spec["training"] = dict(LOCAL_TRAINING)
+        spec["schedule"] = {"intervalSeconds": 30}
+        spec["sources"] = [{"snapshot": {"language": "en", "articlesPerRound": LOCAL_ARTICLES}}]
+    data_dir = Path(args.data_dir).expanduser().resolve()
+    if args.model:
+        spec["baseModel"] = args.model
+    if args.source:
+        spec["sources"] = [parse_source(s, args.articles or LOCAL_ARTICLES) for s in args.source]
+    elif args.articles:
+        for s in spec["sources"]:
+            for kind in ("snapshot", "wikipedia"):
+                if kind in s:
+                    s[kind]["articlesPerRound"] = args.articles
+    storage = spec.setdefault("storage", {})
+    if args.store:
+        storage["uri"] = args.store if "://" in args.store else f"file://{Path(args.store).expanduser().resolve()}"
+    elif not args.config or storage.get("uri", "").startswith("file://./"):
+        storage["uri"] = f"file://{data_dir / 'checkpoints'}"
+    if args.storage_endpoint:
+        storage["endpoint"] = args.storage_endpoint
+    if args.learning_rate is not None:
+        spec.setdefault("training", {})["learningRate"] = args.learning_rate
+    promotion = spec.setdefault("promotion", {})
+    if args.max_perplexity_increase is not None:
+        promotion["maxPerplexityIncrease"] = args.max_perplexity_increase
+    if args.pin:
+        promotion["pinnedCheckpoint"] = args.pin
+    from pydantic import ValidationError
+
+    from .spec import format_validation_error
+
+    try:
+        return RunConfig.model_validate(doc)
+    except ValidationError as err:
+        raise ValueError(f"invalid local run: {format_validation_error(err)}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from .local import LocalDriver, start_serving, stop_serving
+
+    config = build_config(args)
+    data_dir = Path(args.data_dir).expanduser().resolve()
+    interval = args.interval if args.interval is not None else config.spec.schedule.interval_seconds
+    rounds = args.rounds if args.rounds is not None else config.spec.schedule.max_rounds
+    driver = LocalDriver(config, data_dir, nice=args.nice)
+
+    def on_signal(signum, _frame):
+        if driver.stop_event.is_set():
+            raise KeyboardInterrupt  # second Ctrl-C: stop waiting politely
+        print(f"\nselflearn local: stopping ({signal.Signals(signum).name}); Ctrl-C again to force", file=sys.stderr,
+              flush=True)
+        driver.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def on_event(kind: str, doc: dict) -> None:
+        if kind == "training":
+            print(f"round {doc['round']}: training from {doc['parent'] or 'the base model'}", flush=True)
+        elif kind == "round":
+            print(f"round {doc['round']}: {doc.get('reason') or doc.get('status')}", flush=True)
+
+    driver.on_event = on_event
+    state = driver.prepare()
+    server = None
+    try:
+        if not args.no_serve:
+            server = start_serving(driver, port=args.port, host=args.host, serving=state.get("promoted"))
+            print(f"selflearn local: chat on {server.url}/   dashboard {server.url}/dashboard/   "
+                  f"serving {driver.state.get('serving_id')}", flush=True)
+        print(f"selflearn local: run {config.name!r}, next round {driver.next_round()}, store "
+              f"{config.spec.storage.uri}, state {driver.state_path}", flush=True)
+        driver.loop(rounds=rounds, interval=interval)
+    finally:
+        driver.finish()
+        if not args.no_serve:
+            stop_serving(server)
+    print(f"selflearn local: stopped after round {driver.state.get('round')}; serving was "
+          f"{driver.state.get('serving_id') or 'the base model'}", flush=True)
+    return 0
