@@ -1,0 +1,157 @@
+"""The local driver's pure parts: state transitions, resume numbering, reconcile, status table, CLI config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selflearn.checkpoints import CheckpointStore
+from selflearn.cli import build_parser
+from selflearn.dashboard import format_table
+from selflearn.local import (apply_result, checkpoint_id, load_state, new_state, next_round, reconcile,
+                             remove_incomplete, save_state, startup_serving)
+from selflearn.local_cli import build_config
+from selflearn.spec import PromotionSpec, RunConfig, parse_spec
+
+
+def cfg(tmp_path, **promotion):
+    return RunConfig(name="local", spec=parse_spec({"storage": {"uri": f"file://{tmp_path}/store"},
+                                                   "promotion": promotion}))
+
+
+def published(round_, general=(20.0, 19.0), fresh=(30.0, 29.0)):
+    uri = f"file:///s/local/r{round_:06d}"
+    return {"status": "published", "round": round_, "checkpoint": uri, "id": f"local/r{round_:06d}",
+            "metrics": {"train_loss": 2.5, "ppl": {"general": dict(zip(("before", "after"), general)),
+                                                    "fresh": dict(zip(("before", "after"), fresh))}}}
+
+
+MANIFEST = {"metrics": {"losses": [3.0, 2.8, 2.5]}, "published_at": 100.0,
+            "articles": [{"title": "<script>alert(1)</script>", "url": "https://en.wikipedia.org/wiki/X", "sha256": "ab"}]}
+
+
+def test_promoted_round_moves_serving_and_counter(tmp_path):
+    st = new_state(cfg(tmp_path))
+    st2, action = apply_result(st, published(1), MANIFEST, PromotionSpec())
+    assert st["round"] == 0 and st["rounds"] == []  # pure: the input is untouched
+    assert st2["round"] == 1 and st2["promoted"] == "file:///s/local/r000001" and st2["promoted_id"] == "local/r000001"
+    assert action.serve == "file:///s/local/r000001" and action.promote
+    rec = st2["rounds"][0]
+    assert rec["promoted"] and rec["losses"] == [3.0, 2.8, 2.5] and rec["articles"][0]["url"].startswith("https://")
+
+
+def test_rejected_round_keeps_serving_and_records_reason(tmp_path):
+    st, _ = apply_result(new_state(cfg(tmp_path)), published(1), MANIFEST, PromotionSpec())
+    st["serving"] = st["promoted"]
+    st2, action = apply_result(st, published(2, general=(20.0, 40.0)), MANIFEST, PromotionSpec())
+    assert action.serve is None and not action.promote
+    assert st2["promoted"] == "file:///s/local/r000001" and st2["round"] == 2
+    assert not st2["rounds"][-1]["promoted"] and st2["rounds"][-1]["reason"].startswith("rejected: general")
+
+
+def test_failed_round_is_retried_under_the_same_number(tmp_path):
+    st = new_state(cfg(tmp_path))
+    st, action = apply_result(st, {"status": "failed", "round": 1, "reason": "trainer exited with 1"}, None,
+                              PromotionSpec())
+    assert st["round"] == 0 and action.serve is None and next_round(st) == 1
+    st, _ = apply_result(st, published(1), MANIFEST, PromotionSpec())
+    assert [r["status"] for r in st["rounds"]] == ["published"]  # the failed attempt is superseded
+
+
+def test_empty_round_advances(tmp_path):
+    st, action = apply_result(new_state(cfg(tmp_path)), {"status": "empty", "round": 1, "reason": "empty round"},
+                              None, PromotionSpec())
+    assert st["round"] == 1 and action.serve is None and st["rounds"][0]["reason"] == "empty round"
+
+
+def test_pin_serves_the_pin(tmp_path):
+    pin = "file:///s/local/r000001"
+    st = {**new_state(cfg(tmp_path)), "serving": "file:///s/local/r000002"}
+    st, action = apply_result(st, published(3), MANIFEST, PromotionSpec(pinned_checkpoint=pin))
+    assert action.serve == pin and st["promoted"] == pin and "pinned" in st["rounds"][-1]["reason"]
+    assert startup_serving(st, PromotionSpec(pinned_checkpoint=pin), "file:///s/local/r000002") == pin
+    assert startup_serving(st, PromotionSpec(), "file:///s/local/r000002") == "file:///s/local/r000002"
+
+
+def test_next_round_takes_the_furthest_evidence(tmp_path):
+    st = {**new_state(cfg(tmp_path)), "round": 3}
+    assert next_round(st) == 4
+    assert next_round(st, store_last_round=5) == 6
+    assert next_round(st, latest_published=7) == 8
+
+
+def test_state_file_roundtrip_and_guards(tmp_path):
+    c = cfg(tmp_path)
+    path = tmp_path / "state.json"
+    assert load_state(path, c)["round"] == 0
+    st = {**new_state(c), "round": 4}
+    save_state(path, st)
+    assert load_state(path, c)["round"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+    other = RunConfig(name="other", spec=c.spec)
+    with pytest.raises(ValueError, match="belongs to run"):
+        load_state(path, other)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_state(path, c)
+
+
+def test_reconcile_records_checkpoints_published_after_the_last_record(tmp_path):
+    c = cfg(tmp_path)
+    store = CheckpointStore.from_uri(c.spec.storage.uri)
+    src = tmp_path / "w"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"x")
+    m = {"metrics": published(1)["metrics"] | {"losses": [1.0]}, "articles": [], "parent": None}
+    ref = store.publish("local", 1, src, m)
+    (tmp_path / "store" / "local" / "r000002").mkdir()
+    (tmp_path / "store" / "local" / "r000002" / "model.safetensors").write_bytes(b"half")
+    st, action = reconcile(new_state(c), store, c.spec.promotion)
+    assert st["round"] == 1 and st["rounds"][0]["id"] == ref.id and action.serve == ref.uri
+    assert reconcile(st, store, c.spec.promotion)[1] is None  # idempotent
+    assert remove_incomplete(store, "local") == ["r000002"]
+    assert [r.round for r in store.list("local")] == [1]
+
+
+def test_status_table_is_plain_text(tmp_path):
+    st, _ = apply_result(new_state(cfg(tmp_path)), published(1), MANIFEST, PromotionSpec())
+    st["rounds"][0]["reason"] = "evil\x1b[2Jreason"
+    out = format_table(st, articles=True)
+    assert "promoted" in out and "20.00->19.00" in out and "local/r000001" in out
+    assert "\x1b" not in out and "https://en.wikipedia.org/wiki/X" in out
+
+
+def test_checkpoint_id():
+    assert checkpoint_id("file:///a/b/local/r000003") == "local/r000003"
+    assert checkpoint_id(None) is None
+
+
+def test_cli_flags_build_a_network_free_config(tmp_path):
+    p = build_parser()
+    c = build_config(p.parse_args(["local", "--data-dir", str(tmp_path)]))
+    assert c.spec.base_model == "embedded:smollm2-135m-instruct"
+    assert c.spec.sources[0].snapshot.language == "en"
+    assert c.spec.storage.uri == f"file://{tmp_path.resolve()}/checkpoints"
+    assert c.spec.schedule.interval_seconds > 0
+    c = build_config(p.parse_args(["local", "--data-dir", str(tmp_path), "--source", "snapshot:fr", "--source",
+                                   f"files:{tmp_path}", "--articles", "5", "--store", "s3://b/p",
+                                   "--learning-rate", "1e-3", "--pin", "s3://b/p/local/r000001"]))
+    assert c.spec.sources[0].snapshot.language == "fr" and c.spec.sources[0].snapshot.articles_per_round == 5
+    assert c.spec.sources[1].files.paths == [str(tmp_path.resolve())]
+    assert c.spec.storage.uri == "s3://b/p" and c.spec.training.learning_rate == 1e-3
+    assert c.spec.promotion.pinned_checkpoint == "s3://b/p/local/r000001"
+    with pytest.raises(ValueError, match="expected snapshot"):
+        build_config(p.parse_args(["local", "--source", "ftp:x"]))
+
+
+def test_status_cli_reads_the_state(tmp_path, capsys):
+    from selflearn.cli import main
+
+    st, _ = apply_result(new_state(cfg(tmp_path)), published(1), MANIFEST, PromotionSpec())
+    save_state(tmp_path / "state.json", st)
+    assert main(["status", "--data-dir", str(tmp_path)]) == 0
+    assert "local/r000001" in capsys.readouterr().out
+    assert main(["status", "--data-dir", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["round"] == 1
+    assert main(["status", "--data-dir", str(tmp_path / "nope")]) == 2

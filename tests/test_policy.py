@@ -1,0 +1,78 @@
+"""The promotion policy (selflearn.policy.decide): promote, reject on either regression, pin, bad numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from selflearn.policy import decide
+
+CAND = "file:///s/run/r000002"
+SERVING = "file:///s/run/r000001"
+
+
+def metrics(general=(20.0, 19.0), fresh=(30.0, 28.0)):
+    m = {"ppl": {"general": {"before": general[0], "after": general[1]}}}
+    if fresh:
+        m["ppl"]["fresh"] = {"before": fresh[0], "after": fresh[1]}
+    return m
+
+
+def gate(m, **kw):
+    return decide(m, candidate=kw.pop("candidate", CAND), max_general_increase=0.02, max_fresh_increase=0.05,
+                  serving=kw.pop("serving", SERVING), **kw)
+
+
+def test_promotes_when_nothing_regresses():
+    d = gate(metrics())
+    assert d.promote and d.serve == CAND
+    assert d.reason.startswith("promoted") and "general ppl 20.00->19.00" in d.reason
+
+
+def test_small_rise_within_limits_still_promotes():
+    d = gate(metrics(general=(20.0, 20.3), fresh=(30.0, 31.0)))  # +1.5% general, +3.3% fresh
+    assert d.promote, d.reason
+
+
+def test_rejects_general_rise_beyond_limit():
+    d = gate(metrics(general=(20.0, 21.0)))  # +5%
+    assert not d.promote and d.serve is None
+    assert d.reason.startswith("rejected") and "general" in d.reason and "+5.0%" in d.reason
+
+
+def test_rejects_fresh_rise_beyond_limit():
+    d = gate(metrics(general=(20.0, 19.5), fresh=(30.0, 33.0)))  # fresh +10%
+    assert not d.promote and d.serve is None
+    assert d.reason.startswith("rejected") and "fresh ppl 30.00->33.00" in d.reason
+
+
+def test_no_fresh_set_judges_on_general_only():
+    assert gate(metrics(fresh=None)).promote
+
+
+def test_missing_general_set_rejects():
+    d = gate({"ppl": {"fresh": {"before": 3.0, "after": 2.0}}})
+    assert not d.promote and "general" in d.reason
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_perplexity_rejects(bad):
+    d = gate(metrics(general=(20.0, bad)))
+    assert not d.promote and d.serve is None and "not finite" in d.reason
+    d = gate(metrics(fresh=(bad, 20.0)))
+    assert not d.promote and "not finite" in d.reason
+
+
+def test_pinned_rolls_back_and_blocks_promotion():
+    pin = "file:///s/run/r000001"
+    d = gate(metrics(), serving="file:///s/run/r000003", pinned=pin)
+    assert not d.promote and d.serve == pin and "pinned" in d.reason
+    # Already on the pin: nothing moves, even for a great candidate.
+    d = gate(metrics(general=(20.0, 10.0)), serving=pin, pinned=pin)
+    assert not d.promote and d.serve is None and "pinned" in d.reason
+
+
+def test_no_candidate():
+    d = gate(None, candidate=None)
+    assert not d.promote and d.serve is None
