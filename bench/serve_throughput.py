@@ -1,0 +1,317 @@
+"""Serving figures: batched throughput vs a seed-style server, time to first token, hot-swap cost.
+
+    .venv/bin/python bench/serve_throughput.py            # ~5 minutes on 2 CPU cores
+    .venv/bin/python bench/serve_throughput.py --quick    # fewer requests, for a smoke run
+
+1. Baseline: a seed-style server in a subprocess (FastAPI, one `model.generate` per request, no
+   batching, fp32 as the seed loads it; and again in bf16 so the batching gain shows on its own).
+2. selflearn: the real app (`start_local`: Ray Serve, ChatIngress -> ChatModel, continuous batching).
+   Both get the same load: CONCURRENCY clients, each asking for 64 new tokens, ROUNDS requests each.
+3. TTFT: streaming /chat/stream at concurrency 1, time until the first token event.
+4. Swap: clients keep sending while the checkpoint changes twice (file:// store with two published
+   checkpoints); time from update_checkpoint to the first answer carrying the new id, and failures.
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.", "Explain how a rainbow forms.",
+    "Describe the city of Paris to a child.", "What are the benefits of regular exercise?",
+    "Tell me about the history of the bicycle.", "How do bees make honey?",
+    "Write a poem about autumn leaves.", "Explain photosynthesis simply.",
+    "What should I pack for a hiking trip?", "Describe how a computer works.",
+    "Why is the sky blue?", "Give me tips for learning a new language.",
+    "Tell me about the planet Mars.", "How does a train work?",
+    "Write a letter to a friend about a holiday.", "Explain what gravity is.",
+]
+BODY = {"max_length": 64, "temperature": 0.7, "top_p": 0.9, "top_k": 50}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+# -- the seed-style baseline server --------------------------------------------------------------------
+def baseline_server(port: int, dtype_name: str) -> None:
+    """FastAPI + one model.generate per request (threadpool endpoint), like the seed app."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+
+    from selflearn import basemodel
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    tok = basemodel.load_tokenizer("embedded:smollm2-135m-instruct")
+    model = basemodel.load_model("embedded:smollm2-135m-instruct", dtype=dtype).eval()
+    app = FastAPI()
+
+    class Chat(BaseModel):
+        message: str
+        temperature: float = 0.7
+        max_length: int = 64
+        top_p: float = 0.9
+        top_k: int = 50
+
+    @app.post("/chat")
+    def chat(body: Chat):
+        ids = tok.apply_chat_template([{"role": "user", "content": body.message}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=body.max_length, do_sample=body.temperature > 0,
+                                 temperature=body.temperature or None, top_p=body.top_p, top_k=body.top_k,
+                                 pad_token_id=tok.pad_token_id)
+        new = out[0, ids["input_ids"].shape[1]:]
+        return {"reply": tok.decode(new, skip_special_tokens=True), "completion_tokens": int(new.numel())}
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# -- load ------------------------------------------------------------------------------------------------
+def run_load(url: str, concurrency: int, rounds: int, tokens_field: str) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    tokens, failures = 0, 0
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        nonlocal tokens, failures
+        with httpx.Client(timeout=900) as http:
+            for r in range(rounds):
+                body = {**BODY, "message": PROMPTS[(i + r) % len(PROMPTS)]}
+                t0 = time.perf_counter()
+                resp = http.post(f"{url}/chat", json=body)
+                dt = time.perf_counter() - t0
+                with lock:
+                    if resp.status_code != 200:
+                        failures += 1
+                        continue
+                    doc = resp.json()
+                    n = doc["usage"]["completion_tokens"] if tokens_field == "usage" else doc[tokens_field]
+                    tokens += n
+                    latencies.append(dt)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        list(ex.map(client, range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "failures": failures,
+            "p50_ms": pct(latencies, 0.5) * 1000, "p95_ms": pct(latencies, 0.95) * 1000}
+
+
+def warm(url: str) -> None:
+    import httpx
+
+    httpx.post(f"{url}/chat", json={**BODY, "message": "Hi", "max_length": 4}, timeout=300)
+
+
+def run_baseline(dtype: str, concurrency: int, rounds: int) -> dict:
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(port), "--baseline-dtype", dtype])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError("baseline server did not start")
+            time.sleep(1)
+        warm(url)
+        return run_load(url, concurrency, rounds, "completion_tokens")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# -- selflearn: TTFT and swap ----------------------------------------------------------------------------
+def ttft(url: str, n: int) -> list[float]:
+    import httpx
+
+    out = []
+    with httpx.Client(timeout=300) as http:
+        for i in range(n):
+            t0 = time.perf_counter()
+            with http.stream("POST", f"{url}/chat/stream",
+                             json={**BODY, "message": PROMPTS[i % len(PROMPTS)], "max_length": 16}) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("event: token"):
+                        out.append((time.perf_counter() - t0) * 1000)
+                        break
+                for _ in resp.iter_lines():
+                    pass
+    return out
+
+
+def publish_checkpoints(root: Path) -> list[str]:
+    """Two checkpoints of the embedded model (bf16 copy) in a file:// store; returns their URIs."""
+    import torch
+
+    from selflearn import basemodel
+    from selflearn.checkpoints import CheckpointStore
+
+    src = root / "src"
+    model = basemodel.load_model("embedded:smollm2-135m-instruct", dtype=torch.bfloat16)
+    model.save_pretrained(src)
+    basemodel.load_tokenizer("embedded:smollm2-135m-instruct").save_pretrained(src)
+    store = CheckpointStore.from_uri(f"file://{root / 'store'}")
+    uris = []
+    for r in (1, 2):
+        uris.append(store.publish("bench", r, src, {"base_model": "embedded:smollm2-135m-instruct"}).uri)
+    return uris
+
+
+def swap_under_load(server, url: str, targets: list[tuple[str, str]], clients: int = 4) -> dict:
+    import httpx
+
+    records: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=300) as http:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    r = http.post(f"{url}/chat", json={**BODY, "message": PROMPTS[i], "max_length": 8})
+                    code, ck = r.status_code, r.headers.get("x-model-checkpoint")
+                except httpx.HTTPError:
+                    code, ck = 599, None
+                with lock:
+                    records.append((t0, code, ck, time.perf_counter()))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    t_start = time.perf_counter()
+    swap_seconds = []
+    try:
+        for uri, ckpt_id in targets:
+            t0 = time.perf_counter()
+            server.update_checkpoint({"checkpoint": uri})
+            while True:
+                with lock:
+                    hit = [end for (_, code, ck, end) in records if ck == ckpt_id and end > t0]
+                if hit:
+                    swap_seconds.append(min(hit) - t0)
+                    break
+                if time.perf_counter() - t0 > 600:
+                    raise TimeoutError(f"no answer from {ckpt_id}")
+                time.sleep(0.05)
+            time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    during = [r for r in records if r[0] >= t_start]
+    return {"swap_seconds": max(swap_seconds), "swap_seconds_each": swap_seconds,
+            "swap_requests": len(during), "swap_failed_requests": sum(1 for r in during if r[1] != 200)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client for selflearn")
+    ap.add_argument("--baseline-rounds", type=int, default=1, help="requests per client for the baseline")
+    ap.add_argument("--baseline-dtypes", default="fp32,bf16")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-dtype", default="fp32", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.baseline_server:
+        return baseline_server(args.baseline_server, args.baseline_dtype)
+    if args.quick:
+        args.rounds, args.baseline_dtypes = 1, "fp32"
+
+    result: dict = {"concurrency": args.concurrency, "new_tokens": BODY["max_length"], "cpus": os.cpu_count()}
+    baselines = {}
+    for dtype in args.baseline_dtypes.split(","):
+        baselines[dtype] = run_baseline(dtype, args.concurrency, args.baseline_rounds)
+        print(f"baseline {dtype}: {json.dumps(baselines[dtype])}", flush=True)
+
+    import ray
+
+    from selflearn.serving.app import shutdown, start_local
+
+    tmp = Path(tempfile.mkdtemp(prefix="selflearn-bench-"))
+    try:
+        uris = publish_checkpoints(tmp)
+        port = free_port()
+        server = start_local(port=port, user_config={}, args={"engine": {"max_batch_size": max(16, args.concurrency)}})
+        url = server.url
+        warm(url)
+        ours = run_load(url, args.concurrency, args.rounds, "usage")
+        print(f"selflearn: {json.dumps(ours)}", flush=True)
+        firsts = ttft(url, 5 if args.quick else 10)
+        swap = swap_under_load(server, url, [(uris[0], "bench/r000001"), (uris[1], "bench/r000002")])
+        shutdown()
+        ray.shutdown()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    base = baselines[args.baseline_dtypes.split(",")[0]]
+    result.update({
+        "tokens_per_s": round(ours["tokens_per_s"], 1), "baseline_tokens_per_s": round(base["tokens_per_s"], 1),
+        "speedup": round(ours["tokens_per_s"] / base["tokens_per_s"], 2),
+        "p50_ms": round(ours["p50_ms"]), "p95_ms": round(ours["p95_ms"]),
+        "baseline_p50_ms": round(base["p50_ms"]), "baseline_p95_ms": round(base["p95_ms"]),
+        "baseline_dtype": args.baseline_dtypes.split(",")[0], "failures": ours["failures"] + base["failures"],
+        "ttft_p50_ms": round(statistics.median(firsts)), "ttft_ms_all": [round(x) for x in firsts],
+        **{k: (round(v, 2) if isinstance(v, float) else [round(x, 2) for x in v] if isinstance(v, list) else v)
+           for k, v in swap.items()},
+    })
+    for dtype, b in baselines.items():
+        result[f"baseline_{dtype}_tokens_per_s"] = round(b["tokens_per_s"], 1)
+        result[f"speedup_vs_{dtype}"] = round(ours["tokens_per_s"] / b["tokens_per_s"], 2)
+        result[f"baseline_{dtype}_p95_ms"] = round(b["p95_ms"])
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

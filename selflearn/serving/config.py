@@ -1,0 +1,258 @@
+"""Typed configuration of the serving tier: the model's `user_config`, the app's args, request bodies.
+
+Three layers, each validated with pydantic and each rejecting unknown keys so a typo is an error,
+never a silent default:
+
+* `ModelConfig` is the ChatModel deployment's `user_config` (what the operator or `selflearn local`
+  changes to roll onto a checkpoint). A bad one never crashes a replica: it is recorded as a failed
+  swap and the replica keeps serving the weights it has.
+* `ServeSettings` are the application's build args (`app_builder(args)`): limits, security, replicas.
+* The request models are built per settings (`request_models`) so that configurable caps (message
+  length, new-token cap) show up both in validation and in the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..spec import EMBEDDED_MODEL
+
+CHECKPOINT_URI_RE = re.compile(r"^(file|s3)://.+/[^/]+/r\d{6,}/?$")
+CONVERSATION_ID_RE = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def format_errors(err: ValidationError) -> str:
+    """`temperature: Input should be less than or equal to 2; message: ...` (one line)."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p != "body")
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+# -- ChatModel user_config ---------------------------------------------------------------------------
+class GenerationDefaults(_Strict):
+    """Defaults for requests that leave a parameter out. `max_length` counts *new* tokens."""
+
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    max_length: int = Field(128, ge=1)
+    repetition_penalty: float = Field(1.1, gt=0, le=10)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+
+
+class ModelConfig(_Strict):
+    """The ChatModel deployment's `user_config`; `reconfigure()` hot-swaps onto it."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)  # YAML/JSON from operators: lax scalars
+
+    checkpoint: str | None = None
+    base_model: str = EMBEDDED_MODEL
+    storage_endpoint: str | None = None
+    storage_region: str | None = None
+    generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip().rstrip("/")
+        if not CHECKPOINT_URI_RE.match(v):
+            raise ValueError(f"{v!r} is not a checkpoint uri: expected file:///path/<run>/r000007 or "
+                             "s3://bucket/prefix/<run>/r000007")
+        return v
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("base_model must not be empty")
+        return v
+
+    @property
+    def weights_key(self) -> tuple:
+        """What identifies the weights: a change here means a reload, anything else does not."""
+        return (self.checkpoint, self.base_model if self.checkpoint is None else None,
+                self.storage_endpoint, self.storage_region)
+
+
+def parse_model_config(raw: Any) -> ModelConfig:
+    """Validate a user_config; ValueError with a one-line message when it is bad."""
+    if raw is None:
+        return ModelConfig()
+    if not isinstance(raw, dict):
+        raise ValueError(f"user_config must be a mapping, got {type(raw).__name__}")
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ValueError(f"invalid user_config: {format_errors(err)}") from None
+
+
+# -- application args --------------------------------------------------------------------------------
+class EngineOptions(_Strict):
+    """How the ChatModel replica runs its model (constructor args, not hot-swappable)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
+    torch_threads: int | None = Field(None, ge=1, le=256)
+    max_batch_size: int = Field(16, ge=1, le=256)
+    max_queue: int = Field(64, ge=1, le=100_000)
+    max_context_tokens: int = Field(2048, ge=64)
+    max_new_tokens_cap: int = Field(512, ge=1)
+    cache_dir: str | None = None
+
+
+class ServeSettings(_Strict):
+    """`app_builder(args)`: every key is optional. See docs/serving.md for each one."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    # Initial ChatModel user_config (a RayService's deployments[].user_config overrides it).
+    user_config: dict[str, Any] | None = None
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+    model_replicas: int = Field(1, ge=1, le=64)
+    ingress_replicas: int = Field(1, ge=1, le=64)
+    model_num_cpus: float = Field(0, ge=0)
+    # Security and limits.
+    api_key: str | None = None
+    api_key_env: str = "SELFLEARN_API_KEY"
+    rate_limit_per_minute: float = Field(0, ge=0)  # 0: off
+    rate_limit_burst: int | None = Field(None, ge=1)
+    trust_forwarded_for: bool = False
+    max_message_chars: int = Field(4000, ge=1, le=1_000_000)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_inflight: int = Field(64, ge=1)
+    request_timeout_s: float = Field(120, gt=0)
+    cors_origins: list[str] = Field(default_factory=list)
+    safety_filter: str | None = None  # "module:factory" returning a SafetyFilter
+    blocklist: list[str] = Field(default_factory=list)
+    # Conversation memory (per ingress replica).
+    history_turns: int = Field(8, ge=0, le=1000)
+    max_conversations: int = Field(10_000, ge=1)
+    # Durable feedback: a file:// or s3:// prefix.
+    feedback_uri: str | None = None
+    # Extension points for the one-machine driver.
+    dashboard_dir: str | None = None
+    state_file: str | None = None
+    extra_routes: str | None = None  # "module:function(app, settings)"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeSettings":
+        if self.feedback_uri and not self.feedback_uri.startswith(("file://", "s3://")):
+            raise ValueError("feedback_uri must start with file:// or s3://")
+        for name in ("safety_filter", "extra_routes"):
+            v = getattr(self, name)
+            if v and ":" not in v:
+                raise ValueError(f"{name} must be an import path 'module:attribute', got {v!r}")
+        return self
+
+
+def parse_settings(args: dict[str, Any] | None) -> ServeSettings:
+    try:
+        return ServeSettings.model_validate(args or {})
+    except ValidationError as err:
+        raise ValueError(f"invalid serve args: {format_errors(err)}") from None
+
+
+# -- request bodies ----------------------------------------------------------------------------------
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return v
+
+
+class FeedbackRequest(_Strict):
+    rating: Literal["up", "down"]
+    response_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    conversation_id: str | None = Field(None, pattern=CONVERSATION_ID_RE)
+    correction: str | None = Field(None, max_length=20_000)
+    comment: str | None = Field(None, max_length=2_000)
+
+
+class RequestModels:
+    """Request body classes whose caps come from the settings."""
+
+    def __init__(self, max_message_chars: int, max_new_tokens_cap: int):
+        Message = Annotated[str, Field(min_length=1, max_length=max_message_chars)]
+        NewTokens = Annotated[int, Field(ge=1, le=max_new_tokens_cap)]
+        Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
+
+        class Sampling(_Strict):
+            temperature: float | None = Field(None, ge=0, le=2)
+            top_p: float | None = Field(None, gt=0, le=1)
+            top_k: int | None = Field(None, ge=0, le=100_000)
+            repetition_penalty: float | None = Field(None, gt=0, le=10)
+            seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+        class ChatRequest(Sampling):
+            """The seed's body, plus conversation memory and a few extras."""
+
+            message: Message
+            max_length: NewTokens | None = None
+            conversation_id: str | None = Field(None, pattern=CONVERSATION_ID_RE)
+            stop: Stop | None = None
+
+            @field_validator("message")
+            @classmethod
+            def _blank(cls, v: str) -> str:
+                return _not_blank(v)
+
+        class TextPart(_Strict):
+            type: Literal["text"]
+            text: str
+
+        class OpenAIMessage(_Strict):
+            role: Literal["system", "user", "assistant", "developer"]
+            content: Annotated[str, Field(max_length=max_message_chars)] | list[TextPart]
+            name: str | None = None
+
+            def text(self) -> str:
+                return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+        class StreamOptions(_Strict):
+            include_usage: bool = False
+
+        class ChatCompletionRequest(Sampling):
+            """OpenAI's chat completions body. Unsupported features are refused, not ignored."""
+
+            model: str = Field(min_length=1, max_length=256)
+            messages: list[OpenAIMessage] = Field(min_length=1, max_length=256)
+            max_tokens: NewTokens | None = None
+            max_completion_tokens: NewTokens | None = None
+            stream: bool = False
+            stream_options: StreamOptions | None = None
+            stop: Annotated[str, Field(min_length=1, max_length=64)] | Stop | None = None
+            n: Literal[1] = 1
+            user: str | None = Field(None, max_length=256)
+            presence_penalty: Literal[0] | None = None
+            frequency_penalty: Literal[0] | None = None
+            logprobs: Literal[False] | None = None
+
+            @model_validator(mode="after")
+            def _messages(self) -> "ChatCompletionRequest":
+                total = sum(len(m.text()) for m in self.messages)
+                if total > max_message_chars * 8:
+                    raise ValueError(f"messages hold {total} characters, over the cap of {max_message_chars * 8}")
+                last = self.messages[-1]
+                if last.role != "user" or not last.text().strip():
+                    raise ValueError("the last message must be a non-empty user message")
+                return self
+
+            def stops(self) -> list[str] | None:
+                return [self.stop] if isinstance(self.stop, str) else self.stop
+
+        self.ChatRequest = ChatRequest
+        self.ChatCompletionRequest = ChatCompletionRequest
+        self.FeedbackRequest = FeedbackRequest

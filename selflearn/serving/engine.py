@@ -1,0 +1,524 @@
+"""The chat engine: continuous batching over a KV cache, streaming, and hot-swapped weights.
+
+One scheduler thread owns the model. Each loop it admits waiting requests (one batched prefill of
+the newcomers, merged into the running batch), then runs one decode step for every running row,
+so sixteen users share each forward pass instead of queueing behind each other, and a newcomer
+waits at most one step to start. Rows leave the batch as soon as they finish.
+
+Hot swap: `configure(user_config)` loads new weights on a loader thread while the old ones keep
+answering; installing them is a single assignment under the lock. Running rows stay in the batch
+of the weights they started on (a batch is bound to one `LoadedModel`), so in-flight requests
+finish on their own weights and new ones start on the new weights. A failed load leaves the old
+weights in place and is reported by `status()`.
+
+The engine knows nothing about Ray or HTTP: tests and benchmarks construct it directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from . import loader as loader_mod
+from .config import EngineOptions, GenerationDefaults, ModelConfig, parse_model_config
+from .sampling import SamplingParams, repetition_penalty, sample
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[dict], None]
+_ids = itertools.count(1)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its cap; callers answer 503."""
+
+
+class NotReady(RuntimeError):
+    """No weights are loaded yet."""
+
+
+class Ticket:
+    """One request's life in the engine; events go to `sink` from the scheduler thread."""
+
+    def __init__(self, messages: list[dict], params: SamplingParams, sink: Sink):
+        self.id = next(_ids)
+        self.messages = messages
+        self.params = params
+        self.sink = sink
+        self.cancelled = False
+        self.done = False
+        self.created = time.monotonic()
+        self.lm: loader_mod.LoadedModel | None = None
+        self.prompt_len = 0
+        self.out_ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.first_token_at: float | None = None
+        self.engine: "Engine | None" = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.engine:
+            self.engine._wake()
+
+    # -- called by the scheduler -----------------------------------------------------------------
+    def _emit(self, ev: dict) -> None:
+        try:
+            self.sink(ev)
+        except Exception:  # a consumer that went away must not take the scheduler down
+            log.debug("sink of request %s failed", self.id, exc_info=True)
+
+    def fail(self, status: int, message: str) -> None:
+        self.done = True
+        self._emit({"type": "error", "status": status, "message": message})
+
+    def start(self, lm: loader_mod.LoadedModel, prompt_len: int, dropped: int) -> None:
+        self.lm, self.prompt_len = lm, prompt_len
+        self._emit({"type": "start", "checkpoint": lm.checkpoint_id, "prompt_tokens": prompt_len,
+                    "dropped_messages": dropped, "queue_ms": round((time.monotonic() - self.created) * 1000, 1)})
+
+    def push(self, token: int) -> None:
+        """Take one sampled token: extend the text, stream what is safe to show, finish if due."""
+        assert self.lm is not None
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if token in self.lm.eos_ids:
+            return self.finish("stop")
+        self.out_ids.append(token)
+        text = self.lm.tokenizer.decode(self.out_ids, skip_special_tokens=True,
+                                        clean_up_tokenization_spaces=False)
+        stops = self.params.stop + self.lm.default_stop
+        if stops:
+            longest = max(len(s) for s in stops)
+            hits = [p for p in (text.find(s, max(0, self.sent - longest)) for s in stops) if p >= 0]
+            if hits:
+                self.text = text[:min(hits)]
+                return self.finish("stop")
+        self.text = text
+        if len(self.out_ids) >= self.params.max_new_tokens:
+            return self.finish("length")
+        # Hold back a possible start of a stop sequence and half of a multi-byte character.
+        safe = len(text.rstrip("\ufffd"))
+        if stops:
+            safe = min(safe, len(text) - (longest - 1))
+        if safe > self.sent:
+            self._emit({"type": "token", "text": text[self.sent:safe]})
+            self.sent = safe
+
+    def finish(self, reason: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        text = self.text.rstrip("\ufffd")
+        if len(text) > self.sent:
+            self._emit({"type": "token", "text": text[self.sent:]})
+        now = time.monotonic()
+        n = len(self.out_ids)
+        self._emit({"type": "done", "finish_reason": reason, "text": text,
+                    "checkpoint": self.lm.checkpoint_id if self.lm else None,
+                    "usage": {"prompt_tokens": self.prompt_len, "completion_tokens": n,
+                              "total_tokens": self.prompt_len + n},
+                    "ttft_ms": round(((self.first_token_at or now) - self.created) * 1000, 1),
+                    "total_ms": round((now - self.created) * 1000, 1)})
+
+
+class _Batch:
+    """Rows decoding together on one set of weights; tensors are aligned with `rows`."""
+
+    def __init__(self, lm: loader_mod.LoadedModel, rows: list[Ticket], cache, mask, next_pos, seen):
+        self.lm, self.rows, self.cache = lm, rows, cache
+        self.mask = mask          # (B, T) 1 for real tokens, 0 for left padding; T == cache length
+        self.next_pos = next_pos  # (B,) position id of the token fed next
+        self.seen = seen          # (B, V) bool: tokens in prompt or output (repetition penalty)
+        self.last = None          # (B,) token sampled last, fed at the next step
+        self._params()
+
+    def _params(self) -> None:
+        import torch
+
+        p = [r.params for r in self.rows]
+        dev = self.mask.device
+        self.temperature = torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev)
+        self.top_k = torch.tensor([x.top_k for x in p], dtype=torch.long, device=dev)
+        self.top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev)
+        self.penalty = torch.tensor([x.repetition_penalty for x in p], dtype=torch.float32, device=dev)
+        self.generators = [getattr(r, "generator", None) for r in self.rows]
+
+    def sample_and_push(self, logits) -> None:
+        import torch
+
+        logits = repetition_penalty(logits.float(), self.seen, self.penalty)
+        tokens = sample(logits, self.temperature, self.top_k, self.top_p, self.generators)
+        self.seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
+        self.last = tokens
+        for row, tok in zip(self.rows, tokens.tolist()):
+            row.push(tok)
+
+    def merge(self, other: "_Batch") -> None:
+        import torch
+
+        t_a, t_b = self.mask.shape[1], other.mask.shape[1]
+        t = max(t_a, t_b)
+        for la, lb in zip(self.cache.layers, other.cache.layers):
+            la.keys = torch.cat([_pad_left(la.keys, t - t_a), _pad_left(lb.keys, t - t_b)], 0)
+            la.values = torch.cat([_pad_left(la.values, t - t_a), _pad_left(lb.values, t - t_b)], 0)
+        self.mask = torch.cat([_pad_left(self.mask, t - t_a), _pad_left(other.mask, t - t_b)], 0)
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.seen = torch.cat([self.seen, other.seen])
+        self.last = torch.cat([self.last, other.last])
+        self.rows = self.rows + other.rows
+        self._params()
+
+    def keep(self, idx: list[int]) -> None:
+        """Keep only rows `idx`; then drop leading cache columns that no remaining row attends to."""
+        import torch
+
+        if len(idx) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in idx]
+        if not idx:
+            return
+        sel = torch.tensor(idx, device=self.mask.device)
+        mask = self.mask[sel]
+        start = int(mask.any(0).nonzero()[0])
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[sel, :, start:]
+            layer.values = layer.values[sel, :, start:]
+        self.mask = mask[:, start:]
+        self.next_pos, self.seen, self.last = self.next_pos[sel], self.seen[sel], self.last[sel]
+        self._params()
+
+
+def _pad_left(t, n: int):
+    """Left-pad a (B, T) mask or a (B, H, T, D) cache tensor with n zero positions."""
+    import torch
+
+    if n == 0:
+        return t
+    dim = 1 if t.dim() == 2 else 2
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim)
+
+
+class Engine:
+    """Continuous-batching generator with hot-swappable weights. Thread-safe public methods."""
+
+    def __init__(self, options: EngineOptions | None = None, load: Callable = loader_mod.load):
+        self.options = options or EngineOptions()
+        self._load = load
+        self._cv = threading.Condition()
+        self._swap_lock = threading.Lock()
+        self._waiting: deque[Ticket] = deque()
+        self._batches: list[_Batch] = []
+        self.current: loader_mod.LoadedModel | None = None
+        self._config: ModelConfig | None = None
+        self._desired: ModelConfig | None = None
+        self.defaults = GenerationDefaults()
+        self._loading: str | None = None
+        self._loader_thread: threading.Thread | None = None
+        self._stop = False
+        self._heartbeat = time.monotonic()
+        self.stats: dict[str, Any] = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "swaps": 0,
+                                      "swap_failures": 0, "last_swap_error": None, "last_swap_error_at": None,
+                                      "last_swap_seconds": None, "step_errors": 0, "last_error": None,
+                                      "last_error_at": None}
+        if self.options.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.options.torch_threads)
+        self._thread = threading.Thread(target=self._run, name="selflearn-engine", daemon=True)
+        self._thread.start()
+
+    # -- weights ---------------------------------------------------------------------------------
+    def configure(self, user_config: Any, *, wait: bool = False) -> bool:
+        """Adopt a user_config. Never raises for a bad config or a failed load: the old weights stay.
+
+        With wait=True the load runs in this thread (first load of a replica); otherwise on a
+        loader thread while the current weights keep answering. Returns False if the config was
+        rejected outright.
+        """
+        try:
+            cfg = parse_model_config(user_config)
+        except ValueError as err:
+            self._record_failure(str(err))
+            if self.current is None and wait:
+                self._desired = ModelConfig()
+                self._load_desired(fallback=True)
+            return False
+        self.defaults = cfg.generation
+        with self._cv:
+            self._desired = cfg
+        if wait:
+            self._load_desired(fallback=self.current is None)
+        elif self._loader_thread is None or not self._loader_thread.is_alive():
+            self._loader_thread = threading.Thread(target=self._load_desired, name="selflearn-loader", daemon=True)
+            self._loader_thread.start()
+        return True
+
+    def _load_desired(self, fallback: bool = False) -> None:
+        with self._swap_lock:  # one load at a time; the newest desired config wins
+            while True:
+                cfg = self._desired
+                if cfg is None or (self._config is not None and cfg.weights_key == self._config.weights_key):
+                    return
+                self._loading = cfg.checkpoint or f"base:{cfg.base_model}"
+                t0 = time.monotonic()
+                try:
+                    lm = self._load(cfg, self.options)
+                except Exception as err:  # bad checksum, missing files, unreachable store, bad model id
+                    self._record_failure(f"loading {self._loading} failed: {type(err).__name__}: {err}")
+                    with self._cv:
+                        if self._desired is cfg:
+                            self._desired = None
+                    self._loading = None
+                    if fallback and self.current is None:
+                        self._desired = self._fallback_config(cfg)
+                        if self._desired is not None:
+                            continue
+                        raise
+                    return
+                finally:
+                    self._loading = None
+                lm.loaded_at = time.time()
+                with self._cv:
+                    self.current, self._config = lm, cfg
+                    self.stats["swaps"] += 1
+                    self.stats["last_swap_seconds"] = round(time.monotonic() - t0, 3)
+                    self._cv.notify_all()
+                log.info("now serving %s", lm.checkpoint_id)
+
+    @staticmethod
+    def _fallback_config(failed: ModelConfig) -> ModelConfig | None:
+        """A replica with nothing loaded falls back to the base model, then the embedded one."""
+        if failed.checkpoint:
+            return failed.model_copy(update={"checkpoint": None})
+        default = ModelConfig()
+        return default if failed.base_model != default.base_model else None
+
+    def _record_failure(self, message: str) -> None:
+        log.error("%s", message)
+        self.stats["swap_failures"] += 1
+        self.stats["last_swap_error"] = message
+        self.stats["last_swap_error_at"] = time.time()
+
+    def wait_idle_loader(self, timeout: float | None = None) -> None:
+        t = self._loader_thread
+        if t is not None:
+            t.join(timeout)
+
+    # -- requests --------------------------------------------------------------------------------
+    def resolve_params(self, *, max_new_tokens: int | None = None, temperature: float | None = None,
+                       top_p: float | None = None, top_k: int | None = None,
+                       repetition_penalty: float | None = None, stop: list[str] | None = None,
+                       seed: int | None = None) -> SamplingParams:
+        d = self.defaults
+        cap = self.options.max_new_tokens_cap
+
+        def pick(v, default):
+            return default if v is None else v
+
+        return SamplingParams(
+            max_new_tokens=max(1, min(pick(max_new_tokens, d.max_length), cap)),
+            temperature=float(pick(temperature, d.temperature)), top_p=float(pick(top_p, d.top_p)),
+            top_k=int(pick(top_k, d.top_k)), repetition_penalty=float(pick(repetition_penalty, d.repetition_penalty)),
+            stop=tuple(pick(stop, d.stop)), seed=seed)
+
+    def submit(self, messages: list[dict], params: SamplingParams, sink: Sink) -> Ticket:
+        """Queue a request; events arrive at `sink` (from the scheduler thread). Raises QueueFull/NotReady."""
+        ticket = Ticket(messages, params, sink)
+        ticket.engine = self
+        if params.seed is not None and params.temperature > 0:
+            import torch
+
+            ticket.generator = torch.Generator().manual_seed(params.seed)
+        with self._cv:
+            if self.current is None:
+                raise NotReady("the model is still loading")
+            if len(self._waiting) >= self.options.max_queue:
+                raise QueueFull(f"the queue is full ({self.options.max_queue} waiting)")
+            self._waiting.append(ticket)
+            self.stats["requests"] += 1
+            self._cv.notify_all()
+        return ticket
+
+    def generate(self, messages: list[dict], params: SamplingParams, timeout: float | None = None) -> dict:
+        """Blocking convenience: the `done` event (or raises RuntimeError on an `error` event)."""
+        result: dict = {}
+        done = threading.Event()
+
+        def sink(ev: dict) -> None:
+            if ev["type"] in ("done", "error"):
+                result.update(ev)
+                done.set()
+
+        ticket = self.submit(messages, params, sink)
+        if not done.wait(timeout):
+            ticket.cancel()
+            raise TimeoutError("generation timed out")
+        if result["type"] == "error":
+            raise RuntimeError(result["message"])
+        return result
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # -- scheduler -------------------------------------------------------------------------------
+    def _running_rows(self) -> int:
+        return sum(len(b.rows) for b in self._batches)
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stop and not self._waiting and not self._batches:
+                        self._heartbeat = time.monotonic()
+                        self._cv.wait(timeout=1.0)
+                    if self._stop:
+                        break
+                    free = self.options.max_batch_size - self._running_rows()
+                    admit = []
+                    while self._waiting and len(admit) < free:
+                        t = self._waiting.popleft()
+                        if t.cancelled:
+                            t.finish("cancelled")
+                        else:
+                            admit.append(t)
+                    lm = self.current
+                self._heartbeat = time.monotonic()
+                if admit:
+                    self._guarded(admit, lambda: self._prefill(admit, lm))
+                for batch in list(self._batches):
+                    self._guarded(batch.rows, lambda: self._step(batch))
+                self._batches = [b for b in self._batches if b.rows]
+        for b in self._batches:
+            for row in b.rows:
+                row.fail(503, "the engine is shutting down")
+
+    def _guarded(self, rows: list[Ticket], fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as err:  # one bad step fails its rows, never the scheduler
+            log.exception("generation step failed")
+            self.stats["step_errors"] += 1
+            self.stats["last_error"] = f"generation failed: {type(err).__name__}: {err}"
+            self.stats["last_error_at"] = time.time()
+            ids = {id(r) for r in rows}
+            for b in self._batches:
+                if any(id(r) in ids for r in b.rows):
+                    b.rows = []
+            for r in rows:
+                if not r.done:
+                    r.fail(500, "generation failed; see the server log")
+
+    def _prefill(self, tickets: list[Ticket], lm: loader_mod.LoadedModel) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        context = min(lm.context_length, self.options.max_context_tokens)
+        rows, prompts = [], []
+        for t in tickets:
+            try:
+                ids, dropped = lm.encode(t.messages, context - t.params.max_new_tokens)
+            except loader_mod.PromptTooLong as err:
+                t.fail(422, str(err))
+                continue
+            t.start(lm, len(ids), dropped)
+            rows.append(t)
+            prompts.append(ids)
+        if not rows:
+            return
+        dev = lm.model.device
+        width = max(len(p) for p in prompts)
+        pad = lm.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{lm.cache_kw: cache})
+        vocab = out.logits.shape[-1]
+        seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=dev)
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(p, device=dev).clamp(max=vocab - 1)] = True
+        group = _Batch(lm, rows, cache, mask, mask.sum(1), seen)
+        group.sample_and_push(out.logits[:, -1])
+        self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
+        self.stats["generated_tokens"] += len(rows)
+        group.keep([i for i, r in enumerate(group.rows) if not r.done])
+        if not group.rows:
+            return
+        home = next((b for b in self._batches if b.lm is lm and b.rows), None)
+        if home is None:
+            self._batches.append(group)
+        else:
+            home.merge(group)
+
+    def _step(self, batch: _Batch) -> None:
+        import torch
+
+        for r in batch.rows:
+            if r.cancelled and not r.done:
+                r.finish("cancelled")
+        batch.keep([i for i, r in enumerate(batch.rows) if not r.done])
+        if not batch.rows:
+            return
+        lm = batch.lm
+        batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], 1)
+        out = lm.model(input_ids=batch.last[:, None], attention_mask=batch.mask,
+                       position_ids=batch.next_pos[:, None], use_cache=True, **{lm.cache_kw: batch.cache})
+        batch.next_pos = batch.next_pos + 1
+        batch.sample_and_push(out.logits[:, -1])
+        self.stats["generated_tokens"] += len(batch.rows)
+        batch.keep([i for i, r in enumerate(batch.rows) if not r.done])
+
+    # -- introspection ---------------------------------------------------------------------------
+    def status(self) -> dict:
+        cur = self.current
+        desired = self._desired
+        failed_at = self.stats["last_swap_error_at"]
+        return {
+            "ready": cur is not None,
+            "checkpoint": cur.checkpoint_id if cur else None,
+            "checkpoint_uri": cur.uri if cur else None,
+            "base_model": cur.base_model if cur else None,
+            "dtype": cur.dtype if cur else None,
+            "chat_template": cur.chat_template if cur else None,
+            "loaded_at": cur.loaded_at if cur else None,
+            "load_seconds": round(cur.load_seconds, 3) if cur else None,
+            "loading": self._loading,
+            "desired": (desired.checkpoint or f"base:{desired.base_model}") if desired else None,
+            # The newest swap attempt failed and nothing has loaded since: serving older weights.
+            "degraded": failed_at is not None and (cur is None or failed_at > cur.loaded_at),
+            "queue_depth": len(self._waiting),
+            "running": self._running_rows(),
+            "batches": [{"checkpoint": b.lm.checkpoint_id, "rows": len(b.rows)} for b in list(self._batches)],
+            "generation_defaults": self.defaults.model_dump(),
+            **self.stats,
+        }
+
+    def check_health(self, stall_seconds: float = 120.0) -> None:
+        """Raise if the replica cannot answer: no weights, dead scheduler, or a stuck step."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the scheduler thread died")
+        if self.current is None:
+            raise RuntimeError("no model loaded")
+        busy = bool(self._waiting) or bool(self._batches)
+        if busy and time.monotonic() - self._heartbeat > stall_seconds:
+            raise RuntimeError(f"the scheduler made no progress for {stall_seconds:.0f}s")
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            waiting, self._waiting = list(self._waiting), deque()
+            self._cv.notify_all()
+        for t in waiting:
+            t.fail(503, "the engine is shutting down")
+        self._thread.join(timeout=30)

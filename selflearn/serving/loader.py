@@ -1,0 +1,236 @@
+"""Turn a `ModelConfig` into a `LoadedModel`: verified checkpoint or base model, tokenizer, prompt format.
+
+A checkpoint is fetched with `CheckpointStore.download`, which checks every file's sha256 and size
+against the manifest before anything is loaded; a mismatch, a missing manifest or an unreachable
+store raises and the caller keeps the weights it has. LoRA checkpoints saved as a bare adapter
+(`adapter_config.json`) are merged into their base model at load time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import basemodel
+from .config import EngineOptions, ModelConfig
+
+log = logging.getLogger(__name__)
+
+PLAIN_STOP = "\nUser:"
+
+
+class PromptTooLong(ValueError):
+    """The newest message alone does not fit the context next to the requested new tokens."""
+
+
+def pick_dtype(name: str):
+    import torch
+
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        return torch.float16
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:  # bf16 matmuls run several times faster than fp32 on CPUs with AVX512-BF16/AMX
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    except (AttributeError, RuntimeError):
+        return torch.float32
+
+
+def device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    checkpoint_id: str
+    uri: str | None
+    base_model: str
+    dtype: str
+    context_length: int
+    chat_template: bool
+    eos_ids: frozenset
+    cache_kw: str
+    manifest: dict | None = None
+    load_seconds: float = 0.0
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def default_stop(self) -> tuple[str, ...]:
+        return () if self.chat_template else (PLAIN_STOP,)
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
+        tok = self.tokenizer
+        if self.chat_template:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tok(text, add_special_tokens=False)["input_ids"]
+        # No chat template (OPT and other base models): a plain transcript the model can continue.
+        lines = []
+        for m in messages:
+            if m["role"] == "system":
+                lines.append(m["content"].strip() + "\n")
+            else:
+                lines.append(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content'].strip()}")
+        return tok("\n".join(lines) + "\nAssistant:", add_special_tokens=True)["input_ids"]
+
+    def encode(self, messages: list[dict[str, str]], budget: int) -> tuple[list[int], int]:
+        """Token ids of the prompt, dropping the oldest turns until it fits `budget` tokens.
+
+        Returns (ids, number of messages dropped). The system message and the newest user message
+        are never dropped; if those alone do not fit, PromptTooLong.
+        """
+        messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+                    for m in messages]
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        rest = messages[len(system):]
+        dropped = 0
+        while True:
+            ids = self.render(system + rest)
+            if len(ids) <= budget or len(rest) <= 1:
+                break
+            # Drop the oldest exchange: up to (not including) the next user message.
+            cut = next((i for i in range(1, len(rest)) if rest[i]["role"] == "user"), len(rest) - 1)
+            rest, dropped = rest[cut:], dropped + cut
+        if len(ids) > budget:
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens, over the {budget} tokens left in the "
+                                f"{self.context_length}-token context after the new tokens; shorten the message "
+                                "or lower max_length")
+        return ids, dropped
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# -- loading -----------------------------------------------------------------------------------------
+def _cache_dir(options: EngineOptions) -> Path:
+    return Path(options.cache_dir).expanduser() if options.cache_dir else basemodel.cache_root() / "serving"
+
+
+def fetch_checkpoint(cfg: ModelConfig, options: EngineOptions) -> tuple[Path, dict, str]:
+    """Download and verify `cfg.checkpoint`; returns (local dir, manifest, checkpoint id)."""
+    from ..checkpoints import CheckpointStore
+
+    assert cfg.checkpoint
+    store, run, round_ = CheckpointStore.for_checkpoint(cfg.checkpoint, endpoint=cfg.storage_endpoint,
+                                                        region=cfg.storage_region)
+    ref = store.ref(run, round_)
+    root = _cache_dir(options)
+    dest = root / hashlib.sha256(ref.uri.encode()).hexdigest()[:20]
+    with _lock(root / f".{dest.name}.lock"):  # replicas on one node share the download
+        manifest = store.download(ref, dest)
+    _prune(root, keep={dest.name})
+    return dest, manifest, ref.id
+
+
+def _prune(root: Path, keep: set[str], max_dirs: int = 4, min_age_s: float = 3600) -> None:
+    """Best effort: drop old downloaded checkpoints beyond the newest few (never recent ones)."""
+    try:
+        dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        now = time.time()
+        for p in dirs[max_dirs:]:
+            if p.name not in keep and now - p.stat().st_mtime > min_age_s:
+                import shutil
+
+                shutil.rmtree(p, ignore_errors=True)
+    except OSError:
+        pass
+
+
+def _manifest_base_model(manifest: dict | None, fallback: str) -> str:
+    m = manifest or {}
+    for key in ("base_model", "baseModel"):
+        if isinstance(m.get(key), str) and m[key]:
+            return m[key]
+    for section in ("hyperparameters", "training", "spec"):
+        sub = m.get(section)
+        if isinstance(sub, dict):
+            for key in ("base_model", "baseModel"):
+                if isinstance(sub.get(key), str) and sub[key]:
+                    return sub[key]
+    return fallback
+
+
+def load(cfg: ModelConfig, options: EngineOptions) -> LoadedModel:
+    """Load the weights `cfg` names. Raises (CheckpointError, ValueError, OSError, ...) on failure."""
+    import inspect
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.monotonic()
+    dtype = pick_dtype(options.dtype)
+    manifest = None
+    if cfg.checkpoint:
+        path, manifest, ckpt_id = fetch_checkpoint(cfg, options)
+        base_id = _manifest_base_model(manifest, cfg.base_model)
+        if (path / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base = basemodel.load_model(base_id, dtype=dtype)
+            model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+        tok_src = str(path) if has_tok else basemodel.resolve(base_id)
+        uri = cfg.checkpoint
+    else:
+        base_id = cfg.base_model
+        src = basemodel.resolve(base_id)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        tok_src, ckpt_id, uri = src, f"base:{base_id}", None
+    tok = AutoTokenizer.from_pretrained(tok_src)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(device()).eval()
+    eos = set()
+    for v in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        eos.update(v if isinstance(v, (list, tuple)) else [v] if v is not None else [])
+    params = inspect.signature(model.forward).parameters
+    lm = LoadedModel(
+        model=model, tokenizer=tok, checkpoint_id=ckpt_id, uri=uri, base_model=base_id,
+        dtype=str(dtype).removeprefix("torch."), context_length=basemodel.context_length(model.config),
+        chat_template=bool(getattr(tok, "chat_template", None)), eos_ids=frozenset(eos),
+        cache_kw="cache" if "cache" in params else "past_key_values", manifest=manifest)
+    _warm_up(lm)
+    lm.load_seconds = time.monotonic() - t0
+    log.info("loaded %s (%s, %s) in %.1fs", lm.checkpoint_id, lm.dtype, device(), lm.load_seconds)
+    return lm
+
+
+def _warm_up(lm: LoadedModel) -> None:
+    """One tiny prefill and decode step so the first user does not pay for kernel selection."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = torch.tensor([lm.render([{"role": "user", "content": "Hi"}])[-8:]] * 2, device=device())
+    with torch.inference_mode():
+        cache = DynamicCache()
+        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{lm.cache_kw: cache})
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        lm.model(input_ids=nxt, use_cache=True, **{lm.cache_kw: cache})

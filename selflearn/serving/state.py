@@ -1,0 +1,160 @@
+"""Ingress-side state: rate limiting, conversation memory, answers awaiting feedback, feedback store,
+and Prometheus metrics. All of it lives in one ingress replica's event loop (no locks needed);
+with several ingress replicas, memory and limits are per replica (route sticky or keep it at one).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class RateLimiter:
+    """Token bucket per client: `rate` requests per minute, bursts of up to `burst`."""
+
+    def __init__(self, per_minute: float, burst: int | None = None, max_clients: int = 100_000):
+        self.rate = per_minute / 60.0
+        self.burst = float(burst or max(1, math.ceil(per_minute)))
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def take(self, client: str, now: float | None = None) -> float:
+        """0 if allowed (a token is spent), else the seconds until the next token."""
+        if not self.enabled:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / self.rate
+        self._buckets[client] = (tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+class LRU(OrderedDict):
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def put(self, key: str, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
+class Conversations:
+    """Bounded history per conversation_id: the last `turns` exchanges (user + assistant)."""
+
+    def __init__(self, turns: int, capacity: int):
+        self.turns = turns
+        self._lru = LRU(capacity)
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex[:16]
+
+    def history(self, cid: str) -> list[dict[str, str]]:
+        return list(self._lru.get(cid, []))
+
+    def add(self, cid: str, user: str, assistant: str) -> None:
+        if self.turns == 0:
+            return
+        msgs = self.history(cid) + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        self._lru.put(cid, msgs[-2 * self.turns:])
+
+
+class FeedbackStore:
+    """One JSON object per piece of feedback under a file:// or s3:// prefix (write-then-rename)."""
+
+    def __init__(self, uri: str, endpoint: str | None = None, region: str | None = None):
+        from ..checkpoints import CheckpointStore
+
+        self.uri = uri.rstrip("/")
+        self.store = CheckpointStore.from_uri(self.uri, endpoint=endpoint, region=region)
+
+    def put(self, doc: dict) -> str:
+        day = time.strftime("%Y-%m-%d", time.gmtime(doc["at"]))
+        key = f"{day}/{int(doc['at'] * 1000)}-{doc['id']}.json"
+        self.store.put_json(key, doc)
+        return f"{self.uri}/{key}"
+
+
+class _EngineCollector:
+    """Exposes the last ChatModel status snapshot (refreshed at each scrape)."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, Any] = {}
+
+    def collect(self):
+        s = self.status
+        yield GaugeMetricFamily("selflearn_model_ready", "1 if a model is loaded and answering",
+                                value=1 if s.get("ready") else 0)
+        info = GaugeMetricFamily("selflearn_model_checkpoint", "the checkpoint in service (value 1)",
+                                 labels=["checkpoint", "dtype"])
+        if s.get("checkpoint"):
+            info.add_metric([s["checkpoint"], str(s.get("dtype"))], 1)
+        yield info
+        yield GaugeMetricFamily("selflearn_model_degraded", "1 while the newest swap failed and old weights serve",
+                                value=1 if s.get("degraded") else 0)
+        yield GaugeMetricFamily("selflearn_engine_queue_depth", "requests waiting for a batch slot",
+                                value=s.get("queue_depth", 0))
+        yield GaugeMetricFamily("selflearn_engine_running", "requests decoding now", value=s.get("running", 0))
+        yield CounterMetricFamily("selflearn_swaps", "weights loaded and installed", value=s.get("swaps", 0))
+        yield CounterMetricFamily("selflearn_swap_failures", "checkpoint loads that failed (old weights kept)",
+                                  value=s.get("swap_failures", 0))
+        yield CounterMetricFamily("selflearn_engine_generated_tokens", "tokens generated by the engine",
+                                  value=s.get("generated_tokens", 0))
+        yield CounterMetricFamily("selflearn_engine_step_errors", "failed generation steps",
+                                  value=s.get("step_errors", 0))
+
+
+class Metrics:
+    ROUTES = {"/chat", "/chat/stream", "/v1/chat/completions", "/v1/models", "/feedback", "/metrics", "/status",
+              "/healthz", "/readyz", "/"}
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("selflearn_http_requests", "HTTP requests", ["route", "code"], registry=r)
+        self.latency = Histogram("selflearn_http_request_seconds", "HTTP request latency (streams: until the end)",
+                                 ["route"], registry=r,
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160))
+        self.ttft = Histogram("selflearn_time_to_first_token_seconds", "queue + prefill until the first token",
+                              registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+        self.generated = Counter("selflearn_generated_tokens", "completion tokens returned", registry=r)
+        self.prompt = Counter("selflearn_prompt_tokens", "prompt tokens processed", registry=r)
+        self.finished = Counter("selflearn_generations", "finished generations", ["finish_reason", "checkpoint"],
+                                registry=r)
+        self.inflight = Gauge("selflearn_inflight_requests", "generation requests in this ingress (queue depth)",
+                              registry=r)
+        self.rejected = Counter("selflearn_rejected_requests", "requests refused before generation", ["reason"],
+                                registry=r)
+        self.engine = _EngineCollector()
+        r.register(self.engine)
+
+    def route(self, path: str) -> str:
+        return path if path in self.ROUTES else ("/static" if path.startswith("/static/") else "other")
+
+    def observe_done(self, ev: dict) -> None:
+        usage = ev.get("usage") or {}
+        self.generated.inc(usage.get("completion_tokens", 0))
+        self.prompt.inc(usage.get("prompt_tokens", 0))
+        self.finished.labels(ev.get("finish_reason", "unknown"), ev.get("checkpoint") or "none").inc()
+        if ev.get("ttft_ms") is not None:
+            self.ttft.observe(ev["ttft_ms"] / 1000)
