@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: run test venv bench lint clean
+.PHONY: run test venv bench lint clean e2e-kind e2e-kind-dry-run
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,3 +33,10 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# End-to-end on a kind cluster (needs Docker, kind, helm, kubectl on a laptop; see docs/helm.md).
+e2e-kind:
+	bash hack/kind-e2e.sh
+
+e2e-kind-dry-run:
+	bash hack/kind-e2e.sh --dry-run
