@@ -120,12 +120,12 @@ rendered ClusterRole with that list), with Secrets behind rbac.readSecrets.
 {{- end }}
 
 {{/*
-KubeRay is a prerequisite. On a live install/upgrade (the release namespace can be looked up, which
+KubeRay is a prerequisite. On a live install/upgrade (the API server's own `kubernetes` Service can be looked up, which
 `helm template` and `helm lint` cannot do) fail early when ray.io/v1 RayService is not served.
 */}}
 {{- define "selflearn.requireKubeRay" -}}
 {{- if and .Values.kuberay.requireCRD (not (index .Values "kuberay-operator" "enabled")) }}
-{{- $live := lookup "v1" "Namespace" "" .Release.Namespace }}
+{{- $live := lookup "v1" "Service" "default" "kubernetes" }}
 {{- if and $live (not (.Capabilities.APIVersions.Has "ray.io/v1/RayService")) }}
 {{- fail "KubeRay is a prerequisite: this cluster does not serve ray.io/v1 RayService. Install it first (helm install kuberay-operator kuberay/kuberay-operator, see docs/helm.md), or set kuberay.requireCRD=false to install the operator anyway." }}
 {{- end }}
