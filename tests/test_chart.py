@@ -317,9 +317,13 @@ def test_several_replicas_are_peered_and_never_tie():
 
 @needs_helm
 def test_a_single_replica_can_run_standalone_or_with_a_fixed_priority():
-    args = _parse_operator_command(operator_container(render(sets=("operator.peering.enabled=false",))))
+    standalone = render(sets=("operator.peering.enabled=false",))
+    args = _parse_operator_command(operator_container(standalone))
     assert args.standalone and args.peering is None
-    assert not kinds(render(sets=("operator.peering.enabled=false",)), "ClusterKopfPeering")
+    assert not kinds(standalone, "ClusterKopfPeering")
+    # An upgrade must not run the old and the new unpeered operator side by side.
+    assert one(standalone, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert "strategy" not in one(render(), "Deployment")["spec"]  # peered: a rolling update is safe
     args = _parse_operator_command(operator_container(render(CHART / "ci" / "namespaced-values.yaml")))
     assert (args.peering, args.priority) == ("selflearn", 100)
 
