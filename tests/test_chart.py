@@ -372,6 +372,16 @@ def test_example_learnerrun_is_a_valid_run(values):
     assert not kinds(render(), "LearnerRun")  # off by default
 
 
+@needs_helm
+def test_a_given_example_spec_replaces_the_built_in_one_whole():
+    """Helm merges value maps key by key; the example's spec must not inherit the tiny run's keys."""
+    given = yaml.load((CHART / "ci" / "example-gpu-values.yaml").read_text(), Loader=K8sYamlLoader)
+    run = one(render(CHART / "ci" / "example-gpu-values.yaml"), "LearnerRun")
+    assert run["spec"] == given["exampleRun"]["spec"]
+    tiny = yaml.load((CHART / "files" / "tiny-run-spec.yaml").read_text(), Loader=K8sYamlLoader)
+    assert one(render(CHART / "ci" / "example-tiny-values.yaml"), "LearnerRun")["spec"] == tiny
+
+
 # -- values: documented, schema-checked ------------------------------------------------------------
 def test_every_value_is_documented():
     """Each key carries a `# --` comment, or sits inside a documented key (a whole-object value)."""
