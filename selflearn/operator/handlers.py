@@ -29,7 +29,8 @@ from .results import (ACTIVE, SUCCEEDED, JobView, ResultError, RoundResult, fail
                       parse_result, pod_belongs_to, rayservice_ready, termination_message)
 
 LR = (GROUP, VERSION, PLURAL)
-FINALIZER = "selflearn.dev/storage-cleanup"
+# Kopf holds deletion until the run's timer has stopped (and, with deleteOnRemoval, storage is gone).
+FINALIZER = "selflearn.dev/operator"
 
 
 @dataclass(frozen=True)

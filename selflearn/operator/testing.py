@@ -14,7 +14,7 @@ Needs the test extras (kmock); nothing in the operator imports this module.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import threading
 import json
 import time
 import uuid
@@ -55,7 +55,7 @@ def _now() -> str:
 
 @attrs.define(kw_only=True)
 class ClusterEmulator(KubernetesEmulator):
-    _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _rv: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -71,7 +71,8 @@ class ClusterEmulator(KubernetesEmulator):
             return {}
 
     def _stamp(self, request: Any) -> None:
-        rv = str(next(self._versions))
+        self._rv += 1
+        rv = str(self._rv)
         data = request.data
         if request.action == action.CREATE and isinstance(data, dict):
             meta = data.setdefault("metadata", {})
@@ -100,6 +101,38 @@ class ClusterEmulator(KubernetesEmulator):
                 data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
                 if generation:
                     data.append({"op": "add", "path": "/metadata/generation", "value": generation})
+
+    async def _serve_list(self, request: Any) -> Any:
+        # Like the base, plus the list's resourceVersion, which Kopf passes on to its watch.
+        async with self._lock:
+            rv = str(self._rv)
+        data = await super()._serve_list(request)
+        data["metadata"]["resourceVersion"] = rv
+        return data
+
+    async def _serve_watch(self, request: Any) -> Any:
+        # Like the base, but a watch from a list's resourceVersion replays only what changed since
+        # (a real API server never re-sends what the list returned), and nothing is lost between
+        # the replay and the live stream.
+        yield b""
+        since = request.params.get("resourceVersion", "")
+        since_n = int(since) if since.isdigit() else -1
+        bus = self._buses[request.resource]
+        async with self._lock:
+            marker = await bus.mark()
+            objs = self._KubernetesEmulator__get_objs(request, strict=False)
+            replay = [{"type": "ADDED", "object": o.raw} for o in objs if not o.deleted
+                      and int((o.raw.get("metadata") or {}).get("resourceVersion") or 0) > since_n]
+        try:
+            for event in replay:
+                yield event
+            async for event in bus.stream(since=marker):
+                meta = (event.get("object") or {}).get("metadata") or {}
+                if self._KubernetesEmulator__check(request, request.resource, meta.get("namespace"),
+                                                   meta.get("name"), strict=False):
+                    yield event
+        finally:
+            await bus.unmark(marker)
 
     async def _handle(self, request: Any) -> Any:
         if request.resource is not None and request.action in (action.CREATE, action.UPDATE) and request.data:
@@ -151,10 +184,10 @@ def operator_task(url: str, *, config: OperatorConfig, namespaces: tuple[str, ..
 class Cluster:
     """The test's hands on the emulated API (through HTTP, so the operator's watches see it all)."""
 
-    def __init__(self, emulator: ClusterEmulator, url: str):
+    def __init__(self, emulator: EmulatorThread):
         self.emulator = emulator
-        self.url = url
-        self.api = Kube(Connection(server=url))
+        self.url = emulator.url
+        self.api = Kube(Connection(server=self.url))
 
     async def close(self) -> None:
         await self.api.close()
@@ -168,12 +201,13 @@ class Cluster:
 
     def list(self, api_version: str, plural: str, namespace: str) -> list[dict[str, Any]]:
         group, _, version = api_version.rpartition("/")
-        out = []
-        for (resource, ns, _name), obj in list(self.emulator.objects.items()):
-            if (resource.group, resource.version, resource.plural) == (group, version, plural) \
-                    and ns == namespace and not obj.deleted:
-                out.append(json.loads(json.dumps(obj.last.raw, default=dict)))
-        return out
+
+        def snapshot() -> list[dict[str, Any]]:
+            return [json.loads(json.dumps(obj.raw, default=dict))
+                    for (resource, ns, _name), obj in self.emulator.emulator.objects.items()
+                    if (resource.group, resource.version, resource.plural) == (group, version, plural)
+                    and ns == namespace and not obj.deleted]
+        return self.emulator.call(snapshot)
 
     def learnerrun(self, name: str, namespace: str = "default") -> dict[str, Any]:
         return self.get(*LEARNERRUNS, namespace, name) or {}
@@ -252,18 +286,46 @@ async def eventually(probe: Callable[[], Any], *, timeout: float = 10.0, interva
         await asyncio.sleep(interval)
 
 
-async def start_emulator() -> tuple[ClusterEmulator, Server, str]:
-    emulator = ClusterEmulator()
-    await emulator.__aenter__()
-    server = Server(emulator)
-    await server.__aenter__()
-    return emulator, server, str(server.url).rstrip("/")
+class EmulatorThread:
+    """The emulated API server in its own thread and event loop, like a real one elsewhere.
+
+    (Kopf's shutdown cancels every task born in its loop after it started, which would include an
+    in-loop server's connection handlers.)"""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.url = ""
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kube-emulator", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.emulator = ClusterEmulator()
+        self.server = Server(self.emulator)
+        self.loop.run_until_complete(self.emulator.__aenter__())
+        self.loop.run_until_complete(self.server.__aenter__())
+        self.url = str(self.server.url).rstrip("/")
+        self._ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.server.__aexit__(None, None, None))
+        self.loop.run_until_complete(self.emulator.__aexit__(None, None, None))
+        self.loop.close()
+
+    def start(self) -> "EmulatorThread":
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the Kubernetes emulator did not start")
+        return self
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the emulator's loop (its objects are not thread-safe) and return the result."""
+        async def wrapper() -> Any:
+            return fn()
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(10)
 
 
-async def stop_emulator(emulator: ClusterEmulator, server: Server) -> None:
-    await server.__aexit__(None, None, None)
-    await emulator.__aexit__(None, None, None)
-
-
-__all__ = ["Cluster", "ClusterEmulator", "KopfTask", "eventually", "operator_task", "published",
-           "start_emulator", "stop_emulator"]
+__all__ = ["Cluster", "ClusterEmulator", "EmulatorThread", "KopfTask", "eventually", "operator_task", "published"]
