@@ -90,6 +90,9 @@ TOLERATION_SCHEMA: dict[str, Any] = {
     },
 }
 
+# Fields the spec keeps as free-form dicts but the CRD types as Kubernetes does (stricter than the spec).
+KUBERNETES_SHAPES = ("trainer.resources", "serving.resources", "trainer.tolerations")
+
 OVERRIDES: dict[str, dict[str, Any]] = {
     "baseModel": {
         "minLength": 1, "maxLength": 256, "pattern": r"\S",

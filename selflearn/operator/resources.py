@@ -171,7 +171,7 @@ def build_trainer_job(*, run: str, namespace: str, owner: dict[str, Any], spec: 
                  "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In",
                                  "values": [TRAINER_CONFIG_ERROR_EXIT]}},
                 # A preempted or evicted pod is not the trainer's fault: retry without counting it.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             ]},
             "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
         },
