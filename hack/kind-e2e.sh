@@ -2,7 +2,8 @@
 # End-to-end on a throwaway kind cluster, on a laptop with Docker:
 #
 #   1. create a kind cluster (port 80 of its node on localhost:$HTTP_PORT, for the Ingress)
-#   2. helm-install ingress-nginx, KubeRay and an S3 server (MinIO)
+#   2. helm-install ingress-nginx, KubeRay and an S3 server (MinIO, Service "minio" in $NAMESPACE,
+#      where examples/learnerrun-tiny.yaml expects it: http://minio:9000)
 #   3. build the trainer and serve images (CPU torch) and `kind load` them
 #   4. helm-install charts/selflearn (the operator runs from the trainer image)
 #   5. create the S3 bucket and the credentials Secret that examples/learnerrun-tiny.yaml names
@@ -37,7 +38,6 @@ SERVE_IMAGE=${SERVE_IMAGE:-ghcr.io/selflearn/serve:0.1.0}
 # CPU-only torch keeps the images a few GB smaller; kind has no GPU anyway.
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
 EXAMPLE=${EXAMPLE:-examples/learnerrun-tiny.yaml}
-MINIO_NAMESPACE=minio
 MINIO_USER=selflearn
 MINIO_PASSWORD=${MINIO_PASSWORD:-selflearn-e2e-$RANDOM$RANDOM}
 RELEASE=selflearn
@@ -151,11 +151,11 @@ run helm --kube-context "$KCTX" upgrade --install kuberay-operator kuberay-opera
   --namespace kuberay-system --create-namespace --wait --timeout 5m
 run helm --kube-context "$KCTX" upgrade --install minio minio \
   --repo https://charts.min.io/ --version "$MINIO_CHART_VERSION" \
-  --namespace "$MINIO_NAMESPACE" --create-namespace \
+  --namespace "$NAMESPACE" --create-namespace \
   --set fullnameOverride=minio --set mode=standalone --set replicas=1 --set persistence.enabled=false \
   --set resources.requests.memory=512Mi --set rootUser="$MINIO_USER" --set rootPassword="$MINIO_PASSWORD" \
   --wait --timeout 5m
-MINIO_ENDPOINT=http://minio.$MINIO_NAMESPACE.svc.cluster.local:9000
+MINIO_ENDPOINT=http://minio.$NAMESPACE.svc.cluster.local:9000
 
 say "3. images: $TRAINER_IMAGE and $SERVE_IMAGE (CPU torch), loaded into kind"
 run docker build -f Dockerfile.trainer --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL" -t "$TRAINER_IMAGE" .
@@ -174,13 +174,15 @@ read_example() { kcap "$1" -n "$NAMESPACE" create --dry-run=server -f "$EXAMPLE"
 RUN_NAME=$(read_example tiny '{.metadata.name}')
 RUN_TRAINER_IMAGE=$(read_example "$TRAINER_IMAGE" '{.spec.trainer.image}')
 RUN_SERVE_IMAGE=$(read_example "$SERVE_IMAGE" '{.spec.serving.image}')
-STORAGE_URI=$(read_example s3://selflearn/checkpoints '{.spec.storage.uri}')
-STORAGE_ENDPOINT=$(read_example "$MINIO_ENDPOINT" '{.spec.storage.endpoint}')
-SECRET=$(read_example selflearn-s3 '{.spec.storage.credentialsSecret}')
+STORAGE_URI=$(read_example s3://selflearn/tiny '{.spec.storage.uri}')
+STORAGE_ENDPOINT=$(read_example http://minio:9000 '{.spec.storage.endpoint}')
+SECRET=$(read_example s3-creds '{.spec.storage.credentialsSecret}')
 [[ $STORAGE_URI == s3://* ]] || die "$EXAMPLE: storage.uri must be s3://bucket/prefix, got '$STORAGE_URI'"
 [[ -n $SECRET ]] || die "$EXAMPLE: storage.credentialsSecret is not set"
-[[ $STORAGE_ENDPOINT == "$MINIO_ENDPOINT" || $STORAGE_ENDPOINT == http://minio.$MINIO_NAMESPACE:9000 ]] ||
-  die "$EXAMPLE: storage.endpoint is '$STORAGE_ENDPOINT'; this script's MinIO is $MINIO_ENDPOINT"
+case $STORAGE_ENDPOINT in
+  http://minio:9000 | "http://minio.$NAMESPACE:9000" | "http://minio.$NAMESPACE.svc:9000" | "$MINIO_ENDPOINT") ;;
+  *) die "$EXAMPLE: storage.endpoint is '$STORAGE_ENDPOINT'; this script's MinIO is $MINIO_ENDPOINT" ;;
+esac
 BUCKET=${STORAGE_URI#s3://}
 BUCKET=${BUCKET%%/*}
 # The example may name other images than the ones built: give the built ones those names too.
@@ -194,7 +196,7 @@ done
 k -n "$NAMESPACE" create secret generic "$SECRET" \
   --from-literal=AWS_ACCESS_KEY_ID="$MINIO_USER" --from-literal=AWS_SECRET_ACCESS_KEY="$MINIO_PASSWORD"
 # The bucket, created with boto3 from the trainer image (already in the cluster).
-k -n "$MINIO_NAMESPACE" run mkbucket --rm -i --restart=Never --image="$TRAINER_IMAGE" \
+k -n "$NAMESPACE" run mkbucket --rm -i --restart=Never --image="$TRAINER_IMAGE" \
   --image-pull-policy=IfNotPresent \
   --env=AWS_ACCESS_KEY_ID="$MINIO_USER" --env=AWS_SECRET_ACCESS_KEY="$MINIO_PASSWORD" --command -- \
   python -c "import boto3; boto3.client('s3', endpoint_url='$MINIO_ENDPOINT', region_name='us-east-1').create_bucket(Bucket='$BUCKET'); print('bucket $BUCKET created')"
@@ -225,7 +227,7 @@ while :; do
   ((SECONDS < deadline)) || die "round 1 was not promoted within ${TIMEOUT_SECONDS}s"
   run sleep 15
 done
-SERVING=$(kcap "s3://$BUCKET/checkpoints/$RUN_NAME/r000001" -n "$NAMESPACE" get lr "$RUN_NAME" \
+SERVING=$(kcap "$STORAGE_URI/$RUN_NAME/r000001" -n "$NAMESPACE" get lr "$RUN_NAME" \
   -o 'jsonpath={.status.servingCheckpoint}')
 echo "round 1 promoted: $SERVING" >&3
 

@@ -368,7 +368,7 @@ def test_example_learnerrun_is_a_valid_run(values):
     assert run["metadata"]["namespace"] == NAMESPACE
     assert validate_manifests([run]) == []
     spec = parse_spec(run["spec"])  # what the operator itself accepts
-    assert spec.storage.credentials_secret == "selflearn-s3"
+    assert spec.storage.credentials_secret == "s3-creds"
     assert not kinds(render(), "LearnerRun")  # off by default
 
 
@@ -443,7 +443,7 @@ def test_notes_print_the_next_commands():
     proc = helm("install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert f"kubectl -n {NAMESPACE} rollout status deployment/{RELEASE}-selflearn" in notes
-    assert "create secret generic selflearn-s3" in notes and "AWS_SECRET_ACCESS_KEY" in notes
+    assert "create secret generic s3-creds" in notes and "AWS_SECRET_ACCESS_KEY" in notes
     assert "apply -f examples/learnerrun-tiny.yaml" in notes
     assert "get lr -w" in notes
     assert "/chat" in notes and "pinnedCheckpoint" in notes and '"suspend":true' in notes

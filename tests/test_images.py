@@ -237,7 +237,7 @@ def test_kind_script_dry_run_prints_every_step_in_order(dry_run):
         r"^docker build -f Dockerfile\.serve .*-t ghcr\.io/selflearn/serve:0\.1\.0 \.$",
         r"^kind load docker-image ghcr\.io/selflearn/trainer:0\.1\.0 ghcr\.io/selflearn/serve:0\.1\.0 ",
         r"^helm .* upgrade --install selflearn charts/selflearn ",
-        r"^kubectl .* create secret generic selflearn-s3 --from-literal=AWS_ACCESS_KEY_ID=\S+ --from-literal=AWS_SECRET_ACCESS_KEY=",
+        r"^kubectl .* create secret generic s3-creds --from-literal=AWS_ACCESS_KEY_ID=\S+ --from-literal=AWS_SECRET_ACCESS_KEY=",
         r"^kubectl .* run mkbucket .*create_bucket\(Bucket='selflearn'\)",
         r"^kubectl .* apply -f examples/learnerrun-tiny\.yaml$",
         r"^kubectl .* get lr tiny -o jsonpath=\{\.status\.history\[\?\(@\.round==1\)\]\.result\}$",
@@ -266,6 +266,25 @@ def test_kind_script_installs_the_chart_with_values_it_accepts(dry_run):
     out = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "image: ghcr.io/selflearn/trainer:0.1.0" in out.stdout
+
+
+def test_the_tiny_example_is_what_the_kind_script_provides():
+    """hack/kind-e2e.sh installs MinIO as Service "minio" in the run's namespace, creates the bucket and
+    Secret the example names, and loads the images under the example's names; the example must ask for
+    nothing else (the script stops with a message naming the field otherwise)."""
+    import yaml
+
+    run = yaml.safe_load((REPO / "examples" / "learnerrun-tiny.yaml").read_text())
+    spec, script = run["spec"], KIND_E2E.read_text()
+    assert run["metadata"].get("namespace", "default") == "default"
+    assert spec["baseModel"].startswith("embedded:") and "snapshot" in spec["sources"][0]  # no internet in kind
+    assert re.fullmatch(r"s3://[a-z0-9.-]+(/.*)?", spec["storage"]["uri"])
+    assert spec["storage"]["endpoint"] in ("http://minio:9000", "http://minio.default:9000",
+                                           "http://minio.default.svc:9000",
+                                           "http://minio.default.svc.cluster.local:9000")
+    assert spec["storage"]["credentialsSecret"]
+    assert "http://minio:9000 |" in script and '--set fullnameOverride=minio' in script
+    assert "nvidia.com/gpu" not in (spec["trainer"].get("resources") or {}).get("limits", {})  # kind has no GPU
 
 
 def test_kind_script_cleans_up_on_exit():
