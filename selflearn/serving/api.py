@@ -76,6 +76,9 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, t0, status = scope.get("path", ""), time.monotonic(), {"code": 500}
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a route prefix (Serve's root_path)
+            path = path[len(root):] or "/"
 
         async def send_wrapped(message):
             if message["type"] == "http.response.start":
@@ -155,9 +158,14 @@ class Api:
         @app.exception_handler(RequestValidationError)
         async def invalid(_: Request, err: RequestValidationError):
             errors = err.errors()
-            param = ".".join(str(p) for p in errors[0]["loc"] if p != "body") if errors else None
-            msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: "
-                            f"{e['msg'].removeprefix('Value error, ')}" for e in errors)
+
+            def where(e: dict) -> str:
+                if e.get("type") == "json_invalid":
+                    return "body"
+                return ".".join(str(p) for p in e["loc"] if p != "body") or "body"
+
+            param = where(errors[0]) if errors else None
+            msg = "; ".join(f"{where(e)}: {e['msg'].removeprefix('Value error, ')}" for e in errors)
             body = error_body(422, msg, "invalid_request_error", param or None, "invalid_value")
             body["detail"] = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
             return JSONResponse(body, 422)
