@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     data_dir = Path(args.data_dir).expanduser().resolve()
     interval = args.interval if args.interval is not None else config.spec.schedule.interval_seconds
-    rounds = args.rounds if args.rounds is not None else config.spec.schedule.max_rounds
+    rounds = None if args.forever else args.rounds if args.rounds is not None else config.spec.schedule.max_rounds
     driver = LocalDriver(config, data_dir, nice=args.nice)
 
     def on_signal(signum, _frame):
