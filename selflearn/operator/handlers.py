@@ -346,7 +346,13 @@ class _Round:
             self.writer.update({"phase": step.phase, "message": step.message})
             return
         if secret := self.spec.storage.credentials_secret:
-            if await self.kube.get("v1", "secrets", self.namespace, secret) is None:
+            try:
+                found = await self.kube.get("v1", "secrets", self.namespace, secret) is not None
+            except KubeError as err:
+                if err.status != 403:
+                    raise
+                found = True  # not allowed to look (rbac.readSecrets=false): the trainer pod will tell
+            if not found:
                 message = storage.missing_secret_message(secret, self.namespace)
                 if self.writer.get("message") != message:
                     kopf.warn(self.body, reason="SecretMissing", message=message)

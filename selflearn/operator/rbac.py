@@ -1,7 +1,7 @@
 """The operator's permissions, listed once.
 
 The chart's ClusterRole is rendered from the same list (tests compare them), so what the operator
-does and what it is allowed to do cannot drift apart.
+does and what it is allowed to do cannot drift apart. Each rule says which code needs it.
 """
 
 from __future__ import annotations
@@ -9,26 +9,27 @@ from __future__ import annotations
 from typing import Any
 
 RULES: list[dict[str, Any]] = [
-    # Its own resource and status.
-    {"apiGroups": ["selflearn.dev"], "resources": ["learnerruns"],
-     "verbs": ["get", "list", "watch", "patch", "update"]},
-    {"apiGroups": ["selflearn.dev"], "resources": ["learnerruns/status"], "verbs": ["get", "patch", "update"]},
-    # One trainer Job per round; the pod is read for its termination message.
+    # Its own resource (Kopf watches it and patches annotations and finalizers) and its status.
+    {"apiGroups": ["selflearn.dev"], "resources": ["learnerruns"], "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": ["selflearn.dev"], "resources": ["learnerruns/status"], "verbs": ["patch"]},
+    # One trainer Job per round: indexed (list, watch), created, read back on a name clash (get),
+    # and old finished ones pruned (delete).
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    # The round's run config travels in a ConfigMap owned by the LearnerRun.
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "create", "patch", "delete"]},
-    # Serving: the RayService (KubeRay), its ingress Service and the Ingress.
-    {"apiGroups": ["ray.io"], "resources": ["rayservices"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "create", "patch", "delete"]},
-    {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["get", "list", "create", "patch", "delete"]},
-    # Only to check that the named storage Secret exists (status names it when it does not).
+    # A finished Job's pods carry the trainer's termination message.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    # The run config ConfigMap, owned by the LearnerRun (garbage-collected with it).
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch"]},
+    # Serving: the RayService (indexed for readiness and the served checkpoint) and the Ingress;
+    # deleted when serving.replicas goes to 0.
+    {"apiGroups": ["ray.io"], "resources": ["rayservices"], "verbs": ["list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["create", "patch", "delete"]},
+    # The run's storage Secret: checked before each round (status names it when missing) and read
+    # only to delete checkpoints (storage.deleteOnRemoval) or read a manifest whose pod is gone.
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
-    # Events on LearnerRuns.
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-    # Kopf: discovering resources, namespaces, and peering between replicas.
-    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"],
-     "verbs": ["get", "list", "watch", "patch", "create"]},
+    # Events on LearnerRuns (Kopf posts core/v1 Events).
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # Kopf: discovering CRDs and namespaces, and peering between replicas.
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings", "kopfpeerings"], "verbs": ["list", "watch", "patch"]},
 ]
