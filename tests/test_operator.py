@@ -126,7 +126,8 @@ def test_a_new_run_starts_round_one_with_the_right_job_and_serving():
             backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
             assert (ing["spec"]["rules"][0]["host"], backend) == ("chat.example.com",
                                                                   {"name": "wiki-serve-svc", "port": {"number": 8000}})
-            st = await eventually(lambda: status(c).get("activeJob") and status(c))
+            st = await eventually(lambda: status(c).get("observedGeneration") and status(c).get("activeJob")
+                                  and status(c))
             assert (st["phase"], st["round"], st["activeJob"], st["observedGeneration"]) == ("Training", 1, "wiki-r1", 1)
             assert cond(c, "TrainerRunning")["status"] == "True"
             await event(c, "RoundStarted")
@@ -227,7 +228,7 @@ def test_suspend_stops_new_rounds_but_serving_stays():
             assert served(c) == st["servingCheckpoint"] == f"{STORE}/wiki/r000001"
             await c.patch_spec("wiki", {"suspend": False})
             await eventually(lambda: "wiki-r2" in c.jobs("wiki"), what="round 2 after resuming")
-            assert status(c)["observedGeneration"] == 3
+            await eventually(lambda: status(c).get("observedGeneration") == 3, what="observedGeneration 3")
 
     asyncio.run(scenario())
 
