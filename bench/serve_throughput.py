@@ -31,6 +31,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pydantic import BaseModel
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,12 +66,19 @@ def pct(values: list[float], q: float) -> float:
 
 
 # -- the seed-style baseline server --------------------------------------------------------------------
+class BaselineChat(BaseModel):  # module level: FastAPI resolves the (string) annotation here
+    message: str
+    temperature: float = 0.7
+    max_length: int = 64
+    top_p: float = 0.9
+    top_k: int = 50
+
+
 def baseline_server(port: int, dtype_name: str) -> None:
     """FastAPI + one model.generate per request (threadpool endpoint), like the seed app."""
     import torch
     import uvicorn
     from fastapi import FastAPI
-    from pydantic import BaseModel
 
     from selflearn import basemodel
 
@@ -78,15 +87,8 @@ def baseline_server(port: int, dtype_name: str) -> None:
     model = basemodel.load_model("embedded:smollm2-135m-instruct", dtype=dtype).eval()
     app = FastAPI()
 
-    class Chat(BaseModel):
-        message: str
-        temperature: float = 0.7
-        max_length: int = 64
-        top_p: float = 0.9
-        top_k: int = 50
-
     @app.post("/chat")
-    def chat(body: Chat):
+    def chat(body: BaselineChat):
         ids = tok.apply_chat_template([{"role": "user", "content": body.message}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
         with torch.inference_mode():
@@ -132,6 +134,8 @@ def run_load(url: str, concurrency: int, rounds: int, tokens_field: str) -> dict
     with ThreadPoolExecutor(concurrency) as ex:
         list(ex.map(client, range(concurrency)))
     wall = time.perf_counter() - t0
+    if not tokens:
+        raise RuntimeError(f"every request to {url} failed")
     return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "failures": failures,
             "p50_ms": pct(latencies, 0.5) * 1000, "p95_ms": pct(latencies, 0.95) * 1000}
 
@@ -179,11 +183,12 @@ def ttft(url: str, n: int) -> list[float]:
             t0 = time.perf_counter()
             with http.stream("POST", f"{url}/chat/stream",
                              json={**BODY, "message": PROMPTS[i % len(PROMPTS)], "max_length": 16}) as resp:
-                for line in resp.iter_lines():
+                lines = resp.iter_lines()
+                for line in lines:
                     if line.startswith("event: token"):
                         out.append((time.perf_counter() - t0) * 1000)
                         break
-                for _ in resp.iter_lines():
+                for _ in lines:  # read the rest of the answer before the next request
                     pass
     return out
 

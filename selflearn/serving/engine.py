@@ -59,6 +59,7 @@ class Ticket:
         self.sent = 0
         self.first_token_at: float | None = None
         self.engine: "Engine | None" = None
+        self.generator = None  # torch.Generator when the request carries a seed
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -146,7 +147,7 @@ class _Batch:
         self.top_k = torch.tensor([x.top_k for x in p], dtype=torch.long, device=dev)
         self.top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev)
         self.penalty = torch.tensor([x.repetition_penalty for x in p], dtype=torch.float32, device=dev)
-        self.generators = [getattr(r, "generator", None) for r in self.rows]
+        self.generators = [r.generator for r in self.rows]
 
     def sample_and_push(self, logits) -> None:
         import torch
@@ -193,6 +194,20 @@ class _Batch:
         self._params()
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: affinity, capped by a cgroup v2 quota (containers)."""
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 def _pad_left(t, n: int):
     """Left-pad a (B, T) mask or a (B, H, T, D) cache tensor with n zero positions."""
     import torch
@@ -227,10 +242,10 @@ class Engine:
                                       "swap_failures": 0, "last_swap_error": None, "last_swap_error_at": None,
                                       "last_swap_seconds": None, "step_errors": 0, "last_error": None,
                                       "last_error_at": None}
-        if self.options.torch_threads:
-            import torch
+        import torch
 
-            torch.set_num_threads(self.options.torch_threads)
+        # Ray gives actors without CPUs OMP_NUM_THREADS=1; the model replica wants the machine's cores.
+        torch.set_num_threads(self.options.torch_threads or available_cpus())
         self._thread = threading.Thread(target=self._run, name="selflearn-engine", daemon=True)
         self._thread.start()
 
