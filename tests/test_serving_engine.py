@@ -282,3 +282,28 @@ def test_request_timeout_is_504_and_frees_the_slot(tiny, tiny_opt_dir):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_app_builder_takes_the_operators_serve_config():
+    """The RayService the operator writes must build: import path, args, ChatModel user_config."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from selflearn.operator.resources import serve_config
+    from selflearn.serving.app import app_builder
+    from selflearn.serving.config import parse_model_config
+    from selflearn.spec import LearnerRunSpec
+
+    config = serve_config(spec=LearnerRunSpec(), checkpoint="s3://bucket/prefix/wiki/r000003")
+    ServeDeploySchema.model_validate(config)
+    app = config["applications"][0]
+    module, _, attr = app["import_path"].partition(":")
+    assert (module, attr) == ("selflearn.serving.app", "app_builder")
+    ingress = app_builder(app["args"])._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    assert (ingress.name, model.name) == ("ChatIngress", "ChatModel")
+    assert model._deployment_config.user_config["checkpoint"] == "s3://bucket/prefix/wiki/r000003"
+    for dep in app["deployments"]:
+        if dep["name"] == "ChatModel":
+            assert parse_model_config(dep["user_config"]).checkpoint == "s3://bucket/prefix/wiki/r000003"
+    with pytest.raises(ValueError, match="bogus"):
+        app_builder({"bogus": 1})

@@ -127,7 +127,7 @@ class Api:
         self.inflight = 0
         self._status: tuple[float, dict] = (0.0, {})
         feedback_uri = settings.feedback_uri or f"file://{cache_root() / 'feedback'}"
-        self.feedback = FeedbackStore(feedback_uri)
+        self.feedback = FeedbackStore(feedback_uri, endpoint=settings.storage_endpoint, region=settings.storage_region)
         api_key = settings.api_key or os.environ.get(settings.api_key_env) or None
         self.app = app = FastAPI(title="selflearn chat", version="1", docs_url="/docs", redoc_url=None)
         self._routes(app)

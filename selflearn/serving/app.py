@@ -48,7 +48,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from .config import EngineOptions, ServeSettings, parse_model_config, parse_settings
+from .config import EngineOptions, ServeSettings, initial_user_config, parse_model_config, parse_settings
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class ChatIngress:
 def app_builder(args: dict[str, Any] | None = None):
     """RayService / `serve run` entry point: `selflearn.serving.app:app_builder` with `args`."""
     settings = parse_settings(args)
-    user_config = settings.user_config or {}
+    user_config = initial_user_config(settings)
     parse_model_config(user_config)  # fail the deploy on a malformed initial config
     engine = settings.engine
     model = ChatModel.options(

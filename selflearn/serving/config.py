@@ -119,8 +119,13 @@ class ServeSettings(_Strict):
 
     model_config = ConfigDict(extra="forbid", strict=False)
 
-    # Initial ChatModel user_config (a RayService's deployments[].user_config overrides it).
+    # Initial ChatModel user_config (a RayService's deployments[].user_config overrides it). The
+    # shorthands `checkpoint`/`base_model` seed it too; `storage_*` also reach the feedback store.
     user_config: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    base_model: str | None = None
+    storage_endpoint: str | None = None
+    storage_region: str | None = None
     engine: EngineOptions = Field(default_factory=EngineOptions)
     model_replicas: int = Field(1, ge=1, le=64)
     ingress_replicas: int = Field(1, ge=1, le=64)
@@ -157,6 +162,13 @@ class ServeSettings(_Strict):
             if v and ":" not in v:
                 raise ValueError(f"{name} must be an import path 'module:attribute', got {v!r}")
         return self
+
+
+def initial_user_config(settings: ServeSettings) -> dict[str, Any]:
+    """The shorthand args, overridden by `args.user_config`."""
+    seed = {k: getattr(settings, k) for k in ("checkpoint", "base_model", "storage_endpoint", "storage_region")
+            if getattr(settings, k) is not None}
+    return {**seed, **(settings.user_config or {})}
 
 
 def parse_settings(args: dict[str, Any] | None) -> ServeSettings:
