@@ -64,59 +64,57 @@ The operator's permissions: exactly selflearn.operator.rbac.RULES (tests/test_ch
 rendered ClusterRole with that list), with Secrets behind rbac.readSecrets.
 */}}
 {{- define "selflearn.operatorRules" -}}
-# Its own resource and status.
+# Its own resource (Kopf watches it and patches annotations and finalizers) and its status.
 - apiGroups: ["selflearn.dev"]
   resources: ["learnerruns"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["selflearn.dev"]
   resources: ["learnerruns/status"]
-  verbs: ["get", "patch", "update"]
-# One trainer Job per round; the pod is read for its termination message.
+  verbs: ["patch"]
+# One trainer Job per round: indexed, created, read back on a name clash, old ones pruned.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "delete"]
+# A finished Job's pods carry the trainer's termination message.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-# The round's run config travels in a ConfigMap owned by the LearnerRun.
+  verbs: ["list"]
+# The run config ConfigMap, owned by the LearnerRun.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "create", "patch", "delete"]
-# Serving: the RayService (KubeRay), its ingress Service and the Ingress.
+  verbs: ["create", "patch"]
+# Serving: the RayService (KubeRay) and the Ingress.
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["services"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["ingresses"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["create", "patch", "delete"]
 {{- if .Values.rbac.readSecrets }}
-# Only to check that a LearnerRun's storage.credentialsSecret exists (status names it when it does not).
+# The run's storage Secret: checked before each round (status names it when missing).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
 {{- end }}
 # Events on LearnerRuns.
-- apiGroups: ["", "events.k8s.io"]
+- apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 # Kopf: discovering resources, namespaces, and peering between replicas.
 {{ include "selflearn.clusterRules" . }}
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings", "kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch", "create"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 
 {{/* Cluster-scoped reads Kopf needs in every mode (bound cluster-wide even when watching some namespaces). */}}
 {{- define "selflearn.clusterRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["namespaces"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- end }}
 
 {{/*
