@@ -24,7 +24,7 @@ from . import resources as res
 from . import scheduling as sched
 from . import storage
 from .crd import GROUP, PLURAL, VERSION
-from .kube import Kube, KubeError
+from .kube import ExistenceCache, Kube, KubeError
 from .results import (ACTIVE, SUCCEEDED, JobView, ResultError, RoundResult, failure_reason, job_view,
                       parse_result, pod_belongs_to, rayservice_ready, termination_message)
 
@@ -110,6 +110,7 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 
 async def startup(memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     memo.kube = Kube(memo.connection)
+    memo.secrets = ExistenceCache(ttl=memo.config.tick_seconds)
     logger.info(f"selflearn operator: reconciling every {memo.config.tick_seconds}s against {memo.connection.server}")
 
 
@@ -347,7 +348,7 @@ class _Round:
             return
         if secret := self.spec.storage.credentials_secret:
             try:
-                found = await self.kube.get("v1", "secrets", self.namespace, secret) is not None
+                found = await self.memo.secrets.exists(self.kube, "v1", "secrets", self.namespace, secret)
             except KubeError as err:
                 if err.status != 403:
                     raise

@@ -194,3 +194,28 @@ def _ok(status: int, data: Any, what: str) -> dict:
     if status >= 400:
         raise KubeError(status, f"{what}: {_message(data)}")
     return data if isinstance(data, dict) else {}
+
+
+class ExistenceCache:
+    """Whether an object exists, asked once for many callers: a hit is remembered for `ttl` seconds,
+    and concurrent askers share one request (100 runs naming one Secret cost one GET per tick).
+    A missing object is asked again every time, so its creation is noticed at once."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._found_at: dict[tuple[str, ...], float] = {}
+        self._pending: dict[tuple[str, ...], asyncio.Future[Any]] = {}
+
+    async def exists(self, kube: Kube, api_version: str, plural: str, namespace: str, name: str) -> bool:
+        key = (api_version, plural, namespace, name)
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._found_at.get(key, float("-inf")) < self.ttl:
+            return True
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = asyncio.ensure_future(kube.get(api_version, plural, namespace, name))
+            pending.add_done_callback(lambda _: self._pending.pop(key, None))
+        found = await asyncio.shield(pending) is not None
+        if found:
+            self._found_at[key] = loop.time()
+        return found

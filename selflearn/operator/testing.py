@@ -2,7 +2,8 @@
 
 - `ClusterEmulator`: kmock's KubernetesEmulator, closer to a real API server where the operator
   relies on it: uid, resourceVersion, creationTimestamp and generation (bumped on spec changes),
-  generateName, and 422 (not 500) when a JSON-patch `test` op fails, as Kopf expects.
+  generateName, 422 (not 500) when a JSON-patch `test` op fails, as Kopf expects, and watches that
+  resume from a list's resourceVersion; it forgets past requests (but not the credentials used), so it stays fast.
 - `operator_task(url, config=...)`: the operator in-process, as `kopf.testing.KopfTask` (a minimal
   stand-in while the installed Kopf lacks it).
 - `Cluster`: what the tests do to that API: create objects, and play the Job controller, which
@@ -55,6 +56,7 @@ def _now() -> str:
 
 @attrs.define(kw_only=True)
 class ClusterEmulator(KubernetesEmulator):
+    authorizations: set[str | None] = attrs.field(factory=set, init=False)
     _rv: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -135,6 +137,10 @@ class ClusterEmulator(KubernetesEmulator):
             await bus.unmark(marker)
 
     async def _handle(self, request: Any) -> Any:
+        # kmock matches each request against its whole request history (kept for assertions);
+        # with thousands of requests that is quadratic. Keep the current one only; remember who called.
+        del self._requests[:-1]
+        self.authorizations.add(request.headers.get("Authorization"))
         if request.resource is not None and request.action in (action.CREATE, action.UPDATE) and request.data:
             self._stamp(request)
         try:
@@ -329,3 +335,19 @@ class EmulatorThread:
 
 
 __all__ = ["Cluster", "ClusterEmulator", "EmulatorThread", "KopfTask", "eventually", "operator_task", "published"]
+
+
+def main() -> None:
+    """Serve an emulated Kubernetes API until stdin closes; print its URL first (for bench/)."""
+    import sys
+
+    api = EmulatorThread().start()
+    print(api.url, flush=True)
+    try:
+        sys.stdin.read()
+    finally:
+        api.stop()
+
+
+if __name__ == "__main__":
+    main()
