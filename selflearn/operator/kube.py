@@ -36,6 +36,7 @@ class Connection:
     # Where it came from, to load fresh credentials when a token expires.
     kubeconfig: str | None = None
     context: str | None = None
+    loaded: bool = False  # False: built by hand (tests), nothing to reload from
 
     @classmethod
     def load(cls, *, kubeconfig: str | None = None, context: str | None = None) -> "Connection":
@@ -65,12 +66,11 @@ class Connection:
         token = header.split(" ", 1)[-1] if header else None
         return cls(server=cfg.host.rstrip("/"), token=token, ca_path=cfg.ssl_ca_cert, cert_path=cfg.cert_file,
                    key_path=cfg.key_file, insecure=not cfg.verify_ssl, default_namespace=namespace,
-                   kubeconfig=kubeconfig, context=context)
+                   kubeconfig=kubeconfig, context=context, loaded=True)
 
     def reload(self) -> "Connection":
-        if self.kubeconfig is None and self.context is None and not os.environ.get("KUBERNETES_SERVICE_HOST"):
-            return self  # built by hand (tests): nothing to refresh from
-        return Connection.load(kubeconfig=self.kubeconfig, context=self.context)
+        """Fresh credentials (a rotated service-account token, a re-run exec plugin)."""
+        return Connection.load(kubeconfig=self.kubeconfig, context=self.context) if self.loaded else self
 
     def kopf_info(self) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(server=self.server, token=self.token, scheme="Bearer" if self.token else None,
