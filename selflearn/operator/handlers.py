@@ -74,30 +74,30 @@ def validate(name: str, spec: Mapping[str, Any]) -> LearnerRunSpec:
 
 
 class StatusWriter:
-    """Writes only the status fields that change, and remembers the result for later decisions."""
+    """Writes only the status fields that change; `current` is the status as it will be."""
 
     def __init__(self, status: Mapping[str, Any], patch: kopf.Patch):
-        self.now = dict(status)
+        self.current = dict(status)
         self._patch = patch
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.now.get(key, default)
+        return self.current.get(key, default)
 
     def set(self, key: str, value: Any) -> None:
-        if self.now.get(key) != value:
+        if self.current.get(key) != value:
             self._patch.status[key] = value
-            self.now[key] = value
+            self.current[key] = value
 
     def update(self, fields: Mapping[str, Any]) -> None:
         for k, v in fields.items():
             self.set(k, v)
 
     def condition(self, type_: str, status: bool, reason: str, message: str, generation: int | None) -> None:
-        current = sched.condition(self.now.get("conditions"), type_)
+        current = sched.condition(self.current.get("conditions"), type_)
         want = ("True" if status else "False", reason, message)
         if current and (current.get("status"), current.get("reason"), current.get("message")) == want:
             return
-        self.set("conditions", sched.set_condition(self.now.get("conditions"), type_=type_, status=status,
+        self.set("conditions", sched.set_condition(self.current.get("conditions"), type_=type_, status=status,
                                                    reason=reason, message=message, now=_now(),
                                                    generation=generation))
 
@@ -202,7 +202,7 @@ async def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta:
         run_spec = validate(name, spec)
     except ValueError:
         return  # apply_spec has set Failed and said why
-    run = _Round(body=body, spec=run_spec, name=name, namespace=namespace, meta=meta, memo=memo, logger=logger,
+    run = Reconciliation(body=body, spec=run_spec, name=name, namespace=namespace, meta=meta, memo=memo, logger=logger,
                  writer=StatusWriter(status, patch),
                  jobs=[j.view for j in trainer_jobs.get((namespace, name), []) if j.owner_uid in (None, meta["uid"])],
                  serving=next(iter(rayservices.get((namespace, name), [])), None))
@@ -215,7 +215,7 @@ async def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta:
 
 
 @dataclass
-class _Round:
+class Reconciliation:
     """One reconciliation of one LearnerRun (the timer's body, split into steps)."""
 
     body: kopf.Body
@@ -240,7 +240,7 @@ class _Round:
 
     @property
     def progress(self) -> sched.Progress:
-        return sched.Progress.from_status(self.writer.now)
+        return sched.Progress.from_status(self.writer.current)
 
     # serving ---------------------------------------------------------------------------------------
     async def serve(self, checkpoint: str | None) -> None:
