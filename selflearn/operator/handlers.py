@@ -202,10 +202,10 @@ async def reconcile(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta:
         run_spec = validate(name, spec)
     except ValueError:
         return  # apply_spec has set Failed and said why
-    run = Reconciliation(body=body, spec=run_spec, name=name, namespace=namespace, meta=meta, memo=memo, logger=logger,
-                 writer=StatusWriter(status, patch),
-                 jobs=[j.view for j in trainer_jobs.get((namespace, name), []) if j.owner_uid in (None, meta["uid"])],
-                 serving=next(iter(rayservices.get((namespace, name), [])), None))
+    jobs = [j.view for j in trainer_jobs.get((namespace, name), []) if j.owner_uid in (None, meta["uid"])]
+    run = Reconciliation(body=body, spec=run_spec, name=name, namespace=namespace, meta=meta, memo=memo,
+                         logger=logger, writer=StatusWriter(status, patch), jobs=jobs,
+                         serving=next(iter(rayservices.get((namespace, name), [])), None))
     await run.keep_serving_in_step()
     if run.writer.get("activeJob"):
         await run.follow_active_job()
