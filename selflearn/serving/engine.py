@@ -16,7 +16,6 @@ The engine knows nothing about Ray or HTTP: tests and benchmarks construct it di
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -24,13 +23,11 @@ from collections import deque
 from typing import Any, Callable
 
 from . import loader as loader_mod
+from .batch import Batch, Sink, Ticket
 from .config import EngineOptions, GenerationDefaults, ModelConfig, parse_model_config
-from .sampling import SamplingParams, repetition_penalty, sample
+from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-
-Sink = Callable[[dict], None]
-_ids = itertools.count(1)
 
 
 class QueueFull(RuntimeError):
@@ -39,159 +36,6 @@ class QueueFull(RuntimeError):
 
 class NotReady(RuntimeError):
     """No weights are loaded yet."""
-
-
-class Ticket:
-    """One request's life in the engine; events go to `sink` from the scheduler thread."""
-
-    def __init__(self, messages: list[dict], params: SamplingParams, sink: Sink):
-        self.id = next(_ids)
-        self.messages = messages
-        self.params = params
-        self.sink = sink
-        self.cancelled = False
-        self.done = False
-        self.created = time.monotonic()
-        self.lm: loader_mod.LoadedModel | None = None
-        self.prompt_len = 0
-        self.out_ids: list[int] = []
-        self.text = ""
-        self.sent = 0
-        self.first_token_at: float | None = None
-        self.engine: "Engine | None" = None
-        self.generator = None  # torch.Generator when the request carries a seed
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.engine:
-            self.engine._wake()
-
-    # -- called by the scheduler -----------------------------------------------------------------
-    def _emit(self, ev: dict) -> None:
-        try:
-            self.sink(ev)
-        except Exception:  # a consumer that went away must not take the scheduler down
-            log.debug("sink of request %s failed", self.id, exc_info=True)
-
-    def fail(self, status: int, message: str) -> None:
-        self.done = True
-        self._emit({"type": "error", "status": status, "message": message})
-
-    def start(self, lm: loader_mod.LoadedModel, prompt_len: int, dropped: int) -> None:
-        self.lm, self.prompt_len = lm, prompt_len
-        self._emit({"type": "start", "checkpoint": lm.checkpoint_id, "prompt_tokens": prompt_len,
-                    "dropped_messages": dropped, "queue_ms": round((time.monotonic() - self.created) * 1000, 1)})
-
-    def push(self, token: int) -> None:
-        """Take one sampled token: extend the text, stream what is safe to show, finish if due."""
-        assert self.lm is not None
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-        if token in self.lm.eos_ids:
-            return self.finish("stop")
-        self.out_ids.append(token)
-        text = self.lm.tokenizer.decode(self.out_ids, skip_special_tokens=True,
-                                        clean_up_tokenization_spaces=False)
-        stops = self.params.stop + self.lm.default_stop
-        if stops:
-            longest = max(len(s) for s in stops)
-            hits = [p for p in (text.find(s, max(0, self.sent - longest)) for s in stops) if p >= 0]
-            if hits:
-                self.text = text[:min(hits)]
-                return self.finish("stop")
-        self.text = text
-        if len(self.out_ids) >= self.params.max_new_tokens:
-            return self.finish("length")
-        # Hold back a possible start of a stop sequence and half of a multi-byte character.
-        safe = len(text.rstrip("\ufffd"))
-        if stops:
-            safe = min(safe, len(text) - (longest - 1))
-        if safe > self.sent:
-            self._emit({"type": "token", "text": text[self.sent:safe]})
-            self.sent = safe
-
-    def finish(self, reason: str) -> None:
-        if self.done:
-            return
-        self.done = True
-        text = self.text.rstrip("\ufffd")
-        if len(text) > self.sent:
-            self._emit({"type": "token", "text": text[self.sent:]})
-        now = time.monotonic()
-        n = len(self.out_ids)
-        self._emit({"type": "done", "finish_reason": reason, "text": text,
-                    "checkpoint": self.lm.checkpoint_id if self.lm else None,
-                    "usage": {"prompt_tokens": self.prompt_len, "completion_tokens": n,
-                              "total_tokens": self.prompt_len + n},
-                    "ttft_ms": round(((self.first_token_at or now) - self.created) * 1000, 1),
-                    "total_ms": round((now - self.created) * 1000, 1)})
-
-
-class _Batch:
-    """Rows decoding together on one set of weights; tensors are aligned with `rows`."""
-
-    def __init__(self, lm: loader_mod.LoadedModel, rows: list[Ticket], cache, mask, next_pos, seen):
-        self.lm, self.rows, self.cache = lm, rows, cache
-        self.mask = mask          # (B, T) 1 for real tokens, 0 for left padding; T == cache length
-        self.next_pos = next_pos  # (B,) position id of the token fed next
-        self.seen = seen          # (B, V) bool: tokens in prompt or output (repetition penalty)
-        self.last = None          # (B,) token sampled last, fed at the next step
-        self._params()
-
-    def _params(self) -> None:
-        import torch
-
-        p = [r.params for r in self.rows]
-        dev = self.mask.device
-        self.temperature = torch.tensor([x.temperature for x in p], dtype=torch.float32, device=dev)
-        self.top_k = torch.tensor([x.top_k for x in p], dtype=torch.long, device=dev)
-        self.top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32, device=dev)
-        self.penalty = torch.tensor([x.repetition_penalty for x in p], dtype=torch.float32, device=dev)
-        self.generators = [r.generator for r in self.rows]
-
-    def sample_and_push(self, logits) -> None:
-        import torch
-
-        logits = repetition_penalty(logits.float(), self.seen, self.penalty)
-        tokens = sample(logits, self.temperature, self.top_k, self.top_p, self.generators)
-        self.seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
-        self.last = tokens
-        for row, tok in zip(self.rows, tokens.tolist()):
-            row.push(tok)
-
-    def merge(self, other: "_Batch") -> None:
-        import torch
-
-        t_a, t_b = self.mask.shape[1], other.mask.shape[1]
-        t = max(t_a, t_b)
-        for la, lb in zip(self.cache.layers, other.cache.layers):
-            la.keys = torch.cat([_pad_left(la.keys, t - t_a), _pad_left(lb.keys, t - t_b)], 0)
-            la.values = torch.cat([_pad_left(la.values, t - t_a), _pad_left(lb.values, t - t_b)], 0)
-        self.mask = torch.cat([_pad_left(self.mask, t - t_a), _pad_left(other.mask, t - t_b)], 0)
-        self.next_pos = torch.cat([self.next_pos, other.next_pos])
-        self.seen = torch.cat([self.seen, other.seen])
-        self.last = torch.cat([self.last, other.last])
-        self.rows = self.rows + other.rows
-        self._params()
-
-    def keep(self, idx: list[int]) -> None:
-        """Keep only rows `idx`; then drop leading cache columns that no remaining row attends to."""
-        import torch
-
-        if len(idx) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in idx]
-        if not idx:
-            return
-        sel = torch.tensor(idx, device=self.mask.device)
-        mask = self.mask[sel]
-        start = int(mask.any(0).nonzero()[0])
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[sel, :, start:]
-            layer.values = layer.values[sel, :, start:]
-        self.mask = mask[:, start:]
-        self.next_pos, self.seen, self.last = self.next_pos[sel], self.seen[sel], self.last[sel]
-        self._params()
 
 
 def available_cpus() -> int:
@@ -208,18 +52,6 @@ def available_cpus() -> int:
     return max(1, n)
 
 
-def _pad_left(t, n: int):
-    """Left-pad a (B, T) mask or a (B, H, T, D) cache tensor with n zero positions."""
-    import torch
-
-    if n == 0:
-        return t
-    dim = 1 if t.dim() == 2 else 2
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim)
-
-
 class Engine:
     """Continuous-batching generator with hot-swappable weights. Thread-safe public methods."""
 
@@ -229,7 +61,7 @@ class Engine:
         self._cv = threading.Condition()
         self._swap_lock = threading.Lock()
         self._waiting: deque[Ticket] = deque()
-        self._batches: list[_Batch] = []
+        self._batches: list[Batch] = []
         self.current: loader_mod.LoadedModel | None = None
         self._config: ModelConfig | None = None
         self._desired: ModelConfig | None = None
@@ -347,13 +179,13 @@ class Engine:
         """Queue a request; events arrive at `sink` (from the scheduler thread). Raises QueueFull/NotReady."""
         ticket = Ticket(messages, params, sink)
         ticket.engine = self
-        if params.seed is not None and params.temperature > 0:
-            import torch
-
-            ticket.generator = torch.Generator().manual_seed(params.seed)
         with self._cv:
             if self.current is None:
                 raise NotReady("the model is still loading")
+            if params.seed is not None and params.temperature > 0:
+                import torch
+
+                ticket.generator = torch.Generator(device=self.current.model.device).manual_seed(params.seed)
             if len(self._waiting) >= self.options.max_queue:
                 raise QueueFull(f"the queue is full ({self.options.max_queue} waiting)")
             self._waiting.append(ticket)
@@ -463,7 +295,7 @@ class Engine:
         seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=dev)
         for i, p in enumerate(prompts):
             seen[i, torch.tensor(p, device=dev).clamp(max=vocab - 1)] = True
-        group = _Batch(lm, rows, cache, mask, mask.sum(1), seen)
+        group = Batch(lm, rows, cache, mask, mask.sum(1), seen)
         group.sample_and_push(out.logits[:, -1])
         self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
         self.stats["generated_tokens"] += len(rows)
@@ -476,7 +308,7 @@ class Engine:
         else:
             home.merge(group)
 
-    def _step(self, batch: _Batch) -> None:
+    def _step(self, batch: Batch) -> None:
         import torch
 
         for r in batch.rows:
