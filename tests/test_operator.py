@@ -111,7 +111,6 @@ def test_a_new_run_starts_round_one_with_the_right_job_and_serving():
             assert trainer["terminationMessagePolicy"] == "FallbackToLogsOnError"
             assert pod["nodeSelector"] == {"gpu": "a100"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
             assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"]) == (3, 1800)
-            assert job["metadata"]["ownerReferences"][0]["uid"] == lr["metadata"]["uid"]
             # The run config the trainer reads is the validated spec, under the run's name.
             cm = c.get("v1", "configmaps", "default", "wiki-config")
             assert {"name": "run-config", "configMap": {"name": "wiki-config"}} in pod["volumes"]
@@ -126,6 +125,11 @@ def test_a_new_run_starts_round_one_with_the_right_job_and_serving():
             backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
             assert (ing["spec"]["rules"][0]["host"], backend) == ("chat.example.com",
                                                                   {"name": "wiki-serve-svc", "port": {"number": 8000}})
+            # Everything the run made goes when the run goes (Kubernetes' garbage collector).
+            children = [job, cm, rs, ing]
+            assert all(x["metadata"]["ownerReferences"] == [{
+                "apiVersion": "selflearn.dev/v1alpha1", "kind": "LearnerRun", "name": "wiki",
+                "uid": lr["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}] for x in children)
             st = await eventually(lambda: status(c).get("observedGeneration") and status(c).get("activeJob")
                                   and status(c))
             assert (st["phase"], st["round"], st["activeJob"], st["observedGeneration"]) == ("Training", 1, "wiki-r1", 1)
