@@ -195,6 +195,12 @@ def test_health_ready_status_metrics_page_and_cors(http):
     assert "access-control-allow-origin" not in other.headers
 
 
+def test_driver_extension_points(http, srv):
+    assert "dashboard" in http.get("/dashboard/").text
+    assert http.get("/api/rounds").json() == {"run": "local", "rounds": [{"round": 1}]}
+    assert http.get("/extra").json() == {"ok": True, "state_file": str(srv.workdir / "state.json")}
+
+
 def test_api_key_guards_every_route_but_health(srv):
     with secure(srv, "10.0.0.1", key=None) as anon:
         assert anon.get("/healthz").status_code == 200 and anon.get("/readyz").status_code == 200

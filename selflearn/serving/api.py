@@ -38,6 +38,11 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
+def _public(path: str) -> bool:
+    """Health checks and static page shells (they hold no data and ask for the key themselves)."""
+    return path in PUBLIC or path.startswith(("/static/", "/dashboard/")) or path == "/dashboard"
+
+
 class Backend(Protocol):
     def stream(self, request: dict) -> AsyncIterator[dict]: ...
     async def complete(self, request: dict) -> dict: ...  # {"start": event | None, "end": done/error event}
@@ -101,7 +106,7 @@ class Guard:
         length = headers.get("content-length")
         if length and length.isdigit() and int(length) > self.settings.max_body_bytes:
             return ApiError(413, f"request body over {self.settings.max_body_bytes} bytes", code="body_too_large")
-        if self.api_key and path not in PUBLIC and not path.startswith("/static/"):
+        if self.api_key and not _public(path):
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
             if not given or not hmac.compare_digest(given.encode(), self.api_key.encode()):

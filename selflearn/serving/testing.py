@@ -49,8 +49,13 @@ def shared_server(*, tiny_model_dir: str, workdir: Path, port: int) -> SharedSer
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="selflearn-tests")
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "dashboard").mkdir(exist_ok=True)
+    (workdir / "dashboard" / "index.html").write_text("<!doctype html><title>dashboard</title>")
+    (workdir / "state.json").write_text(json.dumps({"run": "local", "rounds": [{"round": 1}]}))
     main_args = {"feedback_uri": f"file://{workdir / 'feedback'}", "cors_origins": ["http://allowed.example"],
                  "max_message_chars": 2000, "history_turns": 4, "max_body_bytes": 65536,
+                 "dashboard_dir": str(workdir / "dashboard"), "state_file": str(workdir / "state.json"),
+                 "extra_routes": "selflearn.serving.testing:extra_routes",
                  "engine": {"max_new_tokens_cap": 256, "torch_threads": 2}}
     secure_args = {"api_key": API_KEY, "rate_limit_per_minute": 30, "rate_limit_burst": 3,
                    "trust_forwarded_for": True, "blocklist": ["forbiddenword"], "max_inflight": 3,
@@ -63,6 +68,14 @@ def shared_server(*, tiny_model_dir: str, workdir: Path, port: int) -> SharedSer
     _shared = SharedServer(server=server, url=url, secure_url=url + SECURE_PREFIX, workdir=workdir,
                          store_uri=f"file://{workdir / 'store'}")
     return _shared
+
+
+def extra_routes(app, settings) -> None:
+    """An `extra_routes` hook as the one-machine driver would write one."""
+
+    @app.get("/extra")
+    async def extra():
+        return {"ok": True, "state_file": settings.state_file}
 
 
 def stop_shared() -> None:
