@@ -73,3 +73,25 @@ def tiny_opt_dir(tmp_path_factory) -> str:
     tok.save_pretrained(d)
     (d / "chat_template.jinja").unlink(missing_ok=True)
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_opt_dir, tmp_path_factory):
+    """The process's one shared Serve instance (selflearn.serving.testing), started on first use.
+
+    Module-scoped on purpose: a module that needs Serve to itself (the one-machine driver's tests)
+    calls `testing.stop_shared()` first, and the next module that asks for `srv` starts a fresh one
+    instead of being handed a server whose Ray is gone.
+    """
+    from selflearn.serving import testing
+
+    return testing.shared_server(tiny_model_dir=tiny_opt_dir, workdir=tmp_path_factory.mktemp("serving"),
+                                 port=free_port())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_serve_at_exit():
+    yield
+    from selflearn.serving import testing
+
+    testing.stop_shared()

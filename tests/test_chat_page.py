@@ -7,21 +7,11 @@ import time
 
 import pytest
 
-from conftest import free_port
-from selflearn.serving import testing
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="session")
-def srv(tiny_opt_dir, tmp_path_factory):
-    server = testing.shared_server(tiny_model_dir=tiny_opt_dir, workdir=tmp_path_factory.mktemp("serving"),
-                                   port=free_port())
-    yield server
-    testing.stop_shared()
 
 
 @pytest.fixture

@@ -49,7 +49,10 @@ def served(run_dir):
     import ray
 
     from selflearn.local import LocalDriver, start_serving, stop_serving
+    from selflearn.serving import testing
 
+    # The driver owns Ray and Serve (port, namespace): retire the serving tests' shared instance.
+    testing.stop_shared()
     d, store = run_dir
     driver = LocalDriver(config(store), d)
     state = driver.prepare()

@@ -13,22 +13,12 @@ import time
 import httpx
 import pytest
 
-from conftest import free_port
 from selflearn.checkpoints import CheckpointStore
-from selflearn.serving import testing
 from selflearn.serving.app import APP_NAME, deploy
 from selflearn.serving.testing import parse_sse
 
 pytestmark = pytest.mark.slow
 EMBEDDED = "embedded:smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="session")
-def srv(tiny_opt_dir, tmp_path_factory):
-    server = testing.shared_server(tiny_model_dir=tiny_opt_dir, workdir=tmp_path_factory.mktemp("serving"),
-                                   port=free_port())
-    yield server
-    testing.stop_shared()
 
 
 @pytest.fixture(scope="module")

@@ -285,7 +285,31 @@ def start_local(*, port: int = 8000, user_config: dict | None = None, args: dict
     config["applications"] += list(extra_applications or [])
     deploy(config, timeout=timeout)
     _current = LocalServe(config)
+    _wait_listening(_current.url, timeout=min(timeout, 60))
     return _current
+
+
+def _wait_listening(url: str, *, timeout: float) -> None:
+    """Wait for Serve's HTTP proxy at `url`.
+
+    Serve started earlier in the same Ray keeps its own port and silently ignores ours, which
+    would otherwise surface much later as "connection refused" on the first request.
+    """
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/-/routes", timeout=5):
+                return
+        except urllib.error.HTTPError:
+            return  # something answered: the proxy is up (a 503 while routes propagate is fine)
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Serve is not listening on {url} ({err}); if Serve was already running in "
+                                   "this Ray on another port, call serve.shutdown() first") from err
+            time.sleep(0.5)
 
 
 def update_checkpoint(user_config: dict, *, app_name: str = APP_NAME) -> None:

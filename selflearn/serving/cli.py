@@ -92,14 +92,21 @@ def run(args: argparse.Namespace) -> int:
 
     from .app import shutdown, start_local
 
-    server = start_local(port=args.port, host=args.host, user_config=user_config, args=app_args)
-    st = server.status()
-    print(f"selflearn serve: {server.url}/ (chat page), {server.url}/v1 (OpenAI API); serving {st['checkpoint']}"
-          f"{' [degraded: ' + str(st.get('last_swap_error')) + ']' if st.get('degraded') else ''}", flush=True)
+    # Handlers first: Ctrl-C while Ray and the model start up must still end in a clean shutdown.
     stop = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
+        server = start_local(port=args.port, host=args.host, user_config=user_config, args=app_args)
+        signal.signal(signal.SIGTERM, on_signal)  # ray.init installs its own SIGTERM handler
+        st = server.status()
+        degraded = f" [degraded: {st.get('last_swap_error')}]" if st.get("degraded") else ""
+        print(f"selflearn serve: {server.url}/ (chat page), {server.url}/v1 (OpenAI API); "
+              f"serving {st['checkpoint']}{degraded}", flush=True)
         stop.wait()
     finally:
         shutdown()
