@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Rounds in tests are a few steps on a cold compile cache, where compiling costs more than it
+# saves; tests/test_train_loop.py checks the compiled path against the eager one explicitly.
+os.environ.setdefault("SELFLEARN_COMPILE", "off")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -44,7 +44,12 @@ def test_pack_has_no_padding_and_keeps_every_token():
     assert [len(b) for b in blocks] == [64] * 6 + [6]
     assert (blocks[1] == 0).sum() == 1, "EOS separates documents"
     batches = data.batches(data.pack(docs, 64, eos_id=0, min_tail=1), 4)
-    assert [tuple(b.shape) for b in batches] == [(4, 64), (2, 64), (1, 6)]
+    assert [tuple(b.shape) for b in batches] == [(3, 64), (3, 64), (1, 6)], "balanced, the tail alone"
+    filled = data.pack(docs, 64, eos_id=0, fill_tail=True)
+    assert [len(b) for b in filled] == [64] * 7, "training blocks all have one shape"
+    assert filled[-1].tolist() == stream[384:] + stream[:58], "the tail is completed from the start"
+    assert [tuple(b.shape) for b in data.batches(filled, 4)] == [(4, 64), (3, 64)]
+    assert [len(b) for b in data.pack([[5] * 10], 64, eos_id=0, fill_tail=True)] == [11], "shorter than a block"
 
 
 def test_snapshot_rounds_never_repeat_and_general_set_is_fixed():

@@ -174,11 +174,11 @@ def run_round(
         eos = tok.eos_token_id
         L, B = spec.training.max_length, spec.training.batch_size
 
-        def batches_of(texts: list[str]) -> list[torch.Tensor]:
-            return data.batches(data.pack(data.tokenize(tok, texts), L, eos), B)
+        def batches_of(texts: list[str], train: bool = False) -> list[torch.Tensor]:
+            return data.batches(data.pack(data.tokenize(tok, texts), L, eos, fill_tail=train), B)
 
         general = general_set(general_language(spec), spec.training.general_articles)
-        train_batches = batches_of([a.text for a in train_arts])
+        train_batches = batches_of([a.text for a in train_arts], train=True)
         replay_n = 0
         if spec.training.replay_fraction > 0:
             # Replay earlier rounds' articles so this round's blocks are `replay_fraction` old text.
@@ -188,14 +188,14 @@ def run_round(
             want = int(len(train_arts) * spec.training.replay_fraction / (1 - spec.training.replay_fraction))
             replay = [a["text"] for a in earlier[:want]]
             replay_n = len(replay)
-            train_batches += batches_of(replay) if replay else []
+            train_batches += batches_of(replay, train=True) if replay else []
         sets = {"fresh": batches_of([a.text for a in held]), "trained": batches_of([a.text for a in train_arts]),
                 "general": batches_of([a.text for a in general])}
         ppl_before = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
         cfg = loop.LoopConfig(epochs=spec.training.epochs, gradient_accumulation=spec.training.gradient_accumulation,
                               learning_rate=spec.training.learning_rate, weight_decay=spec.training.weight_decay,
                               warmup_ratio=spec.training.warmup_ratio, precision=precision,
-                              seed=spec.training.seed + round_)
+                              seed=spec.training.seed + round_, compile=spec.training.compile)
         stats = loop.train(model, train_batches, cfg, master=master, on_step=on_step, progress=progress)
         ppl_after = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
 
