@@ -338,12 +338,13 @@ class LocalDriver:
         if self.server is not None:
             self.server.update_checkpoint(self.user_config(uri))
             self.server.wait_for_checkpoint(checkpoint_id(uri) if uri else self._base_id(), timeout=self.swap_timeout)
-        self.state["serving"], self.state["serving_id"] = uri, checkpoint_id(uri)
+        self.state["serving"], self.state["serving_id"] = uri, checkpoint_id(uri) or self._base_id()
         self.state["served_at"] = time.time()
 
     def _base_id(self) -> str:
-        st = self.server.status() if self.server is not None else {}
-        return st.get("checkpoint") or f"base:{self.config.spec.base_model}"
+        # What serving reports for the base model (not the status' current id, which before the
+        # swap is still the checkpoint being replaced).
+        return f"base:{self.config.spec.base_model}"
 
     def run_round(self, round_: int) -> dict[str, Any]:
         """Train, decide, promote and swap; returns the round's record."""

@@ -43,6 +43,14 @@ async function refreshServed() {
   } catch (e) { /* the next poll will tell */ }
 }
 
+// `selflearn local` serves its learning dashboard beside the chat; plain `selflearn serve` does not.
+async function showDashboardLink() {
+  try {
+    const r = await fetch("/dashboard/", { method: "HEAD" });
+    if (r.ok) $("dashboard-link").hidden = false;
+  } catch (e) { /* no dashboard: the link stays hidden */ }
+}
+
 function addMeta(div, info) {
   const meta = document.createElement("div");
   meta.className = "meta";
@@ -183,6 +191,7 @@ function init() {
     showError("");
   });
   refreshServed();
+  showDashboardLink();
   setInterval(refreshServed, 15000);
 }
 
