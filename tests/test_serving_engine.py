@@ -293,9 +293,13 @@ def test_app_builder_takes_the_operators_serve_config():
     from selflearn.serving.config import parse_model_config
     from selflearn.spec import LearnerRunSpec
 
-    config = serve_config(spec=LearnerRunSpec(), checkpoint="s3://bucket/prefix/wiki/r000003")
+    spec = LearnerRunSpec.model_validate({"storage": {"uri": "s3://bucket/prefix", "endpoint": "http://minio:9000"}})
+    config = serve_config(spec=spec, checkpoint="s3://bucket/prefix/wiki/r000003", run="wiki")
     ServeDeploySchema.model_validate(config)
     app = config["applications"][0]
+    # Feedback is durable: the run's own store, not the pod's disk.
+    assert app["args"]["feedback_uri"] == "s3://bucket/prefix/wiki/feedback"
+    assert app["args"]["storage_endpoint"] == "http://minio:9000"
     module, _, attr = app["import_path"].partition(":")
     assert (module, attr) == ("selflearn.serving.app", "app_builder")
     ingress = app_builder(app["args"])._bound_deployment

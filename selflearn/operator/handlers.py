@@ -247,7 +247,7 @@ class Reconciliation:
         """Point the model deployment's user_config at `checkpoint`; KubeRay applies it in place."""
         if self.spec.serving.replicas == 0:
             return
-        body = {"spec": {"serveConfigV2": res.render_serve_config(spec=self.spec, checkpoint=checkpoint)}}
+        body = {"spec": {"serveConfigV2": res.render_serve_config(spec=self.spec, checkpoint=checkpoint, run=self.name)}}
         if await self.kube.patch("ray.io/v1", "rayservices", self.namespace, res.rayservice_name(self.name), body) is None:
             self.logger.warning("the RayService is missing; it is recreated on the next spec change or restart")
 

@@ -195,7 +195,18 @@ def model_user_config(*, spec: LearnerRunSpec, checkpoint: str | None) -> dict[s
             "storage_endpoint": spec.storage.endpoint, "storage_region": spec.storage.region}
 
 
-def serve_config(*, spec: LearnerRunSpec, checkpoint: str | None) -> dict[str, Any]:
+def serve_args(*, spec: LearnerRunSpec, checkpoint: str | None, run: str | None) -> dict[str, Any]:
+    """The app's args. Feedback goes to the run's own store (`<storage.uri>/<run>/feedback/`,
+    beside its checkpoints), so thumbs and corrections outlive the serving pods."""
+    args: dict[str, Any] = {"base_model": spec.base_model, "checkpoint": checkpoint}
+    if run:
+        args["feedback_uri"] = f"{spec.storage.uri.rstrip('/')}/{run}/feedback"
+        args.update({k: v for k, v in (("storage_endpoint", spec.storage.endpoint),
+                                       ("storage_region", spec.storage.region)) if v})
+    return args
+
+
+def serve_config(*, spec: LearnerRunSpec, checkpoint: str | None, run: str | None = None) -> dict[str, Any]:
     """The Ray Serve config (serveConfigV2): one application, the model and the HTTP ingress."""
     replicas = spec.serving.replicas
     model: dict[str, Any] = {"name": MODEL_DEPLOYMENT, "num_replicas": replicas,
@@ -206,7 +217,7 @@ def serve_config(*, spec: LearnerRunSpec, checkpoint: str | None) -> dict[str, A
         "name": SERVE_APP,
         "route_prefix": "/",
         "import_path": SERVE_IMPORT_PATH,
-        "args": {"base_model": spec.base_model, "checkpoint": checkpoint},
+        "args": serve_args(spec=spec, checkpoint=checkpoint, run=run),
         "deployments": [model, {"name": INGRESS_DEPLOYMENT, "num_replicas": 1 if replicas <= 1 else 2}],
     }]}
 
@@ -224,8 +235,8 @@ def served_checkpoint(serve_config_v2: str | None) -> tuple[bool, str | None]:
     return False, None
 
 
-def render_serve_config(*, spec: LearnerRunSpec, checkpoint: str | None) -> str:
-    return yaml.dump(serve_config(spec=spec, checkpoint=checkpoint), Dumper=_DUMPER, sort_keys=False)
+def render_serve_config(*, spec: LearnerRunSpec, checkpoint: str | None, run: str | None = None) -> str:
+    return yaml.dump(serve_config(spec=spec, checkpoint=checkpoint, run=run), Dumper=_DUMPER, sort_keys=False)
 
 
 def _ray_container(*, name: str, spec: LearnerRunSpec, resources: dict[str, Any],
@@ -256,7 +267,7 @@ def build_rayservice(*, run: str, namespace: str, owner: dict[str, Any], spec: L
         "metadata": _meta(name=rayservice_name(run), namespace=namespace, owner=owner,
                           labels_=labels(run=run, component="serving")),
         "spec": {
-            "serveConfigV2": render_serve_config(spec=spec, checkpoint=checkpoint),
+            "serveConfigV2": render_serve_config(spec=spec, checkpoint=checkpoint, run=run),
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
                 "headGroupSpec": {
