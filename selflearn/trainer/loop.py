@@ -114,7 +114,9 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
         return False
     if device.type == "cpu":  # inductor writes C++ for the CPU: without a compiler it cannot help
         return shutil.which(os.environ.get("CXX", "g++")) is not None
-    return device.type == "cuda"
+    if device.type == "cuda":  # triton builds a small C launcher per kernel
+        return any(shutil.which(c) for c in (os.environ.get("CC", "gcc"), "cc", "clang"))
+    return False
 
 
 @contextmanager
