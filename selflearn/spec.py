@@ -82,7 +82,8 @@ class TrainingSpec(_Spec):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     method: Literal["full", "lora"] = "full"
     # Compile the repeated decoder blocks (torch.compile, regional). auto: on where a compiler is
-    # available (g++ on a CPU, CUDA); the first round on a machine pays the compile once.
+    # available (g++ on a CPU, a C compiler for triton on CUDA); the first round on a machine
+    # pays the compile once.
     compile: Literal["auto", "on", "off"] = "auto"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     warmup_ratio: float = Field(0.0, ge=0, le=0.5)

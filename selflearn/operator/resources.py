@@ -195,18 +195,17 @@ def model_user_config(*, spec: LearnerRunSpec, checkpoint: str | None) -> dict[s
             "storage_endpoint": spec.storage.endpoint, "storage_region": spec.storage.region}
 
 
-def serve_args(*, spec: LearnerRunSpec, checkpoint: str | None, run: str | None) -> dict[str, Any]:
+def serve_args(*, spec: LearnerRunSpec, checkpoint: str | None, run: str) -> dict[str, Any]:
     """The app's args. Feedback goes to the run's own store (`<storage.uri>/<run>/feedback/`,
     beside its checkpoints), so thumbs and corrections outlive the serving pods."""
-    args: dict[str, Any] = {"base_model": spec.base_model, "checkpoint": checkpoint}
-    if run:
-        args["feedback_uri"] = f"{spec.storage.uri.rstrip('/')}/{run}/feedback"
-        args.update({k: v for k, v in (("storage_endpoint", spec.storage.endpoint),
-                                       ("storage_region", spec.storage.region)) if v})
+    args: dict[str, Any] = {"base_model": spec.base_model, "checkpoint": checkpoint,
+                            "feedback_uri": f"{spec.storage.uri.rstrip('/')}/{run}/feedback"}
+    args.update({k: v for k, v in (("storage_endpoint", spec.storage.endpoint),
+                                   ("storage_region", spec.storage.region)) if v})
     return args
 
 
-def serve_config(*, spec: LearnerRunSpec, checkpoint: str | None, run: str | None = None) -> dict[str, Any]:
+def serve_config(*, spec: LearnerRunSpec, checkpoint: str | None, run: str) -> dict[str, Any]:
     """The Ray Serve config (serveConfigV2): one application, the model and the HTTP ingress."""
     replicas = spec.serving.replicas
     model: dict[str, Any] = {"name": MODEL_DEPLOYMENT, "num_replicas": replicas,
@@ -235,7 +234,7 @@ def served_checkpoint(serve_config_v2: str | None) -> tuple[bool, str | None]:
     return False, None
 
 
-def render_serve_config(*, spec: LearnerRunSpec, checkpoint: str | None, run: str | None = None) -> str:
+def render_serve_config(*, spec: LearnerRunSpec, checkpoint: str | None, run: str) -> str:
     return yaml.dump(serve_config(spec=spec, checkpoint=checkpoint, run=run), Dumper=_DUMPER, sort_keys=False)
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from .data import count_tokens
-from .loss import causal_lm_loss, supports_fused_loss
+from .loss import causal_lm_loss, supports_fused_loss, unwrap_peft
 
 log = logging.getLogger("selflearn.trainer")
 
@@ -119,6 +119,11 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
     return False
 
 
+def _uncompile(blocks: list[torch.nn.Module]) -> None:
+    for b in blocks:
+        b._compiled_call_impl = None  # what nn.Module.compile set; None is the eager default
+
+
 @contextmanager
 def compiled_blocks(model: torch.nn.Module, enabled: bool):
     """Regional compilation: compile each repeated block, which share one compiled graph.
@@ -140,7 +145,7 @@ def compiled_blocks(model: torch.nn.Module, enabled: bool):
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(d)
         except OSError:
             pass  # read-only home: inductor's default in /tmp still works
-    inner = model.get_base_model() if hasattr(model, "peft_config") else model
+    inner = unwrap_peft(model)
     attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     # On a CPU, PyTorch's bf16 flash-attention kernel is slower than attention as two bf16 batched
     # matmuls with the softmax between them fused by the compiler (about 1 s of a 7 s step here).
@@ -153,8 +158,7 @@ def compiled_blocks(model: torch.nn.Module, enabled: bool):
     try:
         yield bool(blocks)
     finally:
-        for b in blocks:
-            b._compiled_call_impl = None  # what nn.Module.compile set; None is the eager default
+        _uncompile(blocks)
         if swap_attn:
             inner.set_attn_implementation(attn)
 
@@ -241,8 +245,7 @@ def train(
                 # this window, so drop its partial gradients and redo it eagerly, as all from now on.
                 log.warning("compiled training failed, continuing eagerly: %s: %s", type(err).__name__,
                             str(err).splitlines()[0] if str(err) else "")
-                for blk in repeated_blocks(model):
-                    blk._compiled_call_impl = None
+                _uncompile(repeated_blocks(model))
                 compiled = False
                 model.zero_grad(set_to_none=True)
                 step_loss = window_loss(window, compiled)

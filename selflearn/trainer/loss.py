@@ -84,14 +84,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     return _FusedLinearCE.apply(hidden.contiguous(), weight, targets, chunk, compiled)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a PEFT wrapper (LoRA layers stay injected in it)."""
     return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
 
 
 def supports_fused_loss(model: torch.nn.Module) -> bool:
     """True when `model`'s logits are plainly lm_head(base_model(...)) and the fused path applies."""
-    inner = _unwrap(model)
+    inner = unwrap_peft(model)
     cfg = getattr(inner, "config", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     return (cfg is not None and getattr(cfg, "model_type", None) in FUSED_FAMILIES
@@ -107,7 +107,7 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, *, fused: bo
         fused = supports_fused_loss(model)
     if not fused:
         return model(input_ids=input_ids, labels=input_ids).loss
-    inner = _unwrap(model)
+    inner = unwrap_peft(model)
     hidden = inner.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     d = hidden.shape[-1]
     h = hidden[:, :-1].reshape(-1, d)

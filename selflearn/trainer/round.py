@@ -14,7 +14,6 @@ import json
 import logging
 import platform
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -174,11 +173,16 @@ def run_round(
         eos = tok.eos_token_id
         L, B = spec.training.max_length, spec.training.batch_size
 
-        def batches_of(texts: list[str], train: bool = False) -> list[torch.Tensor]:
-            return data.batches(data.pack(data.tokenize(tok, texts), L, eos, fill_tail=train), B)
+        def batches_of(docs: list[list[int]], train: bool = False) -> list[torch.Tensor]:
+            return data.batches(data.pack(docs, L, eos, fill_tail=train), B)
+
+        def tokens_of(texts: list[str]) -> list[list[int]]:
+            return data.tokenize(tok, texts)
 
         general = general_set(general_language(spec), spec.training.general_articles)
-        train_batches = batches_of([a.text for a in train_arts], train=True)
+        # Tokenised once: packed full for training, with its exact tail for the "trained" eval set.
+        train_docs = tokens_of([a.text for a in train_arts])
+        train_batches = batches_of(train_docs, train=True)
         replay_n = 0
         if spec.training.replay_fraction > 0:
             # Replay earlier rounds' articles so this round's blocks are `replay_fraction` old text.
@@ -188,9 +192,9 @@ def run_round(
             want = int(len(train_arts) * spec.training.replay_fraction / (1 - spec.training.replay_fraction))
             replay = [a["text"] for a in earlier[:want]]
             replay_n = len(replay)
-            train_batches += batches_of(replay, train=True) if replay else []
-        sets = {"fresh": batches_of([a.text for a in held]), "trained": batches_of([a.text for a in train_arts]),
-                "general": batches_of([a.text for a in general])}
+            train_batches += batches_of(tokens_of(replay), train=True) if replay else []
+        sets = {"fresh": batches_of(tokens_of([a.text for a in held])), "trained": batches_of(train_docs),
+                "general": batches_of(tokens_of([a.text for a in general]))}
         ppl_before = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
         cfg = loop.LoopConfig(epochs=spec.training.epochs, gradient_accumulation=spec.training.gradient_accumulation,
                               learning_rate=spec.training.learning_rate, weight_decay=spec.training.weight_decay,
