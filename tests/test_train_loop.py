@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from selflearn import basemodel
-from selflearn.trainer import data, loop
+from selflearn.trainer import attention, data, loop
 from selflearn.trainer.loss import causal_lm_loss, fused_linear_cross_entropy, supports_fused_loss
 
 
@@ -35,6 +35,67 @@ def test_fused_loss_matches_transformers_loss_and_gradients(embedded_model_dir):
         assert torch.allclose(g, ref_grads[name], rtol=1e-3, atol=1e-6), name
 
 
+@pytest.mark.parametrize("chunk,group", [(7, 16), (64, 4096)])
+def test_fused_loss_in_chunks_and_groups_is_plain_cross_entropy(chunk, group):
+    # Several groups exercise the fp32 sum of the weight gradient; a ragged last chunk the tail.
+    torch.manual_seed(0)
+    h = torch.randn(50, 12, requires_grad=True)
+    w = torch.randn(30, 12, requires_grad=True)
+    y = torch.randint(0, 30, (50,))
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), y)
+    gh, gw = torch.autograd.grad(3 * ref, (h, w))
+    got = fused_linear_cross_entropy(h, w, y, chunk=chunk, group=group)
+    got_gh, got_gw = torch.autograd.grad(3 * got, (h, w))  # a grad_out other than 1 rescales
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(got_gh, gh, atol=1e-6) and torch.allclose(got_gw, gw, atol=1e-6)
+
+
+class _Attn(torch.nn.Module):
+    pass
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunked_causal_attention_is_causal_attention(padded):
+    """Same outputs and gradients as sdpa, across chunk edges, with grouped kv heads and a mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    B, H, Hkv, T, D = 2, 6, 2, attention.CHUNK * 2 + 44, 16
+    q = torch.randn(B, T, H, D).transpose(1, 2).requires_grad_(True)  # as the models hand it over
+    k = torch.randn(B, Hkv, T, D, requires_grad=True)
+    v = torch.randn(B, Hkv, T, D, requires_grad=True)
+    mask = None
+    keep = torch.ones(B, T, dtype=torch.bool)
+    if padded:  # the second row is left-padded by 37 tokens
+        keep[1, :37] = False
+        mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+    module = _Attn()
+    module.num_key_value_groups = H // Hkv
+    module.is_causal = True
+    got, _ = attention.chunked_causal_attention(module, q, k, v, mask, scaling=D ** -0.5)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=D ** -0.5)
+    assert got.shape == ref.shape == (B, T, H, D)
+    rows = keep[:, :, None, None].expand_as(got)  # padded queries' outputs are never used
+    assert torch.allclose(got[rows], ref[rows], atol=1e-5)
+    assert torch.isfinite(got).all()
+    probe = torch.randn_like(got) * rows
+    grads = torch.autograd.grad((got * probe).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * probe).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-5)
+
+
+def test_chunked_attention_gives_the_models_own_loss(embedded_model_dir):
+    torch.manual_seed(0)
+    model = basemodel.load_model(embedded_model_dir)  # fp32
+    x = torch.randint(0, model.config.vocab_size, (1, attention.CHUNK + 40))
+    with torch.no_grad():
+        ref = causal_lm_loss(model, x).item()
+        model.set_attn_implementation(attention.register())
+        got = causal_lm_loss(model, x).item()
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
 def test_fused_loss_refuses_an_empty_batch():
     with pytest.raises(ValueError, match="no tokens"):
         fused_linear_cross_entropy(torch.zeros(0, 4), torch.zeros(8, 4), torch.zeros(0, dtype=torch.long))
@@ -52,8 +113,10 @@ def test_unsupported_families_take_the_models_own_loss(tiny_opt_dir):
 def test_compiled_training_learns_what_eager_training_learns(tiny_opt_dir):
     if shutil.which("g++") is None:
         pytest.skip("no C++ compiler for torch.compile on this machine")
-    blocks = data.pack([list(range(3, 300))] * 6, 64, eos_id=2, fill_tail=True)
+    # Blocks longer than an attention chunk, and two batch sizes (4, 3, 3) through one graph.
+    blocks = data.pack([list(range(3, 300))] * 5, attention.CHUNK + 32, eos_id=2, fill_tail=True)
     batches = data.batches(blocks, 4)
+    assert sorted({b.shape[0] for b in batches}) == [3, 4]
     runs = {}
     for mode in ("off", "on"):
         torch.manual_seed(0)

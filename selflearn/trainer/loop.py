@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import attention as chunked_attention
 from .data import count_tokens
 from .loss import causal_lm_loss, supports_fused_loss, unwrap_peft
 
@@ -124,39 +125,90 @@ def _uncompile(blocks: list[torch.nn.Module]) -> None:
         b._compiled_call_impl = None  # what nn.Module.compile set; None is the eager default
 
 
+def _use_persistent_compile_cache() -> None:
+    """Keep compiled kernels beside the model cache rather than in /tmp, unless the user chose.
+
+    Every round is a fresh process; with the kernels on disk only the first round on a machine
+    pays the compile (~30 s cold here), later ones load them (~2 s). torch sets the variable to
+    its /tmp default the first time it asks, so that value counts as not chosen.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from ..basemodel import cache_root
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") not in (None, default_cache_dir()):
+        return
+    d = cache_root() / "torch-compile"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # read-only home: the /tmp default still works
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(d)
+
+
+@contextmanager
+def _isa_probes_skipped():
+    """Trust /proc/cpuinfo for the vector ISA instead of inductor's per-process probes.
+
+    Before its first CPU kernel, inductor builds a test program per candidate ISA and loads each
+    in a new Python process: about a second, paid again by every round's process. The candidates
+    are already filtered by the CPU's own flags; a compiler that cannot build one fails the
+    compile, and the loop then trains eagerly. A user's TORCHINDUCTOR_VEC_ISA_OK still wins.
+    """
+    from torch._inductor import config
+
+    if config.cpp.vec_isa_ok is not None:
+        yield
+        return
+    with config.patch({"cpp.vec_isa_ok": True}):
+        yield
+
+
+def _compile_block(block: torch.nn.Module) -> None:
+    """Compile `block` (as nn.Module.compile does) with only its batch dimension dynamic.
+
+    Balanced batching makes two batch sizes (13 blocks at 4 -> 4, 3, 3, 3): marking the batch
+    dimension dynamic up front compiles one graph for both instead of one per size; every other
+    dimension (the block length, the width) stays static, which is what keeps kernels fast.
+    """
+    compiled = torch.compile(block._call_impl)
+
+    def call(*args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+            torch._dynamo.maybe_mark_dynamic(hidden, 0)
+        return compiled(*args, **kwargs)
+
+    block._compiled_call_impl = call
+
+
 @contextmanager
 def compiled_blocks(model: torch.nn.Module, enabled: bool):
     """Regional compilation: compile each repeated block, which share one compiled graph.
 
     Compiling one block instead of the whole model keeps compile time to seconds, and fuses the
     elementwise work between the matmuls (norms, rotary, activations, residuals), which on a CPU is
-    a real share of a step. Static shapes: balanced batching makes at most two batch sizes, each
-    compiled once; a shorter tail block runs eagerly. Undone on exit, so evaluation runs eagerly.
+    a real share of a step. Shapes are static but for the batch dimension; a shorter tail block
+    runs eagerly. Undone on exit, so evaluation runs eagerly.
     """
     blocks = repeated_blocks(model) if enabled else []
-    if blocks and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        # Beside the model cache rather than in /tmp: compiled kernels are reused by every later
-        # round on this machine, so only the first pays the compile (~30 s cold, ~3 s warm here).
-        from ..basemodel import cache_root
-
-        d = cache_root() / "torch-compile"
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(d)
-        except OSError:
-            pass  # read-only home: inductor's default in /tmp still works
+    if blocks:
+        _use_persistent_compile_cache()
     inner = unwrap_peft(model)
     attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
-    # On a CPU, PyTorch's bf16 flash-attention kernel is slower than attention as two bf16 batched
-    # matmuls with the softmax between them fused by the compiler (about 1 s of a 7 s step here).
-    swap_attn = bool(blocks) and attn == "sdpa" and next(model.parameters()).device.type == "cpu" \
+    # On a CPU, PyTorch's bf16 flash-attention kernel is slower than attention as bf16 batched
+    # matmuls with the softmax between them fused by the compiler, and dense causal attention
+    # computes the masked half too: train with the chunked causal kernel (see attention.py).
+    device_type = next(model.parameters()).device.type
+    swap_attn = bool(blocks) and attn in ("sdpa", "eager") and device_type == "cpu" \
         and hasattr(inner, "set_attn_implementation")
     if swap_attn:
-        inner.set_attn_implementation("eager")
+        inner.set_attn_implementation(chunked_attention.register())
     for b in blocks:
-        b.compile(dynamic=False)
+        _compile_block(b)
     try:
-        yield bool(blocks)
+        with _isa_probes_skipped() if blocks and device_type == "cpu" else nullcontext():
+            yield bool(blocks)
     finally:
         _uncompile(blocks)
         if swap_attn:

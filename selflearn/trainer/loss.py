@@ -4,10 +4,11 @@ With a 49k vocabulary the logits of one 4 x 512 micro-batch are 100M numbers: HF
 them to fp32 (400 MB), and autograd keeps them and a same-sized gradient around for backward.
 On a CPU that traffic, not the arithmetic, is a large slice of a training step.
 
-`fused_linear_cross_entropy` walks the tokens in chunks: for each chunk it computes the logits,
-the loss and the logits' gradient (softmax minus one-hot) at once, then folds that gradient into
-the hidden states' and the output weight's gradients and drops it. Backward only rescales what
-forward already computed. Same arithmetic as `lm_head` + `cross_entropy`, a fraction of the memory.
+`fused_linear_cross_entropy` walks the tokens in small chunks: for each it computes the logits,
+the loss and the logits' gradient (softmax minus one-hot) at once, writing only that gradient
+out in the model's dtype; then two big matmuls fold it into the hidden states' and the output
+weight's gradients. Backward only hands over (or rescales) what forward already computed. Same
+arithmetic as `lm_head` + `cross_entropy`, without the fp32 logits or anything kept for backward.
 """
 
 from __future__ import annotations
@@ -21,67 +22,100 @@ import torch
 FUSED_FAMILIES = frozenset({"llama", "opt", "mistral", "qwen2", "qwen3", "phi3"})
 
 
-def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of losses, scale * d(sum)/d(logits)) for one chunk, the gradient in the logits' dtype.
+def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
+              grad_out: torch.Tensor) -> torch.Tensor:
+    """Sum of one chunk's losses; writes scale * d(sum)/d(logits) into `grad_out`.
 
-    Written as plain pointwise math and reductions so that inductor fuses it into two passes over
-    the chunk; eagerly it is a handful of passes, still without keeping anything for backward.
+    Plain pointwise math and reductions, so that inductor fuses it into two passes over the
+    chunk; eagerly it is a handful of passes, still without keeping anything for backward.
+    `scale` is a tensor so that a new batch size is not a new compiled graph.
     """
     lf = logits.float()
     lse = torch.logsumexp(lf, dim=-1)
     loss = (lse - lf.gather(1, targets[:, None]).squeeze(1)).sum()
     hit = torch.arange(lf.shape[1], device=lf.device)[None, :] == targets[:, None]
     grad = torch.exp(lf - lse[:, None]) - hit.to(lf.dtype)  # softmax minus one-hot
-    return loss, (grad * scale).to(logits.dtype)
+    grad_out.copy_(grad * scale)
+    return loss
 
 
 @lru_cache(maxsize=1)
 def _compiled_ce_chunk():
-    return torch.compile(_ce_chunk, dynamic=False)
+    # Row counts vary (the last chunk of a micro-batch, other batch sizes): one dynamic graph.
+    return torch.compile(_ce_chunk, dynamic=True)
+
+
+def _default_chunk(device: torch.device) -> int:
+    # On a CPU a chunk of logits that stays in cache beats one big matmul; a GPU wants big ones.
+    return 128 if device.type == "cpu" else 2048
 
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                compiled: bool):
-        n = hidden.shape[0]
+                compiled: bool, group: int):
+        n, vocab = hidden.shape[0], weight.shape[0]
         ce = _compiled_ce_chunk() if compiled else _ce_chunk
+        scale = torch.tensor(1.0 / n, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if weight.requires_grad else None
+        grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        parts = -(-n // chunk)
-        step = -(-n // parts)  # equal chunks: one compiled shape per micro-batch shape
-        for i in range(0, n, step):
-            h = hidden[i:i + step]
-            loss, g = ce(h @ weight.t(), targets[i:i + step], 1.0 / n)
-            total += loss
-            grad_hidden[i:i + step] = g @ weight
-            if grad_weight is not None:
-                # One low-precision matmul per chunk (fp32 accumulation inside), summed in fp32.
-                grad_weight += g.t() @ h
-        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+        # Two phases per group of rows: the loss and d(loss)/d(logits) chunk by chunk into one
+        # [rows, vocab] buffer (a chunk's logits never leave the cache), then both gradients as
+        # two full-size matmuls, which run at the machine's matmul peak.
+        dlogits = None
+        for g0 in range(0, n, group):
+            g1 = min(n, g0 + group)
+            for i in range(g0, g1, chunk):
+                j = min(g1, i + chunk)
+                logits = hidden[i:j] @ weight.t()
+                if dlogits is None:  # the logits' dtype: bf16 under CUDA autocast, say
+                    dlogits = torch.empty((min(n, group), vocab), dtype=logits.dtype, device=logits.device)
+                total += ce(logits, targets[i:j], scale, dlogits[i - g0:j - g0])
+            d = dlogits[:g1 - g0]
+            grad_hidden[g0:g1] = d @ weight
+            if weight.requires_grad:
+                part = d.t() @ hidden[g0:g1]  # low-precision output, fp32 accumulation inside
+                if grad_weight is None:
+                    grad_weight = part if n <= group else part.float()
+                else:
+                    grad_weight += part  # several groups: summed in fp32
+        # Held as plain attributes (they are results, not inputs), so backward can hand them over
+        # without autograd keeping a reference that would force a copy.
+        ctx.grads = (grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        ctx.has_weight_grad = grad_weight is not None
-        return total / n
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_out.to(grad_hidden.dtype)
-        gw = (grad_weight * grad_out).to(ctx.weight_dtype) if ctx.has_weight_grad else None
-        return gh, gw, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("the fused cross-entropy's backward runs once (retain_graph is not supported)")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        # The usual caller backpropagates the loss itself (grad_out 1): the vocabulary-sized
+        # weight gradient is then handed over as it is, not copied by a multiply.
+        unit = grad_out.device.type == "cpu" and grad_out.item() == 1.0
+        gh = grad_hidden if unit else grad_hidden * grad_out.to(grad_hidden.dtype)
+        gw = None
+        if grad_weight is not None:
+            gw = grad_weight.to(ctx.weight_dtype) if unit else (grad_weight * grad_out).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               chunk: int = 2048, compiled: bool = False) -> torch.Tensor:
+                               chunk: int | None = None, compiled: bool = False,
+                               group: int = 4096) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets` ([N, d], [V, d], [N]).
 
-    `compiled` fuses each chunk's softmax and gradient with torch.compile (needs a working compiler).
+    Holds one [min(N, group), V] gradient buffer in the logits' dtype; `chunk` rows of logits
+    at a time. `compiled` fuses each chunk's softmax and gradient with torch.compile (needs a
+    working compiler).
     """
     if hidden.shape[0] == 0:
         raise ValueError("no tokens to compute a loss on")
-    return _FusedLinearCE.apply(hidden.contiguous(), weight, targets, chunk, compiled)
+    if chunk is None:
+        chunk = _default_chunk(hidden.device)
+    return _FusedLinearCE.apply(hidden.contiguous(), weight, targets, chunk, compiled, group)
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
