@@ -87,22 +87,15 @@ class MasterWeights:
         for m, p in zip(self.master, self.params):
             p.copy_(m)
 
-    @torch.no_grad()
     def grads_to_master(self) -> None:
-        """Move the model's gradients into the masters' (kept from step to step: a fresh 0.5 GB
-        every step would be paid again in page faults); the model's own are dropped."""
         for m, p in zip(self.master, self.params):
-            if p.grad is None:
-                m.grad = None
-            elif m.grad is None:
-                m.grad = p.grad.float()
-            else:
-                m.grad.copy_(p.grad)
+            m.grad = None if p.grad is None else p.grad.float()
             p.grad = None
 
     @torch.no_grad()
     def master_to_model(self) -> None:
-        torch._foreach_copy_(self.params, self.master)
+        for m, p in zip(self.master, self.params):
+            p.copy_(m)
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -320,8 +313,7 @@ def train(
                 scaler.update()
             else:
                 opt.step()
-            if not master:  # the masters' gradients are overwritten by the next grads_to_master
-                opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             if master:
                 master.master_to_model()
             stats.steps += 1
