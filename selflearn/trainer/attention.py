@@ -42,15 +42,16 @@ def chunked_causal_attention(module: torch.nn.Module, query: torch.Tensor, key: 
     for s in range(0, T, CHUNK):
         e = min(T, s + CHUNK)
         scores = torch.matmul(q[:, :, s * g:e * g], key[:, :, :e].transpose(-1, -2)).view(B, Hkv, e - s, g, e)
-        allowed = torch.arange(e, device=q.device)[None, :] <= torch.arange(s, e, device=q.device)[:, None]
-        allowed = allowed[:, None, :]  # [chunk, 1, keys]: the same for every group row
+        # [chunk, 1, keys] position grids: the same for every group row.
+        kpos = torch.arange(e, device=q.device)[None, None, :]
+        qpos = torch.arange(s, e, device=q.device)[:, None, None]
+        allowed = kpos <= qpos
         if attention_mask is not None:
             m = attention_mask[:, :, s:e, :e]
             m = m if m.dtype == torch.bool else m == 0  # additive float masks: 0 means attend
             # Keeping the diagonal spares a padded query row from a softmax over nothing (NaN);
             # such rows' outputs are never used.
-            diag = torch.arange(e, device=q.device)[None, :] == torch.arange(s, e, device=q.device)[:, None]
-            allowed = (allowed & m[:, :, :, None, :]) | diag[:, None, :]
+            allowed = (allowed & m[:, :, :, None, :]) | (kpos == qpos)
         scores = torch.where(allowed, scores.float() * scaling, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(value.dtype).view(B, Hkv, (e - s) * g, e)
         outs.append(torch.matmul(probs, value[:, :, :e]))

@@ -6,7 +6,7 @@ On a CPU that traffic, not the arithmetic, is a large slice of a training step.
 
 `fused_linear_cross_entropy` walks the tokens in small chunks: for each it computes the logits,
 the loss and the logits' gradient (softmax minus one-hot) at once, writing only that gradient
-out in the model's dtype; then two big matmuls fold it into the hidden states' and the output
+out in the logits' dtype; then two big matmuls fold it into the hidden states' and the output
 weight's gradients. Backward only hands over (or rescales) what forward already computed. Same
 arithmetic as `lm_head` + `cross_entropy`, without the fp32 logits or anything kept for backward.
 """
