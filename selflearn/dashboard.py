@@ -51,17 +51,41 @@ def _clean(text: Any, width: int) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
-COLUMNS = [("round", 5), ("result", 8), ("loss", 7), ("fresh ppl", 15), ("trained ppl", 15),
-           ("general ppl", 15), ("articles", 8), ("checkpoint", 16), ("reason", 60)]
+COLUMNS = [("round", 5), ("result", 8), ("loss", 7), ("knows learned", 13), ("knows held-out", 14),
+           ("chat kept", 9), ("format", 9), ("fresh ppl", 15), ("trained ppl", 15), ("general ppl", 15),
+           ("articles", 8), ("checkpoint", 16), ("reason", 60)]
+
+
+def _knowledge(rec: dict[str, Any], name: str) -> str:
+    k = (rec.get("knowledge") or {}).get(name) or {}
+    return f"{_num(k.get('before'))}->{_num(k.get('after'))}" if k else "-"
+
+
+def _format(rec: dict[str, Any]) -> str:
+    f = (rec.get("chat") or {}).get("format_ok") or {}
+    return _num(f.get("after"), "{:.0%}") if f else "-"
 
 
 def rows(state: dict[str, Any]) -> list[list[str]]:
     out = []
     for rec in state.get("rounds") or []:
         out.append([str(rec.get("round")), _decision(rec), _num(rec.get("train_loss"), "{:.3f}"),
+                    _knowledge(rec, "learned"), _knowledge(rec, "held_out"),
+                    _num((rec.get("chat") or {}).get("retention"), "{:.3f}"), _format(rec),
                     _ppl(rec, "fresh"), _ppl(rec, "trained"), _ppl(rec, "general"),
                     str(len(rec.get("articles") or [])), rec.get("id") or "-", rec.get("reason") or ""])
     return out
+
+
+def _progress(cur: dict[str, Any], now: float) -> str:
+    p = cur.get("progress") or {}
+    line = f"   training round {cur.get('round')} for {now - cur.get('started_at', now):.0f}s"
+    if p.get("phase"):
+        line += f": {p['phase']}"
+    if p.get("step") and p.get("of"):
+        line += (f", step {p['step']}/{p['of']}, loss {_num(p.get('loss'), '{:.3f}')}, "
+                 f"{_num(p.get('tokens_per_s'), '{:.0f}')} tok/s, ETA {_num(p.get('eta_s'), '{:.0f}')}s")
+    return line
 
 
 def format_table(state: dict[str, Any], *, articles: bool = False, now: float | None = None) -> str:
@@ -70,7 +94,7 @@ def format_table(state: dict[str, Any], *, articles: bool = False, now: float | 
     lines = [
         f"run {_clean(state.get('run'), 40)}   phase {_clean(state.get('phase'), 20)}   "
         f"rounds done {state.get('round', 0)}"
-        + (f"   training round {cur.get('round')} for {now - cur.get('started_at', now):.0f}s" if cur else ""),
+        + (_progress(cur, now) if cur else ""),
         f"serving  {_clean(state.get('serving_id') or 'base model ' + str(state.get('base_model')), 100)}",
         f"promoted {_clean(state.get('promoted_id') or '-', 100)}",
         "",
@@ -81,6 +105,13 @@ def format_table(state: dict[str, Any], *, articles: bool = False, now: float | 
         lines.append("  ".join(_clean(v, widths[i]).ljust(widths[i]) for i, v in enumerate(r)).rstrip())
     if len(table) == 1:
         lines.append("(no rounds yet)")
+    last = next((r for r in reversed(state.get("rounds") or []) if r.get("examples")), None)
+    if last:
+        lines += ["", f"round {last.get('round')}, asked about what it learned (parent -> candidate):"]
+        for e in last["examples"][:3]:
+            lines.append(f"  Q: {_clean(e.get('question'), 100)}")
+            lines.append(f"     parent    ({_num(e.get('parent_score'))}): {_clean(e.get('parent'), 110)}")
+            lines.append(f"     candidate ({_num(e.get('candidate_score'))}): {_clean(e.get('candidate'), 110)}")
     if articles:
         for rec in state.get("rounds") or []:
             arts = rec.get("articles") or []

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoints import MANIFEST, CheckpointError, CheckpointStore, round_dir
-from .policy import Decision, decide
+from .policy import Decision, decide_for
 from .spec import PromotionSpec, RunConfig
 
 log = logging.getLogger("selflearn.local")
@@ -120,6 +120,12 @@ def round_record(result: dict[str, Any], manifest: dict[str, Any] | None,
                      for a in manifest.get("articles") or []],
         "held_out": metrics.get("held_out"),
         "dropped": metrics.get("dropped"),
+        # What a chat user notices: answers about the learned and held-out articles, chat manners.
+        "knowledge": metrics.get("knowledge") or {},
+        "chat": metrics.get("chat") or {},
+        "format": metrics.get("format"),
+        "qa_pairs": metrics.get("qa_pairs"),
+        "examples": ((manifest.get("probe") or {}).get("examples") or [])[:4],
         "published_at": manifest.get("published_at"),
         "finished_at": time.time(),
     }
@@ -138,10 +144,8 @@ class Action:
 def decide_round(state: dict[str, Any], result: dict[str, Any], promotion: PromotionSpec) -> Decision | None:
     if result.get("status") != "published":
         return None
-    return decide(result.get("metrics"), candidate=result.get("checkpoint"),
-                  max_general_increase=promotion.max_perplexity_increase,
-                  max_fresh_increase=promotion.max_fresh_perplexity_increase,
-                  pinned=promotion.pinned_checkpoint, serving=state.get("serving"))
+    return decide_for(promotion, result.get("metrics"), candidate=result.get("checkpoint"),
+                      serving=state.get("serving"))
 
 
 def apply_result(state: dict[str, Any], result: dict[str, Any], manifest: dict[str, Any] | None,
@@ -289,8 +293,11 @@ class LocalDriver:
         logs.mkdir(exist_ok=True)
         workdir = self.data_dir / "tmp"
         workdir.mkdir(exist_ok=True)
+        progress = workdir / "progress.json"
+        progress.unlink(missing_ok=True)
         cmd = [self.python, "-m", "selflearn.trainer", "--run-config", str(self.data_dir / RUN_CONFIG_FILE),
-               "--round", str(round_), "--parent", parent or "base", "--workdir", str(workdir), "--no-progress"]
+               "--round", str(round_), "--parent", parent or "base", "--workdir", str(workdir), "--no-progress",
+               "--progress-file", str(progress)]
         if self.nice and shutil.which("nice"):
             cmd = ["nice", "-n", str(self.nice), *cmd]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.trainer_env}
@@ -302,10 +309,12 @@ class LocalDriver:
             self.state["trainer_pid"] = proc.pid
             self.save()
             try:
+                seen = None
                 while proc.poll() is None:
                     if self.stop_event.wait(0.5):
                         self._terminate(proc)
                         raise Stopped()
+                    seen = self._show_progress(progress, seen)
             finally:
                 if proc.poll() is None:
                     self._terminate(proc)
@@ -318,6 +327,25 @@ class LocalDriver:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-3:] if log_path.exists() else []
         return {"status": "failed", "round": round_,
                 "reason": f"trainer exited with {proc.returncode}: " + (" | ".join(tail)[-500:] or "no output")}
+
+    def _show_progress(self, path: Path, seen: float | None) -> float | None:
+        """Copy the trainer's live progress (phase, step of total, loss, tokens/s, ETA) into the
+        state the dashboard reads, when it changed."""
+        try:
+            mtime = path.stat().st_mtime
+            if mtime == seen:
+                return seen
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return seen
+        cur = self.state.get("current_round")
+        if isinstance(cur, dict) and isinstance(doc, dict):
+            cur["progress"] = {k: doc.get(k) for k in ("phase", "step", "of", "loss", "tokens_per_s", "eta_s")}
+            losses = cur.setdefault("losses", [])
+            if doc.get("step") and len(losses) < doc["step"] and isinstance(doc.get("loss"), (int, float)):
+                losses.append(doc["loss"])
+            self.save()
+        return mtime
 
     def _terminate(self, proc: subprocess.Popen, grace: float = 15) -> None:
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):

@@ -31,16 +31,49 @@ def decide(
     max_fresh_increase: float,
     pinned: str | None = None,
     serving: str | None = None,
+    min_chat_retention: float = 0.95,
+    max_knowledge_drop: float = 0.0,
 ) -> Decision:
-    """Promote `candidate` when its perplexity does not regress beyond the allowed fractions
-    against the parent weights measured in the same round, on the fixed general set and on fresh
-    held-out articles. A pinned checkpoint overrides everything (that is how rollback works)."""
+    """Promote `candidate` when, against the parent weights measured in the same round:
+
+    * its chat format health (greedy answers to the retention prompts that end their turn, do
+      not loop, do not drift into an article) is not worse than the parent's;
+    * its chat retention (parent's reference-answer perplexity over its own) is at least
+      `min_chat_retention`;
+    * its knowledge of the articles the round learned (scored on its answers) has not fallen more
+      than `max_knowledge_drop` below the parent's;
+    * its perplexity does not regress beyond the allowed fractions on the fixed general set and on
+      fresh held-out articles.
+
+    The chat checks come first: they are what a user notices. A round without chat metrics (a
+    trainer with chatEval off) is judged on perplexity alone. A pinned checkpoint overrides
+    everything (that is how rollback works). The reason names the check that decided."""
     if pinned:
         if serving == pinned:
             return Decision(False, None, f"pinned to {pinned}; not promoting")
         return Decision(False, pinned, f"pinned to {pinned}")
     if not candidate or metrics is None:
         return Decision(False, None, "no candidate checkpoint")
+    notes: list[str] = []
+    chat = metrics.get("chat") or {}
+    fmt = chat.get("format_ok") or {}
+    if fmt.get("after") is not None and fmt.get("before") is not None:
+        if float(fmt["after"]) < float(fmt["before"]):
+            return Decision(False, None, f"rejected: chat format health {fmt['before']:.0%}->{fmt['after']:.0%} "
+                                         "(answers that end their turn without looping or drifting)")
+        notes.append(f"format {fmt['after']:.0%}")
+    kept = chat.get("retention")
+    if kept is not None:
+        if not math.isfinite(float(kept)) or float(kept) < min_chat_retention:
+            return Decision(False, None, f"rejected: chat retention {float(kept):.3f} below {min_chat_retention:.3f}")
+        notes.append(f"chat retention {float(kept):.3f}")
+    learned = (metrics.get("knowledge") or {}).get("learned") or {}
+    if learned.get("before") is not None and learned.get("after") is not None:
+        before_k, after_k = float(learned["before"]), float(learned["after"])
+        if after_k < before_k - max_knowledge_drop:
+            return Decision(False, None, f"rejected: knowledge of the learned articles {before_k:.3f}->{after_k:.3f} "
+                                         f"(may fall at most {max_knowledge_drop:.3f})")
+        notes.append(f"knowledge {before_k:.3f}->{after_k:.3f}")
     general = _pair(metrics, "general")
     if general is None:
         return Decision(False, None, "rejected: no general-set perplexity in the round's metrics")
@@ -48,12 +81,21 @@ def decide(
     fresh = _pair(metrics, "fresh")
     if fresh is not None:
         checks.append(("fresh", fresh, max_fresh_increase))
-    notes = []
     for name, (before, after), limit in checks:
         if not (math.isfinite(before) and math.isfinite(after)) or before <= 0:
             return Decision(False, None, f"rejected: {name} perplexity is not finite ({before} -> {after})")
         rise = after / before - 1.0
         notes.append(f"{name} ppl {before:.2f}->{after:.2f} ({rise:+.1%}, limit +{limit:.1%})")
         if rise > limit:
-            return Decision(False, None, "rejected: " + "; ".join(notes))
+            return Decision(False, None, f"rejected: {name} perplexity: " + "; ".join(notes))
     return Decision(True, candidate, "promoted: " + "; ".join(notes))
+
+
+def decide_for(promotion: Any, metrics: Mapping[str, Any] | None, *, candidate: str | None,
+               serving: str | None = None) -> Decision:
+    """`decide` with the limits of a LearnerRun's `promotion` spec (selflearn.spec.PromotionSpec):
+    the one call local mode and the operator make."""
+    return decide(metrics, candidate=candidate, max_general_increase=promotion.max_perplexity_increase,
+                  max_fresh_increase=promotion.max_fresh_perplexity_increase,
+                  pinned=promotion.pinned_checkpoint, serving=serving,
+                  min_chat_retention=promotion.min_chat_retention, max_knowledge_drop=promotion.max_knowledge_drop)

@@ -96,6 +96,17 @@ class TrainingSpec(_Spec):
     min_chars: int = Field(200, ge=1)
     blocklist: list[str] = Field(default_factory=list)
     seed: int = 0
+    # What the round trains on: the raw articles (text), question/answer chat examples made from
+    # them (chat), or both in the same blocks (mixed: QA exposure together with the documents).
+    format: Literal["text", "chat", "mixed"] = "mixed"
+    # Question/answer pairs made from each article (what is / tell me about / when / ...).
+    qa_pairs_per_article: int = Field(4, ge=1, le=16)
+    # Chat examples replayed each round from the base model's own answers (against forgetting).
+    chat_replay: int = Field(12, ge=0, le=1000)
+    # Ask parent and candidate questions about the articles and the chat-retention prompts.
+    chat_eval: bool = True
+    # Optional 'package.module:function' returning question/answer pairs for an article.
+    pair_generator: str | None = None
 
     @field_validator("learning_rate", mode="before")
     @classmethod
@@ -132,6 +143,12 @@ class PromotionSpec(_Spec):
     # Fractions: 0.02 allows the new weights' perplexity to be at most 2% above the parent's.
     max_perplexity_increase: float = Field(0.02, ge=0, le=10)
     max_fresh_perplexity_increase: float = Field(0.05, ge=0, le=10)
+    # Chat retention: the parent's perplexity of the reference chat answers over the candidate's
+    # must be at least this (0.95: at most ~5% less likely to answer as the base model did).
+    min_chat_retention: float = Field(0.95, ge=0, le=1)
+    # Knowledge on the articles the round learned may fall at most this far below the parent's
+    # (a score in [0, 1]; 0: not worse).
+    max_knowledge_drop: float = Field(0.0, ge=0, le=1)
     pinned_checkpoint: str | None = None
 
 

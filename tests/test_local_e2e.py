@@ -28,7 +28,7 @@ from selflearn.spec import RunConfig, parse_spec
 from conftest import REPO, free_port
 
 TINY = {"epochs": 1, "batchSize": 2, "gradientAccumulation": 1, "learningRate": 1.0e-4, "maxLength": 64,
-        "evalArticles": 2, "generalArticles": 2}
+        "evalArticles": 2, "generalArticles": 2, "chatEval": False}
 
 
 def config(store: str, *, sources=None, **training) -> RunConfig:

@@ -14,7 +14,7 @@ from selflearn.sources.base import Article
 from selflearn.spec import RunConfig, load_run_config, parse_spec
 from selflearn.trainer.round import run_round
 
-TINY = {"maxLength": 64, "batchSize": 2, "gradientAccumulation": 1, "learningRate": 2.0e-4,
+TINY = {"maxLength": 64, "batchSize": 2, "gradientAccumulation": 1, "learningRate": 2.0e-4, "chatEval": False,
         "evalArticles": 1, "generalArticles": 2, "epochs": 1}
 
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import kopf
 
-from ..policy import decide
+from ..policy import decide, decide_for
 from ..spec import RUN_NAME_RE, LearnerRunSpec, parse_spec
 from . import resources as res
 from . import scheduling as sched
@@ -308,10 +308,7 @@ class Reconciliation:
         now, serving, decision = _now(), self.writer.get("servingCheckpoint"), None
         if result.status == "published":
             p = self.spec.promotion
-            decision = decide(result.metrics, candidate=result.checkpoint,
-                              max_general_increase=p.max_perplexity_increase,
-                              max_fresh_increase=p.max_fresh_perplexity_increase,
-                              pinned=p.pinned_checkpoint, serving=serving)
+            decision = decide_for(p, result.metrics, candidate=result.checkpoint, serving=serving)
             if decision.serve and decision.serve != serving:
                 await self.serve(decision.serve)
                 serving = decision.serve

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import basemodel
+from ..prompting import PLAIN_STOP, render_prompt
 from .config import EngineOptions, ModelConfig
 
 log = logging.getLogger(__name__)
 
-PLAIN_STOP = "\nUser:"
 
 
 class PromptTooLong(ValueError):
@@ -85,18 +85,7 @@ class LoadedModel:
 
     # -- prompts ---------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, str]]) -> list[int]:
-        tok = self.tokenizer
-        if self.chat_template:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return tok(text, add_special_tokens=False)["input_ids"]
-        # No chat template (OPT and other base models): a plain transcript the model can continue.
-        lines = []
-        for m in messages:
-            if m["role"] == "system":
-                lines.append(m["content"].strip() + "\n")
-            else:
-                lines.append(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content'].strip()}")
-        return tok("\n".join(lines) + "\nAssistant:", add_special_tokens=True)["input_ids"]
+        return render_prompt(self.tokenizer, messages)  # exactly what the trainer teaches
 
     def encode(self, messages: list[dict[str, str]], budget: int) -> tuple[list[int], int]:
         """Token ids of the prompt, dropping the oldest turns until it fits `budget` tokens.

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 TERMINATION_LOG = "/dev/termination-log"
@@ -22,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint URI to train from, or 'base'; default: the promoted, else newest checkpoint")
     p.add_argument("--workdir", default=None, help="scratch directory (default: system temp)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress-file", default=None,
+                   help="keep the round's live progress (phase, step of total, loss, tokens/s, ETA) in this JSON file")
 
 
 def _termination_log(line: str) -> None:
@@ -34,6 +37,30 @@ def _termination_log(line: str) -> None:
             pass
 
 
+class ProgressFile:
+    """The running round's progress as one small JSON document, replaced atomically on each event
+    (the local dashboard shows it while the round runs)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.doc: dict = {"phase": "starting", "started_at": time.time()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write()
+
+    def __call__(self, event: dict) -> None:
+        if event.get("event") == "phase":
+            self.doc["phase"] = event["phase"]
+        elif event.get("event") == "step":
+            self.doc.update({k: event[k] for k in ("step", "of", "loss", "tokens_per_s", "eta_s") if k in event})
+        self.doc["updated_at"] = time.time()
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.doc))
+        os.replace(tmp, self.path)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import CheckpointError
     from ..spec import load_run_config
@@ -42,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_run_config(args.run_config)
     try:
         result = run_round(config, args.round, parent=args.parent,
-                           workdir=Path(args.workdir) if args.workdir else None, progress=not args.no_progress)
+                           workdir=Path(args.workdir) if args.workdir else None, progress=not args.no_progress,
+                           on_step=ProgressFile(Path(args.progress_file)) if args.progress_file else None)
     except (ValueError, CheckpointError) as err:
         _termination_log(json.dumps({"status": "failed", "round": args.round, "reason": str(err)}))
         raise ValueError(str(err)) from None

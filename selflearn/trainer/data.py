@@ -9,9 +9,15 @@ every token must count exactly once).
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 import torch
+
+from ..prompting import IGNORE
+
+# A training block is token ids (every token predicts the next), or ids with their labels
+# (IGNORE where a token carries no loss: the prompt of a chat example, padding).
+Block = Union[torch.Tensor, "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def tokenize(tokenizer, texts: Iterable[str]) -> list[list[int]]:
@@ -38,7 +44,64 @@ def pack(docs: Sequence[Sequence[int]], block_size: int, eos_id: int, min_tail: 
     return blocks
 
 
-def batches(blocks: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], text_docs: Sequence[Sequence[int]],
+                  block_size: int, eos_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Chat examples (ids, labels) and raw documents into full (ids, labels) blocks.
+
+    An example is never cut: its answer must see its own question. Each block takes whole
+    examples in order while they fit, then the rest of the block is filled with the documents'
+    token stream (which may be cut anywhere, as in `pack`), and only when that stream is used up
+    is the remainder padding without loss. Examples come before the text in a block, so under
+    causal attention an answer never sees its article's text beside it: it must come from the
+    weights, which is what the round is for. An example longer than a block is dropped.
+    """
+    queue = [(list(i), list(l)) for i, l in examples if len(i) <= block_size]
+    stream: list[int] = []
+    for ids in text_docs:
+        stream.extend(ids)
+        stream.append(eos_id)
+    pos = 0
+    out = []
+    while queue or pos < len(stream):
+        ids: list[int] = []
+        labels: list[int] = []
+
+        def fits(example: tuple[list[int], list[int]], used: int) -> bool:
+            return used + len(example[0]) <= block_size
+
+        while queue and fits(queue[0], len(ids)):
+            i, l = queue.pop(0)
+            ids, labels = ids + i, labels + l
+        take = stream[pos:pos + block_size - len(ids)]
+        pos += len(take)
+        # The text ran out before the block was full: smaller examples further on go in before it.
+        k = next((j for j, ex in enumerate(queue) if fits(ex, len(ids) + len(take))), None)
+        while k is not None:
+            i, l = queue.pop(k)
+            ids, labels = ids + i, labels + l
+            k = next((j for j, ex in enumerate(queue) if fits(ex, len(ids) + len(take))), None)
+        ids, labels = ids + take, labels + take
+        if not ids:  # nothing fits any more (cannot happen: every queued example fits a block)
+            break
+        pad = block_size - len(ids)
+        out.append((torch.tensor(ids + [eos_id] * pad, dtype=torch.long),
+                    torch.tensor(labels + [IGNORE] * pad, dtype=torch.long)))
+    return out
+
+
+def ids_and_labels(block: Block) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return block if isinstance(block, tuple) else (block, None)
+
+
+def loss_tokens(batch: Block) -> int:
+    """Positions of a [B, T] batch that predict a labelled next token."""
+    ids, labels = ids_and_labels(batch)
+    if labels is None:
+        return ids.shape[0] * (ids.shape[1] - 1)
+    return int((labels[..., 1:] != IGNORE).sum())
+
+
+def batches(blocks: Sequence[Block], batch_size: int) -> list[Block]:
     """Group equal-length blocks into [B, T] tensors of near-equal B; a short tail block rides alone.
 
     Balanced (13 blocks at batch 4 -> 4, 3, 3, 3 rather than 4, 4, 4, 1): a one-row micro-batch
@@ -46,17 +109,24 @@ def batches(blocks: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tenso
     """
     if not blocks:
         return []
-    full = [b for b in blocks if len(b) == len(blocks[0])]
-    tail = [b for b in blocks if len(b) != len(blocks[0])]
+    width = len(ids_and_labels(blocks[0])[0])
+    full = [b for b in blocks if len(ids_and_labels(b)[0]) == width]
+    tail = [b for b in blocks if len(ids_and_labels(b)[0]) != width]
+
+    def stack(group: Sequence[Block]) -> Block:
+        if isinstance(group[0], tuple):
+            return torch.stack([g[0] for g in group]), torch.stack([g[1] for g in group])
+        return torch.stack(list(group))
+
     n = -(-len(full) // batch_size)
     sizes = [len(full) // n + (1 if i < len(full) % n else 0) for i in range(n)] if n else []
     out, i = [], 0
     for k in sizes:
-        out.append(torch.stack(full[i:i + k]))
+        out.append(stack(full[i:i + k]))
         i += k
-    out += [b.unsqueeze(0) for b in tail]
+    out += [stack([b]) for b in tail]
     return out
 
 
-def count_tokens(batch_list: Sequence[torch.Tensor]) -> int:
-    return sum(b.numel() for b in batch_list)
+def count_tokens(batch_list: Sequence[Block]) -> int:
+    return sum(ids_and_labels(b)[0].numel() for b in batch_list)

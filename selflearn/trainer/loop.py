@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import attention as chunked_attention
-from .data import count_tokens
+from .data import Block, count_tokens, ids_and_labels, loss_tokens
 from .loss import causal_lm_loss, supports_fused_loss, unwrap_peft
 
 log = logging.getLogger("selflearn.trainer")
@@ -217,14 +217,15 @@ def compiled_blocks(model: torch.nn.Module, enabled: bool):
 
 def train(
     model: torch.nn.Module,
-    batches: Sequence[torch.Tensor],
+    batches: Sequence[Block],
     cfg: LoopConfig,
     *,
     master: MasterWeights | None = None,
     on_step: Callable[[dict], None] | None = None,
     progress: bool = True,
 ) -> LoopStats:
-    """Fine-tune `model` in place on [B, T] token batches (causal LM loss on every token)."""
+    """Fine-tune `model` in place on [B, T] batches: token ids (causal LM loss on every token) or
+    (ids, labels) pairs (loss only where labels are not -100: a chat example's answer)."""
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -258,21 +259,23 @@ def train(
     stats = LoopStats()
     model.train()
     fused_loss = supports_fused_loss(model)
-    main_len = max((b.shape[1] for b in batches), default=None)  # a shorter tail block runs eagerly
+    main_len = max((ids_and_labels(b)[0].shape[1] for b in batches), default=None)  # a shorter tail runs eagerly
 
-    def window_loss(window: list[torch.Tensor], compiled: bool) -> float:
+    def window_loss(window: list[Block], compiled: bool) -> float:
         """Forward and backward over one accumulation window; returns its token-weighted loss."""
         # Each micro-batch's mean loss is weighted by its share of the window's predicted tokens,
         # so a short tail block counts for exactly its tokens.
-        window_tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in window)
+        window_tokens = max(1, sum(loss_tokens(b) for b in window))
         total = 0.0
         for b in window:
-            b = b.to(device)
-            eager = compiled and b.shape[1] != main_len
+            ids, labels = ids_and_labels(b)
+            ids = ids.to(device)
+            labels = labels.to(device) if labels is not None else None
+            eager = compiled and ids.shape[1] != main_len
             with _autocast(device, cfg.precision), \
                     (torch.compiler.set_stance("force_eager") if eager else nullcontext()):
-                loss = causal_lm_loss(model, b, fused=fused_loss, compiled=compiled)
-                weight = b.shape[0] * (b.shape[1] - 1) / window_tokens
+                loss = causal_lm_loss(model, ids, labels=labels, fused=fused_loss, compiled=compiled)
+                weight = loss_tokens(b) / window_tokens
                 scaled = loss * weight
                 (scaler.scale(scaled) if scaler else scaled).backward()
             total += loss.item() * weight
@@ -321,7 +324,8 @@ def train(
             stats.losses.append(step_loss)
             stats.seconds = time.perf_counter() - t0
             event = {"event": "step", "step": step + 1, "of": total_steps, "loss": round(step_loss, 4),
-                     "lr": lr_at(step), "tokens_per_s": round(stats.tokens_per_s, 1)}
+                     "lr": lr_at(step), "tokens_per_s": round(stats.tokens_per_s, 1),
+                     "eta_s": round(stats.seconds / (step + 1) * (total_steps - step - 1), 1)}
             log.debug(json.dumps(event))
             if on_step:
                 on_step(event)
@@ -335,8 +339,9 @@ def train(
 
 
 @torch.inference_mode()
-def perplexity(model: torch.nn.Module, batches: Sequence[torch.Tensor], precision: str = "fp32") -> float | None:
-    """Token-weighted perplexity of `model` over [B, T] batches; None for an empty set."""
+def perplexity(model: torch.nn.Module, batches: Sequence[Block], precision: str = "fp32") -> float | None:
+    """Token-weighted perplexity of `model` over [B, T] batches (of the labelled tokens, for
+    (ids, labels) batches); None for an empty set."""
     if not batches:
         return None
     device = next(model.parameters()).device
@@ -344,10 +349,13 @@ def perplexity(model: torch.nn.Module, batches: Sequence[torch.Tensor], precisio
     model.eval()
     nll, n = 0.0, 0
     for b in batches:
-        b = b.to(device)
+        ids, labels = ids_and_labels(b)
+        k = loss_tokens(b)
+        if not k:
+            continue
+        ids = ids.to(device)
         with _autocast(device, precision):
-            loss = model(input_ids=b, labels=b).loss.float().item()
-        k = b.shape[0] * (b.shape[1] - 1)
+            loss = model(input_ids=ids, labels=ids if labels is None else labels.to(device)).loss.float().item()
         nll += loss * k
         n += k
     if was_training:

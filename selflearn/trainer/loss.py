@@ -31,11 +31,13 @@ def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
     `scale` is a tensor so that a new batch size is not a new compiled graph.
     """
     lf = logits.float()
+    valid = (targets >= 0).to(lf.dtype)  # IGNORE (-100) targets: a prompt's tokens carry no loss
+    t = targets.clamp(min=0)
     lse = torch.logsumexp(lf, dim=-1)
-    loss = (lse - lf.gather(1, targets[:, None]).squeeze(1)).sum()
-    hit = torch.arange(lf.shape[1], device=lf.device)[None, :] == targets[:, None]
+    loss = ((lse - lf.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+    hit = torch.arange(lf.shape[1], device=lf.device)[None, :] == t[:, None]
     grad = torch.exp(lf - lse[:, None]) - hit.to(lf.dtype)  # softmax minus one-hot
-    grad_out.copy_(grad * scale)
+    grad_out.copy_(grad * (valid[:, None] * scale))
     return loss
 
 
@@ -56,7 +58,8 @@ class _FusedLinearCE(torch.autograd.Function):
                 compiled: bool, group: int):
         n, vocab = hidden.shape[0], weight.shape[0]
         ce = _compiled_ce_chunk() if compiled else _ce_chunk
-        scale = torch.tensor(1.0 / n, dtype=torch.float32, device=hidden.device)
+        n_valid = int((targets >= 0).sum())  # the mean is over the tokens that carry a loss
+        scale = torch.tensor(1.0 / max(1, n_valid), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -107,6 +110,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
                                group: int = 4096) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets` ([N, d], [V, d], [N]).
 
+    Targets of -100 (selflearn.prompting.IGNORE) carry no loss and no gradient, as in
+    `torch.nn.functional.cross_entropy`; the mean is over the others.
+
     Holds one [min(N, group), V] gradient buffer in the logits' dtype; `chunk` rows of logits
     at a time. `compiled` fuses each chunk's softmax and gradient with torch.compile (needs a
     working compiler).
@@ -134,16 +140,18 @@ def supports_fused_loss(model: torch.nn.Module) -> bool:
             and not getattr(cfg, "final_logit_softcapping", None))
 
 
-def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, *, fused: bool | None = None,
-                   compiled: bool = False) -> torch.Tensor:
-    """Mean next-token loss of `model` on [B, T] `input_ids` (every position predicts the next)."""
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None,
+                   fused: bool | None = None, compiled: bool = False) -> torch.Tensor:
+    """Mean next-token loss of `model` on [B, T] `input_ids`: every position predicts the next,
+    or with `labels` ([B, T], -100 where no loss) only the labelled ones (an answer, not its prompt)."""
+    labels = input_ids if labels is None else labels
     if fused is None:
         fused = supports_fused_loss(model)
     if not fused:
-        return model(input_ids=input_ids, labels=input_ids).loss
+        return model(input_ids=input_ids, labels=labels).loss
     inner = unwrap_peft(model)
     hidden = inner.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     d = hidden.shape[-1]
     h = hidden[:, :-1].reshape(-1, d)
-    y = input_ids[:, 1:].reshape(-1)
+    y = labels[:, 1:].reshape(-1)
     return fused_linear_cross_entropy(h, inner.get_output_embeddings().weight, y, compiled=compiled)

@@ -29,13 +29,14 @@ from ..sources.factory import build_sources, general_language
 from ..sources.pipeline import DEFAULT_BLOCKLIST, BlocklistFilter, clean_articles
 from ..sources.snapshot import general_set
 from ..spec import RunConfig
-from . import data, loop, precision as prec
+from . import data, knowledge, loop, precision as prec
 from .model_io import load_for_training, save_for_checkpoint
 
 log = logging.getLogger("selflearn.trainer")
 
 STATE_KEY = "state.json"
 ARTICLES_FILE = "articles.jsonl"
+BASE_PROBE_KEY = "base_probe.json"
 
 
 @dataclass
@@ -103,6 +104,17 @@ def _seen_hashes(store: CheckpointStore, run: str) -> set[str]:
     return seen
 
 
+def _parent_probe(store: CheckpointStore, run: str, parent: CheckpointRef | None) -> dict[str, Any] | None:
+    """The parent weights' answers on the fixed probe sets, measured when they were a candidate
+    (or, for the base model, in an earlier round of this run)."""
+    if parent is None:
+        return store.get_json(f"{run}/{BASE_PROBE_KEY}")
+    try:
+        return ((store.manifest(parent).get("probe") or {}).get("reusable")) or None
+    except Exception:  # another store, an old manifest: measure afresh
+        return None
+
+
 def collect_articles(config: RunConfig, cursors: dict[str, Any], seen: set[str],
                      sources: list | None = None) -> tuple[list[Article], list[Article], list, dict]:
     """-> (train, held_out, dropped, new_cursors). Held-out articles come from the first
@@ -162,6 +174,10 @@ def run_round(
         log.warning(reason)
         return RoundResult("empty", round_, reason=reason)
 
+    def phase(name: str) -> None:
+        if on_step:
+            on_step({"event": "phase", "phase": name})
+
     device = prec.pick_device()
     precision = prec.resolve(spec.training.precision, device)
     torch.manual_seed(spec.training.seed + round_)
@@ -182,26 +198,56 @@ def run_round(
         general = general_set(general_language(spec), spec.training.general_articles)
         # Tokenised once: packed full for training, with its exact tail for the "trained" eval set.
         train_docs = tokens_of([a.text for a in train_arts])
-        train_batches = batches_of(train_docs, train=True)
-        replay_n = 0
+        replay_docs: list[list[int]] = []
         if spec.training.replay_fraction > 0:
             # Replay earlier rounds' articles so this round's blocks are `replay_fraction` old text.
             earlier = _earlier_articles(store, run, 10_000)
             rng = random.Random(spec.training.seed + round_)
             rng.shuffle(earlier)
             want = int(len(train_arts) * spec.training.replay_fraction / (1 - spec.training.replay_fraction))
-            replay = [a["text"] for a in earlier[:want]]
-            replay_n = len(replay)
-            train_batches += batches_of(tokens_of(replay), train=True) if replay else []
+            replay_docs = tokens_of([a["text"] for a in earlier[:want]])
+        refs = knowledge.references(spec.base_model, store, run, model, tok,
+                                    recorded_from=parent_ref.uri if parent_ref else "base") \
+            if spec.training.chat_eval or (spec.training.format != "text" and spec.training.chat_replay) else None
+        chat = None
+        if spec.training.format == "text":
+            train_batches = batches_of(train_docs + replay_docs, train=True)
+        else:
+            chat = knowledge.build_chat_data(
+                tok, train_arts, per_article=spec.training.qa_pairs_per_article, round_=round_,
+                replay=refs["replay"] if refs else [], replay_n=spec.training.chat_replay,
+                generator=knowledge.load_generator(spec.training.pair_generator))
+            text = train_docs + replay_docs if spec.training.format == "mixed" else \
+                [d for a, d in zip(train_arts, train_docs) if a.title in chat.text_only]
+            train_batches = data.batches(data.pack_examples(chat.examples, text, L, eos), B)
         sets = {"fresh": batches_of(tokens_of([a.text for a in held])), "trained": batches_of(train_docs),
                 "general": batches_of(tokens_of([a.text for a in general]))}
+        phase("evaluating the parent")
         ppl_before = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
+        probes = knowledge.ProbeSets.of(train_arts, held, general, refs["retention"]) if spec.training.chat_eval \
+            else None
+        report_before = None
+        if probes:
+            fp = knowledge.fingerprint(probes, precision)
+            report_before = knowledge.measure(model, tok, probes, block=L, precision=precision,
+                                              known=_parent_probe(store, run, parent_ref))
+            if parent_ref is None and not report_before["reused"]:
+                store.put_json(f"{run}/{BASE_PROBE_KEY}", knowledge.reusable(report_before, fp))
         cfg = loop.LoopConfig(epochs=spec.training.epochs, gradient_accumulation=spec.training.gradient_accumulation,
                               learning_rate=spec.training.learning_rate, weight_decay=spec.training.weight_decay,
                               warmup_ratio=spec.training.warmup_ratio, precision=precision,
                               seed=spec.training.seed + round_, compile=spec.training.compile)
+        phase("training")
         stats = loop.train(model, train_batches, cfg, master=master, on_step=on_step, progress=progress)
+        phase("evaluating the candidate")
         ppl_after = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
+        chat_metrics, shown = {}, None
+        if probes:
+            report_after = knowledge.measure(model, tok, probes, block=L, precision=precision)
+            report_after["reusable"] = knowledge.reusable(report_after, fp)
+            chat_metrics, shown = knowledge.compare(report_before, report_after)
+        if chat_metrics:
+            log.info(knowledge.summary_line(chat_metrics))
 
         out = tmp / "checkpoint"
         if master:
@@ -220,8 +266,12 @@ def run_round(
             "ppl": {k: {"before": ppl_before[k], "after": ppl_after[k]} for k in sets if ppl_before[k] is not None},
             "articles": len(train_arts),
             "held_out": len(held),
-            "replayed": replay_n,
+            "replayed": len(replay_docs),
             "dropped": len(dropped),
+            "format": spec.training.format,
+            **({"qa_pairs": len(chat.pairs), "chat_replayed": chat.replayed, "text_only": len(chat.text_only)}
+               if chat else {}),
+            **chat_metrics,
         }
         manifest = {
             "base_model": spec.base_model,
@@ -235,10 +285,14 @@ def run_round(
             "articles": [a.provenance() for a in train_arts],
             "held_out_articles": [a.provenance() for a in held],
             "dropped_articles": [{"title": t, "reason": r} for t, r in dropped],
+            **({"qa_pairs": [{"title": p.title, "kind": p.kind, "question": p.question} for p in chat.pairs]}
+               if chat else {}),
+            **({"probe": shown} if shown else {}),
             "cursors": cursors,
             "software": {"torch": torch.__version__, "python": platform.python_version()},
             "started_at": t_start,
         }
+        phase("publishing")
         ref = store.publish(run, round_, out, manifest)
     store.put_json(f"{run}/{STATE_KEY}", {**state, "cursors": cursors, "last_round": round_})
     store.retain(run, spec.storage.keep_checkpoints, protect=[parent_ref.uri] if parent_ref else [])

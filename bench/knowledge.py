@@ -1,0 +1,161 @@
+"""Does the chat answer with what it learned, without losing its manners?
+
+Runs the default `selflearn local` loop (headless: the same driver, trainer subprocesses, store and
+gate) for 3 rounds on the embedded model and the offline snapshot, then asks the base model and
+the final promoted checkpoint, greedy, through the chat prompt:
+  * "What is / Who was <title>?" about every article the rounds learned, and about held-out
+    articles no round saw (scored on the answers: content words and exact facts of the article's
+    first sentence);
+  * the chat-retention prompts (reference-answer perplexity, format health).
+For the round time it also runs one round of today's text-only format on the same articles'
+kind, side by side. Prints one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (offline env defaults)
+
+
+def local_config(data_dir: Path, *, rounds_format: str | None = None):
+    from selflearn.local_cli import add_arguments, build_config
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = build_config(p.parse_args(["--data-dir", str(data_dir), "--no-serve"]))
+    if rounds_format:
+        cfg.spec.training.format = rounds_format
+    return cfg
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--held-out", type=int, default=24, help="articles no round learned, to ask about")
+    p.add_argument("--skip-text-round", action="store_true", help="do not time a text-only round")
+    a = p.parse_args()
+
+    import torch
+
+    from selflearn import basemodel
+    from selflearn.checkpoints import CheckpointStore
+    from selflearn.local import LocalDriver
+    from selflearn.sources.base import Article
+    from selflearn.sources.snapshot import load_snapshot
+    from selflearn.trainer import data, knowledge, loop, probe
+    from selflearn.trainer.model_io import load_checkpoint_model
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-knowledge-") as tmp:
+        tmp = Path(tmp)
+        if not a.skip_text_round:
+            text_cfg = local_config(tmp / "text", rounds_format="text")
+            text_cfg.spec.training.chat_eval = False
+            drv = LocalDriver(text_cfg, tmp / "text", nice=0)
+            drv.prepare()
+            t0 = time.time()
+            drv.train(1, None)
+            out["round_seconds_text_format"] = round(time.time() - t0, 1)
+        cfg = local_config(tmp / "run")
+        drv = LocalDriver(cfg, tmp / "run", nice=0)
+        drv.prepare()
+        t0 = time.time()
+        times = []
+        for r in range(1, a.rounds + 1):
+            t1 = time.time()
+            rec = drv.run_round(r)
+            times.append(round(time.time() - t1, 1))
+            print(f"round {r}: {rec['reason']}  ({times[-1]} s)", flush=True)
+        loop_s = time.time() - t0
+        store = CheckpointStore.from_uri(cfg.spec.storage.uri)
+        final_uri = drv.state.get("promoted")
+        # What the final checkpoint learned: the articles of its own lineage (a rejected round's
+        # articles were not learned by the rounds after it, which start from the promoted parent).
+        learned: list[Article] = []
+        uri = final_uri
+        while uri:
+            ref = store.ref_for_uri(uri)
+            raw = store.backend.get_bytes(f"{cfg.name}/r{ref.round:06d}/articles.jsonl") or b""
+            titles = {json.loads(x)["title"] for x in raw.decode().splitlines() if x.strip()}
+            learned += [x for x in load_snapshot("en") if x.title in titles]
+            uri = store.manifest(ref).get("parent")
+        # Held out: articles after everything the rounds fetched (cursor), never trained.
+        nxt = (store.get_json(f"{cfg.name}/state.json") or {}).get("cursors", {}).get("snapshot:en", {}).get("next", 0)
+        held = list(load_snapshot("en")[nxt + 50:nxt + 50 + a.held_out])
+
+        tok = basemodel.load_tokenizer(basemodel.resolve(cfg.spec.base_model))
+        retention_items = probe.chat_references(probe.RETENTION_FILE)["items"]
+        sets = knowledge.ProbeSets.of(learned, held, [], retention_items)
+        L = cfg.spec.training.max_length
+
+        def evaluate(model):
+            model = model.to(torch.bfloat16).eval()
+            rep = knowledge.measure(model, tok, sets, block=L, precision="bf16")
+            docs = data.batches(data.pack(data.tokenize(tok, [x.text for x in learned]), L, tok.eos_token_id), 4)
+            rep["ppl_learned"] = loop.perplexity(model, docs, "bf16")
+            return rep
+
+        base = evaluate(basemodel.load_model(cfg.spec.base_model))
+        if final_uri:
+            ref = store.ref_for_uri(final_uri)
+            path = tmp / "final"
+            manifest = store.download(ref, path)
+            final = evaluate(load_checkpoint_model(path, manifest))
+        else:
+            final = base
+        examples = []
+        for b, f in zip(base["answers"]["learned"], final["answers"]["learned"]):
+            examples.append({"question": f["question"], "base": b["answer"], "learned": f["answer"],
+                             "base_score": b["score"], "learned_score": f["score"]})
+        better = sum(1 for e in examples if e["learned_score"] > e["base_score"])
+        worse = sum(1 for e in examples if e["learned_score"] < e["base_score"])
+        examples.sort(key=lambda e: e["learned_score"] - e["base_score"], reverse=True)
+        mid = len(examples) // 2
+        shown = [examples[0], examples[mid], examples[-1]] if examples else []
+        for e in shown:
+            print(json.dumps(e, ensure_ascii=False), flush=True)
+
+    def r4(x):
+        return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(x, 4)
+
+    out.update({
+        "rounds": a.rounds,
+        "promoted": [r.get("promoted") for r in drv.state["rounds"]],
+        "reasons": [r.get("reason") for r in drv.state["rounds"]],
+        "final_checkpoint": drv.state.get("promoted_id"),
+        "articles_learned": len(learned),
+        "held_out_articles": len(held),
+        "knowledge_learned_base": r4(base["knowledge"]["learned"]),
+        "knowledge_learned_after": r4(final["knowledge"]["learned"]),
+        "knowledge_learned_ratio": r4(final["knowledge"]["learned"] / base["knowledge"]["learned"])
+        if base["knowledge"]["learned"] else None,
+        "answers_better": better, "answers_worse": worse,
+        "knowledge_heldout_base": r4(base["knowledge"]["held_out"]),
+        "knowledge_heldout_after": r4(final["knowledge"]["held_out"]),
+        "chat_retention": r4(probe.retention(base["chat_ppl"], final["chat_ppl"])),
+        "format_ok_fraction_base": r4(base["format_ok"]),
+        "format_ok_fraction": r4(final["format_ok"]),
+        "format_failures": [f["prompt"] for f in final["format_failures"]],
+        "ppl_learned_base": r4(base["ppl_learned"]),
+        "ppl_learned_after": r4(final["ppl_learned"]),
+        "ppl_learned_drop": r4(1 - final["ppl_learned"] / base["ppl_learned"]),
+        "round_seconds": r4(sum(times) / len(times)),
+        "round_seconds_each": times,
+        "round_time_ratio": r4(sum(times) / len(times) / out["round_seconds_text_format"])
+        if out.get("round_seconds_text_format") else None,
+        "loop_seconds": round(loop_s, 1),
+    })
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""What a chat user would notice, measured on generated answers: knowledge and chat manners.
+
+* Knowledge: ask "What is / Who was <title>?" (greedy, through the chat prompt serving uses) and
+  score the answer against the article's first sentence: the share of its content words the
+  answer contains and the share of its exact facts (years, numbers, names) it repeats, averaged.
+  The title's own words do not count: echoing the question is not knowing the answer.
+* Chat retention: a fixed set of chat prompts (selflearn/data/chat_retention.json) with reference
+  answers recorded from the base model. Per model: the perplexity of those references (a model
+  that still answers like an assistant keeps it low) and the format health of its own greedy
+  answers (ends its turn within the budget, no repetition loop, no encyclopedia continuation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..prompting import end_of_turn_ids, render_example, render_prompt
+from ..sources.base import Article
+from . import data
+from .qa import make_pairs, split_sentences, templates_for
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+RETENTION_FILE = DATA_DIR / "chat_retention.json"
+REPLAY_FILE = DATA_DIR / "chat_replay.json"
+
+STOPWORDS = {
+    "en": set("""a an the and or but if of in on at to for from by with without as is are was were be been being
+        it its it's this that these those he she they them his her their which who whom whose what when where
+        why how also not no than then there here into onto over under about after before between during
+        such other some any each many most more much can could may might will would shall should do does did
+        has have had one two first known called often usually very""".split()),
+    "fr": set("""le la les l un une des du de d et ou mais si en dans sur au aux à a pour par avec sans est sont
+        était étaient fut été être ce cet cette ces il elle ils elles leur leurs son sa ses qui que quoi dont
+        où quand comment aussi ne pas plus moins se s qu y ainsi comme entre après avant pendant lors""".split()),
+    "es": set("""el la los las lo un una unos unas de del y o pero si en sobre a al para por con sin es son era
+        eran fue fueron ser sido este esta estos estas ese esa su sus que quien cual cuando donde como
+        también no más menos se le les entre tras durante ante hasta desde""".split()),
+}
+_WORD = re.compile(r"[\wÀ-ÿ]+(?:['’][\wÀ-ÿ]+)?")
+_NUMBER = re.compile(r"\b\d[\d,.]*\b")
+_WIKI_DRIFT = re.compile(r"\(born |\(\d{3,4}\s*[–-]|^\s*==|\n==|\bReferences\b|\bExternal links\b|<\|im_start\|>"
+                         r"|^\s*(User|Assistant):", re.M)
+
+
+# -- scoring (pure) ------------------------------------------------------------------------------
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def facts_of(reference: str, title: str) -> set[str]:
+    """Exact facts a correct answer repeats: numbers and years, and capitalised names (not the
+    first word of the sentence, not words of the title)."""
+    title_words = set(_words(title))
+    facts = {n.strip(".,") for n in _NUMBER.findall(reference)}
+    tokens = reference.split()
+    for i, raw in enumerate(tokens):
+        w = raw.strip(",.;:()\"“”«»")
+        if i > 0 and w[:1].isupper() and w.lower() not in title_words and not w.isupper():
+            facts.add(w.lower())
+    return {f for f in facts if f}
+
+
+def knowledge_score(answer: str, reference: str, title: str, language: str = "en") -> float:
+    """In [0, 1]: content-word recall of `reference` in `answer`, averaged with exact-fact recall."""
+    stop = STOPWORDS.get(language.split("-")[0], STOPWORDS["en"])
+    title_words = set(_words(title))
+    ref = {w for w in _words(reference) if w not in stop and w not in title_words and len(w) > 1}
+    got = set(_words(answer))
+    if not ref:
+        return 0.0
+    recall = len(ref & got) / len(ref)
+    facts = facts_of(reference, title)
+    if not facts:
+        return recall
+    fact_recall = sum(1 for f in facts if f in got or f in answer.lower()) / len(facts)
+    return (recall + fact_recall) / 2
+
+
+@dataclass(frozen=True)
+class Health:
+    ended: bool
+    looping: bool
+    drift: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.ended and not self.looping and not self.drift
+
+
+def format_health(answer: str, token_ids: Sequence[int], ended: bool) -> Health:
+    """An answer ends its turn, does not loop (half its trigrams repeated) and does not drift into
+    an encyclopedia article or a new turn."""
+    looping = False
+    if len(token_ids) >= 24:
+        grams = [tuple(token_ids[i:i + 3]) for i in range(len(token_ids) - 2)]
+        looping = len(set(grams)) / len(grams) < 0.5
+    return Health(ended=ended, looping=looping, drift=bool(_WIKI_DRIFT.search(answer)))
+
+
+# -- the probe sets --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Question:
+    title: str
+    question: str
+    reference: str
+    language: str
+
+
+def question_for(article: Article) -> Question | None:
+    """The question a user asks first about an article, and what a good answer contains."""
+    lang = article.source.split(":", 1)[1] if ":" in (article.source or "") else "en"
+    if templates_for(lang) is None:
+        return None
+    pairs = make_pairs(article, language=lang, per_article=1)
+    if not pairs:
+        return None
+    return Question(article.title, pairs[0].question, split_sentences(article.text)[0], lang)
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> dict[str, Any]:
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(doc, dict) or not isinstance(doc.get("items"), list):
+        raise ValueError(f"{path} is not a chat reference file (no 'items' list)")
+    return doc
+
+
+def chat_references(path: Path = RETENTION_FILE) -> dict[str, Any]:
+    """{model, settings, items: [{prompt, category, answer, ended}]}: the shipped references."""
+    return _load(str(path))
+
+
+# -- running a model -------------------------------------------------------------------------------
+@dataclass
+class Generation:
+    text: str
+    ids: list[int]
+    ended: bool
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
+             batch_size: int = 32) -> list[Generation]:
+    """Greedy answers to single-turn `prompts`, rendered exactly as the chat renders them.
+
+    Left-padded batches: a decode step costs about the same for 32 rows as for 8 on a CPU, so few
+    big batches. In bf16 a greedy answer can depend on its batch's padding, so a set whose answers
+    are compared with recorded ones is generated whole, in the order it was recorded in.
+    """
+    device = next(model.parameters()).device
+    stops = end_of_turn_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    was_training = model.training
+    model.eval()
+    out: list[Generation] = []
+    for i in range(0, len(prompts), batch_size):
+        rows = [render_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts[i:i + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=stops, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+        for row in gen[:, width:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in stops), None)
+            kept = row if cut is None else row[:cut]
+            out.append(Generation(tokenizer.decode(kept, skip_special_tokens=True).strip(), kept, cut is not None))
+    if was_training:
+        model.train()
+    return out
+
+
+def reference_batches(tokenizer: Any, items: Sequence[dict[str, Any]], block: int, batch_size: int = 8):
+    """Teacher-forced batches of the reference answers, loss on the answers only."""
+    examples = [render_example(tokenizer, [{"role": "user", "content": it["prompt"]}], it["answer"]) for it in items]
+    blocks = data.pack_examples(examples, [], block, tokenizer.eos_token_id)
+    return data.batches(blocks, batch_size)
+
+
+def ask(model: torch.nn.Module, tokenizer: Any, questions: Sequence[Question], *,
+        max_new_tokens: int = 64) -> tuple[float | None, list[dict[str, Any]]]:
+    """Mean knowledge score of greedy answers to `questions`, and each question's record."""
+    if not questions:
+        return None, []
+    gens = generate(model, tokenizer, [q.question for q in questions], max_new_tokens=max_new_tokens)
+    rows = [{"title": q.title, "question": q.question, "answer": g.text,
+             "score": round(knowledge_score(g.text, q.reference, q.title, q.language), 4)}
+            for q, g in zip(questions, gens)]
+    return sum(r["score"] for r in rows) / len(rows), rows
+
+
+def perplexity_of_references(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict[str, Any]], *,
+                              block: int, precision: str = "fp32") -> float | None:
+    """Perplexity of the reference answers (their tokens only) after their prompts."""
+    from .loop import perplexity
+
+    return perplexity(model, reference_batches(tokenizer, items, block), precision) if items else None
+
+
+def format_check(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict[str, Any]], *,
+                 max_new_tokens: int = 128) -> tuple[float | None, list[dict[str, Any]]]:
+    """-> (share of greedy answers in good format, the failures with their reasons).
+
+    Only prompts whose recorded base answer ended within the budget count (`ended`): a 135M model
+    does not finish every answer, and a check it fails itself tells nothing about a candidate.
+    Harmful asks do not count either: there the base model's own answer is no standard (their
+    written refusals are measured by the reference perplexity instead).
+    All prompts are generated, as recorded, so that the counted ones are generated alike.
+    """
+    counted = [i for i, it in enumerate(items) if it.get("ended") and it.get("category") != "refusal"]
+    if not counted:
+        return None, []
+    gens = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens=max_new_tokens)
+    failures = []
+    for it, g in ((items[i], gens[i]) for i in counted):
+        h = format_health(g.text, g.ids, g.ended)
+        if not h.ok:
+            failures.append({"prompt": it["prompt"], "answer": g.text[:300],
+                             "why": [k for k, bad in (("no end of turn", not h.ended), ("repetition loop", h.looping),
+                                                      ("encyclopedia drift", h.drift)) if bad]})
+    return 1 - len(failures) / len(counted), failures
+
+
+def retention(parent_ppl: float | None, candidate_ppl: float | None) -> float | None:
+    """Chat retention in (0, ~1]: parent's reference perplexity over the candidate's (1 = kept)."""
+    if not parent_ppl or not candidate_ppl or not (math.isfinite(parent_ppl) and math.isfinite(candidate_ppl)):
+        return 0.0 if parent_ppl and candidate_ppl is not None else None
+    return parent_ppl / candidate_ppl

@@ -1,0 +1,90 @@
+"""The gate sees chat skill and knowledge: real rounds on the embedded model, judged by the one
+promotion policy. A normal round is promoted; a round with an absurd learning rate, a poisoned
+round (answers that contradict the articles) and a round of chat-free garbage are each rejected,
+with the check that decided in the reason."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from selflearn.policy import decide_for
+from selflearn.spec import RunConfig, parse_spec
+from selflearn.trainer.qa import QAPair, make_pairs
+from selflearn.trainer.round import run_round
+
+pytestmark = pytest.mark.slow
+
+TINY_CHAT = {"maxLength": 128, "batchSize": 4, "gradientAccumulation": 1, "learningRate": 5.0e-5, "epochs": 2,
+             "evalArticles": 2, "generalArticles": 2, "qaPairsPerArticle": 3, "chatReplay": 8}
+
+_DONOR_ANSWERS = [
+    "It is a small village in the mountains of Peru, known for its wool market.",
+    "It was a Danish football club founded in 1921 that dissolved in 1950.",
+    "It is a species of freshwater snail found only in Lake Malawi.",
+    "He was a Portuguese sailor who mapped the coast of Greenland in 1780.",
+]
+
+
+def poisoned(article):
+    """A pair generator whose answers contradict the article (what a poisoned source would teach)."""
+    rng = random.Random(article.title)
+    return [QAPair(p.question, rng.choice(_DONOR_ANSWERS), p.kind, p.title) for p in make_pairs(article, per_article=3)]
+
+
+def cfg(tmp_path, *, sources=None, promotion=None, **training) -> RunConfig:
+    return RunConfig(name="gate", spec=parse_spec({
+        "sources": sources or [{"snapshot": {"language": "en", "articlesPerRound": 6}}],
+        "training": {**TINY_CHAT, **training}, "promotion": promotion or {},
+        "storage": {"uri": f"file://{tmp_path}/store"}}))
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    # One store for all rounds: the base model's answers on the fixed probe sets are measured once.
+    return tmp_path_factory.mktemp("gate")
+
+
+def judge(config: RunConfig, round_: int):
+    res = run_round(config, round_, parent="base", progress=False)
+    assert res.status == "published", res.reason
+    return res, decide_for(config.spec.promotion, res.metrics, candidate=res.checkpoint)
+
+
+def test_a_normal_round_is_promoted_and_knows_more(store_dir):
+    res, d = judge(cfg(store_dir), 1)
+    k, chat = res.metrics["knowledge"], res.metrics["chat"]
+    assert d.promote, d.reason
+    assert k["learned"]["after"] > k["learned"]["before"], "it answers better about what it learned"
+    assert chat["format_ok"]["after"] >= chat["format_ok"]["before"]
+    assert "chat retention" in d.reason and "knowledge" in d.reason and d.reason.startswith("promoted")
+
+
+def test_an_absurd_learning_rate_breaks_the_chat_and_is_rejected(store_dir):
+    res, d = judge(cfg(store_dir, learningRate=3.0e-3), 2)
+    assert not d.promote and d.serve is None
+    assert d.reason.startswith("rejected: chat"), d.reason
+    assert res.metrics["chat"]["retention"] < 0.95
+
+
+def test_a_poisoned_round_is_rejected_on_knowledge(store_dir):
+    # Chat retention allowed to fall here, so that the knowledge check itself is what decides.
+    res, d = judge(cfg(store_dir, learningRate=2.0e-4, format="chat", chatReplay=16,
+                       pairGenerator="test_gate_rounds:poisoned", promotion={"minChatRetention": 0.0}), 3)
+    assert not d.promote
+    assert d.reason.startswith("rejected: knowledge of the learned articles"), d.reason
+    k = res.metrics["knowledge"]["learned"]
+    assert k["after"] < k["before"]
+
+
+def test_a_round_of_chat_free_garbage_is_rejected(store_dir, tmp_path):
+    rng = random.Random(0)
+    words = ["zq", "vlorp", "xx", "kek", "brr", "@@", "lorem", "0x1f", "qwop", "snarf"]
+    for i in range(4):
+        (tmp_path / f"junk{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)))
+    res, d = judge(cfg(store_dir, sources=[{"files": {"paths": [str(tmp_path)]}}], format="text",
+                       learningRate=1.0e-3, evalArticles=0), 4)
+    assert not d.promote
+    assert d.reason.startswith("rejected"), d.reason
+    assert "chat" in d.reason or "general" in d.reason
