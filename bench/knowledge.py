@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--held-out", type=int, default=24, help="articles no round learned, to ask about")
     p.add_argument("--skip-text-round", action="store_true", help="do not time a text-only round")
+    p.add_argument("--answers-out", default="/tmp/bench-knowledge-answers.json",
+                   help="where to write every question and both models' answers")
     a = p.parse_args()
 
     import torch
@@ -116,6 +118,9 @@ def main() -> None:
         for b, f in zip(base["answers"]["learned"], final["answers"]["learned"]):
             examples.append({"question": f["question"], "base": b["answer"], "learned": f["answer"],
                              "base_score": b["score"], "learned_score": f["score"]})
+        Path(a.answers_out).write_text(json.dumps({"base": base["answers"], "learned": final["answers"],
+                                                   "format_failures": final["format_failures"]}, indent=1,
+                                                  ensure_ascii=False))
         better = sum(1 for e in examples if e["learned_score"] > e["base_score"])
         worse = sum(1 for e in examples if e["learned_score"] < e["base_score"])
         examples.sort(key=lambda e: e["learned_score"] - e["base_score"], reverse=True)

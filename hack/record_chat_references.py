@@ -44,6 +44,12 @@ WRITTEN = {
     "What is the capital of Italy?": "The capital of Italy is Rome.",
     "Answer with yes or no: is fire hot?": "Yes.",
     "Reply in all capital letters: hello.": "HELLO.",
+    # Lists that stop where they should: the replay keeps a round from forgetting it.
+    "List three animals.": "1. Dog\n2. Cat\n3. Horse",
+    "Name two planets as a bulleted list.": "- Mars\n- Jupiter",
+    "Give me three ideas for a birthday party as a numbered list.": "1. A picnic in the park\n2. A movie night at home\n3. A small dinner with friends",
+    "List four seasons of the year.": "1. Spring\n2. Summer\n3. Autumn\n4. Winter",
+    "Write a short shopping list with three items.": "- Milk\n- Bread\n- Eggs",
 }
 
 

@@ -342,8 +342,11 @@ class LocalDriver:
         if isinstance(cur, dict) and isinstance(doc, dict):
             cur["progress"] = {k: doc.get(k) for k in ("phase", "step", "of", "loss", "tokens_per_s", "eta_s")}
             losses = cur.setdefault("losses", [])
-            if doc.get("step") and len(losses) < doc["step"] and isinstance(doc.get("loss"), (int, float)):
+            if doc.get("step") and doc["step"] != cur.get("loss_step") and isinstance(doc.get("loss"), (int, float)):
+                cur["loss_step"] = doc["step"]
                 losses.append(doc["loss"])
+                if len(losses) > MAX_LOSS_POINTS:  # a long round: keep every other point
+                    del losses[::2]
             self.save()
         return mtime
 

@@ -17,12 +17,15 @@ from typing import Any
 log = logging.getLogger("selflearn.local")
 
 # CPU-sized rounds: a minute or two each on 2 cores with the bundled 135M model.
-# Chat-format rounds (the default `mixed`): 3 question/answer pairs per article, 24 replayed chat
-# answers against forgetting, and a learning rate that makes the answers stick in 2 epochs
-# (measured with bench/knowledge.py; see docs/local.md).
-LOCAL_TRAINING = {"epochs": 2, "batchSize": 4, "gradientAccumulation": 1, "learningRate": 1.0e-4,
+# Chat-format rounds (the default `mixed`): 3 question/answer pairs per article (what is it, the
+# rest of its facts, tell me about it), 8 articles of earlier rounds asked about again, 15 replayed
+# chat answers against forgetting (3 of each kind, lists included: a list that stops where it
+# should is the first manner a round loses), at a learning rate that makes the answers stick in
+# 2 epochs and keeps the general set's perplexity inside the gate (measured with
+# bench/knowledge.py; see docs/local.md).
+LOCAL_TRAINING = {"epochs": 2, "batchSize": 4, "gradientAccumulation": 1, "learningRate": 7.0e-5,
                   "maxLength": 256, "evalArticles": 4, "generalArticles": 8, "qaPairsPerArticle": 3,
-                  "chatReplay": 24}
+                  "chatReplay": 15, "qaReview": 8}
 LOCAL_ARTICLES = 16
 
 

@@ -103,6 +103,9 @@ class TrainingSpec(_Spec):
     qa_pairs_per_article: int = Field(4, ge=1, le=16)
     # Chat examples replayed each round from the base model's own answers (against forgetting).
     chat_replay: int = Field(12, ge=0, le=1000)
+    # Articles of earlier rounds whose first question ("What is X?") is asked again, so that what
+    # earlier rounds taught is not forgotten by the next ones.
+    qa_review: int = Field(16, ge=0, le=1000)
     # Ask parent and candidate questions about the articles and the chat-retention prompts.
     chat_eval: bool = True
     # Optional 'package.module:function' returning question/answer pairs for an article.

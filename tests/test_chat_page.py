@@ -66,3 +66,49 @@ def test_typed_message_streams_an_answer_with_its_checkpoint(srv, page):
     page.locator(".msg.assistant .meta button", has_text="👍").last.click()
     expect(page.locator(".meta button[aria-pressed='true']")).to_have_count(1, timeout=30_000)
     assert any(srv.feedback_dir.glob("*/*.json"))
+
+
+def test_dashboard_shows_knowledge_chat_health_examples_and_the_live_round(page, tmp_path):
+    """The dashboard page in a real browser over real HTTP, fed the state a local run writes."""
+    import json
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from playwright.sync_api import expect
+
+    from selflearn.local import web_dir
+
+    state = {
+        "run": "local", "phase": "training", "serving_id": "local/r000001", "rounds": [{
+            "round": 1, "status": "published", "promoted": True, "id": "local/r000001", "losses": [2.5, 2.1],
+            "reason": "promoted: format 100%; chat retention 0.971; knowledge 0.202->0.391",
+            "knowledge": {"learned": {"before": 0.202, "after": 0.391}, "held_out": {"before": 0.21, "after": 0.2}},
+            "chat": {"retention": 0.971, "format_ok": {"before": 1.0, "after": 1.0}},
+            "examples": [{"question": "What is Chard?", "parent": "Chard is a type of edible <b>mushroom</b>.",
+                          "candidate": "Chard is a leafy green vegetable.", "parent_score": 0.0,
+                          "candidate_score": 1.0}]}],
+        "current_round": {"round": 2, "started_at": time.time() - 30, "losses": [2.3, 2.0, 1.8],
+                          "progress": {"phase": "training", "step": 3, "of": 18, "loss": 1.8, "tokens_per_s": 270,
+                                       "eta_s": 55}},
+    }
+    root = tmp_path / "site"
+    (root / "api").mkdir(parents=True)
+    (root / "dashboard").symlink_to(web_dir())
+    (root / "api" / "rounds").write_text(json.dumps(state))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page.goto(f"http://127.0.0.1:{server.server_port}/dashboard/index.html")
+        expect(page.locator("#training")).to_contain_text("step 3/18, loss 1.800, 270 tok/s, ETA 55s", timeout=10_000)
+        row = page.locator("#rounds tr").first
+        expect(row).to_contain_text("0.20 → 0.39")
+        expect(row).to_contain_text("0.971")
+        expect(row).to_contain_text("100%")
+        examples = page.locator("#examples")
+        expect(examples).to_contain_text("Chard is a leafy green vegetable. (1.00)")
+        expect(examples).to_contain_text("<b>mushroom</b>")  # shown as text, never as markup
+        assert page.locator("#examples b").count() == 0
+        assert "no training steps yet" not in page.locator("#loss").inner_html()  # the live round's steps
+    finally:
+        server.shutdown()

@@ -61,8 +61,8 @@ def test_a_normal_round_is_promoted_and_knows_more(store_dir):
     assert "chat retention" in d.reason and "knowledge" in d.reason and d.reason.startswith("promoted")
 
 
-def test_an_absurd_learning_rate_breaks_the_chat_and_is_rejected(store_dir):
-    res, d = judge(cfg(store_dir, learningRate=3.0e-3), 2)
+def test_raw_text_at_an_absurd_learning_rate_breaks_the_chat_and_is_rejected(store_dir):
+    res, d = judge(cfg(store_dir, format="text", learningRate=3.0e-3), 2)
     assert not d.promote and d.serve is None
     assert d.reason.startswith("rejected: chat"), d.reason
     assert res.metrics["chat"]["retention"] < 0.95

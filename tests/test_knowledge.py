@@ -202,3 +202,20 @@ def test_a_stored_probe_of_the_wrong_shape_is_measured_afresh():
     assert not knowledge._valid_known(["not", "a", "dict"])
     assert knowledge._valid_known({"fingerprint": "x", "general": [{"score": 0.5}], "chat_ppl": 2.0,
                                    "format_ok": 1.0, "format_failures": []})
+
+
+def test_replay_covers_every_kind_of_chat_and_earlier_articles_are_asked_again(tok):
+    replay = probe.chat_references(probe.REPLAY_FILE)["items"]
+    chat = knowledge.build_chat_data(tok, [KNUTH], per_article=2, replay=replay, replay_n=10, round_=1,
+                                     review=[Article(title="Chard", source="snapshot:en",
+                                                     text="Chard is a green leafy vegetable. It is also called "
+                                                          "silver beet.")])
+    assert chat.replayed == 10 and chat.reviewed == 1 and len(chat.examples) == 2 + 1 + 10
+    texts = [tok.decode(ids) for ids, _ in chat.examples]
+    assert any("What is Chard?" in t for t in texts), "an earlier round's article is asked about again"
+    replayed = texts[3:]
+    cats = {it["category"] for it in replay for t in replayed if it["prompt"] in t}
+    assert cats == {"greeting", "instruction", "question", "format", "refusal"}
+    # The next round replays other answers.
+    later = knowledge.build_chat_data(tok, [KNUTH], per_article=2, replay=replay, replay_n=10, round_=2)
+    assert [tok.decode(i) for i, _ in later.examples[2:]] != replayed

@@ -155,3 +155,41 @@ def test_status_cli_reads_the_state(tmp_path, capsys):
     assert main(["status", "--data-dir", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["round"] == 1
     assert main(["status", "--data-dir", str(tmp_path / "nope")]) == 2
+
+
+def test_a_round_record_carries_knowledge_chat_health_and_examples(tmp_path):
+    res = published(1)
+    res["metrics"].update({"knowledge": {"learned": {"before": 0.2, "after": 0.4},
+                                         "held_out": {"before": 0.21, "after": 0.2}},
+                           "chat": {"retention": 0.97, "format_ok": {"before": 1.0, "after": 1.0}}})
+    manifest = {**MANIFEST, "probe": {"examples": [{"question": "What is Chard?", "parent": "A mushroom.",
+                                                    "candidate": "A leafy vegetable.", "parent_score": 0.0,
+                                                    "candidate_score": 1.0}]}}
+    st, _ = apply_result(new_state(cfg(tmp_path)), res, manifest, PromotionSpec())
+    rec = st["rounds"][0]
+    assert rec["promoted"] and rec["knowledge"]["learned"]["after"] == 0.4 and rec["chat"]["retention"] == 0.97
+    out = format_table(st)
+    assert "0.20->0.40" in out and "0.970" in out and "100%" in out
+    assert "Q: What is Chard?" in out and "candidate (1.00): A leafy vegetable." in out
+
+
+def test_status_shows_the_running_round_live(tmp_path):
+    st = new_state(cfg(tmp_path))
+    st["current_round"] = {"round": 3, "started_at": 100.0,
+                           "progress": {"phase": "training", "step": 4, "of": 18, "loss": 1.9, "tokens_per_s": 265,
+                                        "eta_s": 52}}
+    out = format_table(st, now=130.0)
+    assert "training round 3 for 30s: training, step 4/18, loss 1.900, 265 tok/s, ETA 52s" in out
+
+
+def test_trainer_progress_file_follows_the_round(tmp_path):
+    from selflearn.trainer.cli import ProgressFile
+
+    path = tmp_path / "p" / "progress.json"
+    pf = ProgressFile(path)
+    assert json.loads(path.read_text())["phase"] == "starting"
+    pf({"event": "phase", "phase": "training"})
+    pf({"event": "step", "step": 2, "of": 9, "loss": 2.0, "tokens_per_s": 250.0, "eta_s": 30.0, "lr": 1e-4})
+    doc = json.loads(path.read_text())
+    assert doc["phase"] == "training" and doc["step"] == 2 and doc["of"] == 9 and doc["eta_s"] == 30.0
+    assert "lr" not in doc

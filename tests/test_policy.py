@@ -76,3 +76,45 @@ def test_pinned_rolls_back_and_blocks_promotion():
 def test_no_candidate():
     d = gate(None, candidate=None)
     assert not d.promote and d.serve is None
+
+
+def chat_metrics(*, fmt=(1.0, 1.0), retention=0.99, learned=(0.2, 0.4), general=(20.0, 19.0)):
+    m = metrics(general=general)
+    m["chat"] = {"format_ok": {"before": fmt[0], "after": fmt[1]}, "retention": retention}
+    m["knowledge"] = {"learned": {"before": learned[0], "after": learned[1]}}
+    return m
+
+
+def test_chat_and_knowledge_checks_promote_a_good_round_and_say_so():
+    d = gate(chat_metrics())
+    assert d.promote, d.reason
+    assert "format 100%" in d.reason and "chat retention 0.990" in d.reason and "knowledge 0.200->0.400" in d.reason
+
+
+def test_a_round_that_breaks_the_chat_format_is_rejected_first():
+    d = gate(chat_metrics(fmt=(1.0, 0.75), retention=0.5, learned=(0.2, 0.1)))
+    assert not d.promote and d.reason.startswith("rejected: chat format health 100%->75%")
+
+
+def test_chat_retention_below_the_limit_is_rejected():
+    d = gate(chat_metrics(retention=0.9))
+    assert not d.promote and d.reason == "rejected: chat retention 0.900 below 0.950"
+    assert gate(chat_metrics(retention=0.9), min_chat_retention=0.85).promote
+    assert not gate(chat_metrics(retention=float("nan"))).promote
+
+
+def test_knowledge_of_the_learned_articles_may_not_fall():
+    d = gate(chat_metrics(learned=(0.3, 0.2)))
+    assert not d.promote and d.reason.startswith("rejected: knowledge of the learned articles 0.300->0.200")
+    assert gate(chat_metrics(learned=(0.3, 0.25)), max_knowledge_drop=0.1).promote
+
+
+def test_decide_for_reads_the_limits_from_the_promotion_spec():
+    from selflearn.policy import decide_for
+    from selflearn.spec import PromotionSpec
+
+    strict = PromotionSpec(minChatRetention=0.995)
+    assert not decide_for(strict, chat_metrics(), candidate=CAND).promote
+    assert decide_for(PromotionSpec(), chat_metrics(), candidate=CAND).promote
+    pinned = decide_for(PromotionSpec(pinnedCheckpoint=SERVING), chat_metrics(), candidate=CAND, serving=CAND)
+    assert pinned.serve == SERVING

@@ -225,6 +225,14 @@ def status_schema() -> dict[str, Any]:
                         "trainLoss": {"type": "number", "nullable": True},
                         "perplexityBefore": {"type": "number", "nullable": True},
                         "perplexityAfter": {"type": "number", "nullable": True},
+                        "knowledgeBefore": {"type": "number", "nullable": True, "description":
+                                            "Parent's score answering questions about the round's articles."},
+                        "knowledgeAfter": {"type": "number", "nullable": True,
+                                           "description": "The candidate's score on the same questions."},
+                        "chatRetention": {"type": "number", "nullable": True, "description":
+                                          "Parent's perplexity of the reference chat answers over the candidate's."},
+                        "formatHealth": {"type": "number", "nullable": True, "description":
+                                         "Share of chat prompts the candidate answered in good format."},
                         "promoted": {"type": "boolean"},
                         "reason": {"type": "string"},
                         "finishedAt": {"type": "string", "format": "date-time"},

@@ -42,6 +42,15 @@ class RoundResult:
         return g.get("before"), g.get("after")
 
     @property
+    def knowledge_learned(self) -> tuple[float | None, float | None]:
+        k = ((self.metrics or {}).get("knowledge") or {}).get("learned") or {}
+        return k.get("before"), k.get("after")
+
+    @property
+    def chat(self) -> dict[str, Any]:
+        return (self.metrics or {}).get("chat") or {}
+
+    @property
     def train_loss(self) -> float | None:
         return (self.metrics or {}).get("train_loss")
 

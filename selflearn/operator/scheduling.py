@@ -110,9 +110,12 @@ def history_entry(*, round_: int, attempt: int, job: str, now: datetime, result:
         outcome = "pinned"
     else:
         outcome = "rejected"
+    k_before, k_after = result.knowledge_learned
+    chat = {"knowledgeBefore": k_before, "knowledgeAfter": k_after, "chatRetention": result.chat.get("retention"),
+            "formatHealth": (result.chat.get("format_ok") or {}).get("after")}
     return entry | {"result": outcome, "promoted": decision.promote, "checkpoint": result.checkpoint,
                     "trainLoss": result.train_loss, "perplexityBefore": before, "perplexityAfter": after,
-                    "reason": decision.reason}
+                    **{k: v for k, v in chat.items() if v is not None}, "reason": decision.reason}
 
 
 def append_history(history: list[Mapping[str, Any]] | None, entry: Mapping[str, Any], limit: int) -> list[dict]:

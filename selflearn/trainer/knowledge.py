@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from ..prompting import render_example
 from ..sources.base import Article
 from . import probe
-from .qa import PairGenerator, QAPair, pairs_for, templates_for
+from .qa import PairGenerator, QAPair, make_pairs, pairs_for, templates_for
 
 log = logging.getLogger("selflearn.trainer")
 
@@ -39,14 +39,17 @@ class ChatData:
     examples: list[tuple[list[int], list[int]]] = field(default_factory=list)
     pairs: list[QAPair] = field(default_factory=list)
     replayed: int = 0
+    reviewed: int = 0
     text_only: list[str] = field(default_factory=list)  # titles trained as text only, and why
 
 
 def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article: int, replay: Sequence[dict],
-                    replay_n: int, round_: int, generator: PairGenerator | None = None) -> ChatData:
+                    replay_n: int, round_: int, generator: PairGenerator | None = None,
+                    review: Sequence[Article] = ()) -> ChatData:
     """Chat examples for a round: the articles' pairs, ordered kind by kind across articles (so a
-    block rarely holds two answers about one article, which could copy from each other), then
-    `replay_n` replayed chat examples, rotating through the replay set from round to round."""
+    block rarely holds two answers about one article, which could copy from each other), the
+    first question of each `review` article (learned in an earlier round), then `replay_n`
+    replayed chat examples, rotating through the replay set from round to round."""
     out = ChatData()
     by_article = pairs_for(articles, per_article=per_article, generator=generator)
     missing = sorted({_language(a) for a in articles if templates_for(_language(a)) is None})
@@ -60,12 +63,20 @@ def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article:
         columns.append(pairs)
     for depth in range(max((len(c) for c in columns), default=0)):
         out.pairs += [c[depth] for c in columns if len(c) > depth]
-    for p in out.pairs:
+    reviewed = [pairs[0] for pairs in (make_pairs(a, per_article=1) for a in review) if pairs]
+    out.reviewed = len(reviewed)
+    for p in out.pairs + reviewed:
         out.examples.append(render_example(tokenizer, [{"role": "user", "content": p.question}], p.answer))
     if replay and replay_n:
+        # Categories taken in turn, so that every round replays greetings, instructions, lists and
+        # refusals alike, and rounds rotate through the rest.
+        by_cat: dict[str, list[dict]] = {}
+        for it in replay:
+            by_cat.setdefault(it.get("category", ""), []).append(it)
+        mixed = [c[i] for i in range(max(len(c) for c in by_cat.values())) for c in by_cat.values() if i < len(c)]
         start = (round_ - 1) * replay_n
         for i in range(replay_n):
-            it = replay[(start + i) % len(replay)]
+            it = mixed[(start + i) % len(mixed)]
             out.examples.append(render_example(tokenizer, [{"role": "user", "content": it["prompt"]}], it["answer"]))
         out.replayed = replay_n
     return out

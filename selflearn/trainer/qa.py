@@ -6,8 +6,8 @@ when training also shows it as the questions people ask, in varied forms (Allen-
 Physics of Language Models 3.1). So each article becomes several pairs:
 
     define    What is / Who was <title>?           -> the first sentence
-    summary   Tell me about <title>.               -> the first sentences
     more      What else do you know about <title>? -> the sentences after the first
+    summary   Tell me about <title>.               -> the first two sentences
     when      What happened with <title> in <year>? -> a later sentence naming that year
     relation  How is <title> connected to <name>?  -> a later sentence naming that entity
     where     Where is <title>?                     -> a sentence placing it (geography)
@@ -82,8 +82,9 @@ TEMPLATES: dict[str, Templates] = {
         joiners=frozenset({"de", "del", "la", "las", "los", "el", "y", "von"})),
 }
 
-# The order pairs are taken in when an article yields more than `per_article`.
-KINDS = ("define", "summary", "more", "when", "relation", "where", "described")
+# The order pairs are taken in when an article yields more than `per_article`: the question
+# everyone asks first, then the rest of the article's facts, then other phrasings of the same.
+KINDS = ("define", "more", "summary", "when", "relation", "where", "described")
 
 # Words before a full stop that do not end a sentence.
 _ABBREV = frozenset({"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "vs", "etc", "e.g", "i.e", "approx", "no",
@@ -191,7 +192,7 @@ def make_pairs(article: Article, *, language: str | None = None, per_article: in
 
     add("define", _define_question(article, first, t), first)
     if len(sentences) > 1:
-        add("summary", t.summary.format(t=title), _clip(sentences[:3]))
+        add("summary", t.summary.format(t=title), _clip(sentences[:2]))
         add("more", t.more.format(t=title), _clip(sentences[1:4]))
     years_seen, names_seen = set(), set()
     for s in sentences[1:]:

@@ -115,6 +115,59 @@ def _parent_probe(store: CheckpointStore, run: str, parent: CheckpointRef | None
         return None
 
 
+def _training_batches(config: RunConfig, round_: int, tok: Any, store: CheckpointStore, train_arts: list[Article],
+                      train_docs: list[list[int]], replay_docs: list[list[int]],
+                      refs: dict[str, list[dict]] | None) -> tuple[list, "knowledge.ChatData | None", int]:
+    """The round's training batches in its `training.format`; -> (batches, chat data, examples too long).
+
+    text: the articles (and replayed earlier articles) packed as plain LM blocks. chat/mixed: the
+    question/answer pairs, earlier rounds' first questions and replayed chat answers, packed with
+    the raw text (mixed) or only with the text of articles that yielded no pair (chat).
+    """
+    spec, run = config.spec, config.name
+    L, B, eos = spec.training.max_length, spec.training.batch_size, tok.eos_token_id
+    if spec.training.format == "text":
+        return data.batches(data.pack(train_docs + replay_docs, L, eos, fill_tail=True), B), None, 0
+    review: list[Article] = []
+    if spec.training.qa_review:
+        earlier = _earlier_articles(store, run, 10_000)
+        random.Random(spec.training.seed + round_).shuffle(earlier)
+        review = [Article(title=a["title"], text=a["text"], source=a.get("source") or "snapshot:en",
+                          extra=a.get("extra") or {}) for a in earlier[:spec.training.qa_review]]
+    chat = knowledge.build_chat_data(
+        tok, train_arts, per_article=spec.training.qa_pairs_per_article, round_=round_,
+        replay=refs["replay"] if refs else [], replay_n=spec.training.chat_replay,
+        generator=knowledge.load_generator(spec.training.pair_generator), review=review)
+    text = train_docs + replay_docs if spec.training.format == "mixed" else \
+        [d for a, d in zip(train_arts, train_docs) if a.title in chat.text_only]
+    too_long = sum(1 for ids, _ in chat.examples if len(ids) > L)
+    if too_long:
+        log.warning("%d of %d chat examples are longer than training.maxLength %d and are not trained",
+                    too_long, len(chat.examples), L)
+    return data.batches(data.pack_examples(chat.examples, text, L, eos), B), chat, too_long
+
+
+def _probe_parent(store: CheckpointStore, run: str, parent: CheckpointRef | None, model: Any, tok: Any,
+                  probes: knowledge.ProbeSets, block: int, precision: str) -> dict[str, Any]:
+    """The parent's answers, reusing what is known of it on the fixed sets; the base model's are
+    kept in the store for the run's later rounds that start from it again."""
+    report = knowledge.measure(model, tok, probes, block=block, precision=precision,
+                               known=_parent_probe(store, run, parent))
+    if parent is None and not report["reused"]:
+        store.put_json(f"{run}/{BASE_PROBE_KEY}", knowledge.reusable(report, knowledge.fingerprint(probes, precision)))
+    return report
+
+
+def _probe_candidate(model: Any, tok: Any, probes: knowledge.ProbeSets, before: dict[str, Any], block: int,
+                     precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """-> (the metrics the gate reads, what the manifest shows): the candidate against its parent."""
+    after = knowledge.measure(model, tok, probes, block=block, precision=precision)
+    after["reusable"] = knowledge.reusable(after, knowledge.fingerprint(probes, precision))
+    metrics, shown = knowledge.compare(before, after)
+    log.info(knowledge.summary_line(metrics))
+    return metrics, shown
+
+
 def collect_articles(config: RunConfig, cursors: dict[str, Any], seen: set[str],
                      sources: list | None = None) -> tuple[list[Article], list[Article], list, dict]:
     """-> (train, held_out, dropped, new_cursors). Held-out articles come from the first
@@ -174,9 +227,17 @@ def run_round(
         log.warning(reason)
         return RoundResult("empty", round_, reason=reason)
 
+    marks: list[tuple[str, float]] = [("loading", time.monotonic())]
+
     def phase(name: str) -> None:
+        marks.append((name, time.monotonic()))
         if on_step:
             on_step({"event": "phase", "phase": name})
+
+    def phase_seconds() -> dict[str, float]:
+        """Where the round's time went so far: seconds per phase."""
+        ends = [t for _, t in marks[1:]] + [time.monotonic()]
+        return {name: round(end - t, 1) for (name, t), end in zip(marks, ends)}
 
     device = prec.pick_device()
     precision = prec.resolve(spec.training.precision, device)
@@ -209,30 +270,15 @@ def run_round(
         refs = knowledge.references(spec.base_model, store, run, model, tok,
                                     recorded_from=parent_ref.uri if parent_ref else "base") \
             if spec.training.chat_eval or (spec.training.format != "text" and spec.training.chat_replay) else None
-        chat = None
-        if spec.training.format == "text":
-            train_batches = batches_of(train_docs + replay_docs, train=True)
-        else:
-            chat = knowledge.build_chat_data(
-                tok, train_arts, per_article=spec.training.qa_pairs_per_article, round_=round_,
-                replay=refs["replay"] if refs else [], replay_n=spec.training.chat_replay,
-                generator=knowledge.load_generator(spec.training.pair_generator))
-            text = train_docs + replay_docs if spec.training.format == "mixed" else \
-                [d for a, d in zip(train_arts, train_docs) if a.title in chat.text_only]
-            train_batches = data.batches(data.pack_examples(chat.examples, text, L, eos), B)
+        train_batches, chat, too_long = _training_batches(config, round_, tok, store, train_arts, train_docs,
+                                                          replay_docs, refs)
         sets = {"fresh": batches_of(tokens_of([a.text for a in held])), "trained": batches_of(train_docs),
                 "general": batches_of(tokens_of([a.text for a in general]))}
         phase("evaluating the parent")
         ppl_before = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
         probes = knowledge.ProbeSets.of(train_arts, held, general, refs["retention"]) if spec.training.chat_eval \
             else None
-        report_before = None
-        if probes:
-            fp = knowledge.fingerprint(probes, precision)
-            report_before = knowledge.measure(model, tok, probes, block=L, precision=precision,
-                                              known=_parent_probe(store, run, parent_ref))
-            if parent_ref is None and not report_before["reused"]:
-                store.put_json(f"{run}/{BASE_PROBE_KEY}", knowledge.reusable(report_before, fp))
+        report_before = _probe_parent(store, run, parent_ref, model, tok, probes, L, precision) if probes else None
         cfg = loop.LoopConfig(epochs=spec.training.epochs, gradient_accumulation=spec.training.gradient_accumulation,
                               learning_rate=spec.training.learning_rate, weight_decay=spec.training.weight_decay,
                               warmup_ratio=spec.training.warmup_ratio, precision=precision,
@@ -241,13 +287,8 @@ def run_round(
         stats = loop.train(model, train_batches, cfg, master=master, on_step=on_step, progress=progress)
         phase("evaluating the candidate")
         ppl_after = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
-        chat_metrics, shown = {}, None
-        if probes:
-            report_after = knowledge.measure(model, tok, probes, block=L, precision=precision)
-            report_after["reusable"] = knowledge.reusable(report_after, fp)
-            chat_metrics, shown = knowledge.compare(report_before, report_after)
-        if chat_metrics:
-            log.info(knowledge.summary_line(chat_metrics))
+        chat_metrics, shown = ({}, None) if not probes else \
+            _probe_candidate(model, tok, probes, report_before, L, precision)
 
         out = tmp / "checkpoint"
         if master:
@@ -255,7 +296,9 @@ def run_round(
         save_for_checkpoint(model, tok, spec, out)
         with open(out / ARTICLES_FILE, "w") as f:
             for a in train_arts:
-                f.write(json.dumps({"title": a.title, "sha256": a.sha256, "text": a.text}) + "\n")
+                # source and extra (topic, description): a later round rebuilds the same questions.
+                f.write(json.dumps({"title": a.title, "sha256": a.sha256, "text": a.text, "source": a.source,
+                                    "extra": a.extra}, default=str) + "\n")
         metrics = {
             "train_loss": stats.final_loss,
             "losses": [round(x, 4) for x in stats.losses],
@@ -269,9 +312,12 @@ def run_round(
             "replayed": len(replay_docs),
             "dropped": len(dropped),
             "format": spec.training.format,
-            **({"qa_pairs": len(chat.pairs), "chat_replayed": chat.replayed, "text_only": len(chat.text_only)}
+            **({"qa_pairs": len(chat.pairs), "chat_replayed": chat.replayed, "qa_reviewed": chat.reviewed,
+                "text_only": len(chat.text_only),
+                "examples_too_long": too_long}
                if chat else {}),
             **chat_metrics,
+            "phase_seconds": phase_seconds(),
         }
         manifest = {
             "base_model": spec.base_model,
