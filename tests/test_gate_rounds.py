@@ -69,13 +69,16 @@ def test_raw_text_at_an_absurd_learning_rate_breaks_the_chat_and_is_rejected(sto
 
 
 def test_a_poisoned_round_is_rejected_on_knowledge(store_dir):
-    # Chat retention allowed to fall here, so that the knowledge check itself is what decides.
-    res, d = judge(cfg(store_dir, learningRate=2.0e-4, format="chat", chatReplay=16,
-                       pairGenerator="test_gate_rounds:poisoned", promotion={"minChatRetention": 0.0}), 3)
-    assert not d.promote
-    assert d.reason.startswith("rejected: knowledge of the learned articles"), d.reason
+    config = cfg(store_dir, learningRate=2.0e-4, format="chat", chatReplay=16,
+                 pairGenerator="test_gate_rounds:poisoned")
+    res, d = judge(config, 3)
+    assert not d.promote and d.reason.startswith("rejected"), d.reason
     k = res.metrics["knowledge"]["learned"]
-    assert k["after"] < k["before"]
+    assert k["after"] < k["before"], "it now answers worse about the very articles it trained on"
+    # Even a poisoning that kept every chat manner intact is caught: the knowledge check alone.
+    chat_kept = {key: v for key, v in res.metrics.items() if key != "chat"}
+    alone = decide_for(config.spec.promotion, chat_kept, candidate=res.checkpoint)
+    assert not alone.promote and alone.reason.startswith("rejected: knowledge of the learned articles"), alone.reason
 
 
 def test_a_round_of_chat_free_garbage_is_rejected(store_dir, tmp_path):
