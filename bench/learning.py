@@ -28,7 +28,9 @@ def main() -> None:
         cfg = RunConfig(name="bench", spec=parse_spec({
             "sources": [{"snapshot": {"language": "en", "articlesPerRound": a.articles}}],
             "training": {"epochs": a.epochs, "batchSize": 4, "gradientAccumulation": 1, "learningRate": a.lr,
-                         "maxLength": a.max_length, "evalArticles": 16, "generalArticles": 32},
+                         "maxLength": a.max_length, "evalArticles": 16, "generalArticles": 32,
+                         # The language-model view of learning; bench/knowledge.py measures answers.
+                         "format": "text", "chatEval": False},
             "storage": {"uri": f"file://{tmp}/store"}}))
         res = run_round(cfg, 1, progress=False)
     ppl = res.metrics["ppl"]

@@ -23,8 +23,8 @@ log = logging.getLogger("selflearn.local")
 # should is the first manner a round loses), at a learning rate that makes the answers stick in
 # 2 epochs and keeps the general set's perplexity inside the gate (measured with
 # bench/knowledge.py; see docs/local.md).
-LOCAL_TRAINING = {"epochs": 2, "batchSize": 4, "gradientAccumulation": 1, "learningRate": 7.0e-5,
-                  "maxLength": 256, "evalArticles": 4, "generalArticles": 8, "qaPairsPerArticle": 3,
+LOCAL_TRAINING = {"epochs": 2, "batchSize": 4, "gradientAccumulation": 1, "learningRate": 1.0e-4,
+                  "maxLength": 256, "evalArticles": 4, "generalArticles": 8, "qaPairsPerArticle": 2,
                   "chatReplay": 15, "qaReview": 8}
 LOCAL_ARTICLES = 16
 

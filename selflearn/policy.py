@@ -54,7 +54,7 @@ def decide(
         return Decision(False, pinned, f"pinned to {pinned}")
     if not candidate or metrics is None:
         return Decision(False, None, "no candidate checkpoint")
-    notes: list[str] = []
+    notes: list[str] = []  # the chat checks passed
     chat = metrics.get("chat") or {}
     fmt = chat.get("format_ok") or {}
     if fmt.get("after") is not None and fmt.get("before") is not None:
@@ -81,14 +81,17 @@ def decide(
     fresh = _pair(metrics, "fresh")
     if fresh is not None:
         checks.append(("fresh", fresh, max_fresh_increase))
+    ppl_notes: list[str] = []
     for name, (before, after), limit in checks:
         if not (math.isfinite(before) and math.isfinite(after)) or before <= 0:
             return Decision(False, None, f"rejected: {name} perplexity is not finite ({before} -> {after})")
         rise = after / before - 1.0
-        notes.append(f"{name} ppl {before:.2f}->{after:.2f} ({rise:+.1%}, limit +{limit:.1%})")
+        ppl_notes.append(f"{name} ppl {before:.2f}->{after:.2f} ({rise:+.1%}, limit +{limit:.1%})")
         if rise > limit:
-            return Decision(False, None, f"rejected: {name} perplexity: " + "; ".join(notes))
-    return Decision(True, candidate, "promoted: " + "; ".join(notes))
+            # The perplexity that decided first, then what passed.
+            passed = f"; passed: {', '.join(notes)}" if notes else ""
+            return Decision(False, None, "rejected: " + "; ".join(ppl_notes) + passed)
+    return Decision(True, candidate, "promoted: " + "; ".join(notes + ppl_notes))
 
 
 def decide_for(promotion: Any, metrics: Mapping[str, Any] | None, *, candidate: str | None,

@@ -219,3 +219,28 @@ def test_replay_covers_every_kind_of_chat_and_earlier_articles_are_asked_again(t
     # The next round replays other answers.
     later = knowledge.build_chat_data(tok, [KNUTH], per_article=2, replay=replay, replay_n=10, round_=2)
     assert [tok.decode(i) for i, _ in later.examples[2:]] != replayed
+
+
+def test_greedy_probe_answers_are_what_generate_gives(tok):
+    """The probe's decoder drops finished rows from the batch; the answers stay model.generate's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    prompts = ["Hi!", "What is the capital of Italy?", "List three fruits as a bulleted list, please, now."]
+    rows = [render_prompt(tok, [{"role": "user", "content": p}]) for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    # Make a few tokens "end the turn" so that rows finish at different steps.
+    with torch.inference_mode():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)[:, width:].tolist()
+    stops = {ref[0][3], ref[1][7]}
+    with torch.inference_mode():
+        got = probe._greedy(model, ids, mask, 12, stops)
+    for want, have in zip(ref, got):
+        cut = next((j + 1 for j, t in enumerate(want) if t in stops), len(want))
+        assert have == want[:cut]
+    assert len(got[0]) <= 4 and len(got[1]) <= 8, "finished rows stop"
