@@ -17,8 +17,8 @@ from typing import Any
 log = logging.getLogger("selflearn.local")
 
 # CPU-sized rounds: a minute or two each on 2 cores with the bundled 135M model.
-# Chat-format rounds (the default `mixed`): 3 question/answer pairs per article (what is it, the
-# rest of its facts, tell me about it), 8 articles of earlier rounds asked about again, 15 replayed
+# Chat-format rounds (the default `mixed`): 2 question/answer pairs per article (what is it, and the
+# rest of its facts), 8 articles of earlier rounds asked about again, 15 replayed
 # chat answers against forgetting (3 of each kind, lists included: a list that stops where it
 # should is the first manner a round loses), at a learning rate that makes the answers stick in
 # 2 epochs and keeps the general set's perplexity inside the gate (measured with
