@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from ..prompting import render_example
 from ..sources.base import Article
 from . import probe
-from .qa import PairGenerator, QAPair, make_pairs, pairs_for, templates_for
+from .qa import PairGenerator, QAPair, language_of, make_pairs, pairs_for, templates_for
 
 log = logging.getLogger("selflearn.trainer")
 
@@ -30,17 +30,13 @@ CHAT_NEW_TOKENS = 128  # the budget a retention answer must end its turn within
 EXAMPLES_SHOWN = 4  # question/answer examples, parent vs candidate, kept in the manifest
 
 
-def _language(article: Article) -> str:
-    return article.source.split(":", 1)[1] if ":" in (article.source or "") else "en"
-
-
 @dataclass
 class ChatData:
     examples: list[tuple[list[int], list[int]]] = field(default_factory=list)
     pairs: list[QAPair] = field(default_factory=list)
     replayed: int = 0
     reviewed: int = 0
-    text_only: list[str] = field(default_factory=list)  # titles trained as text only, and why
+    text_only: list[str] = field(default_factory=list)  # titles that yielded no pair: trained as text only
 
 
 def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article: int, replay: Sequence[dict],
@@ -52,7 +48,7 @@ def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article:
     replayed chat examples, rotating through the replay set from round to round."""
     out = ChatData()
     by_article = pairs_for(articles, per_article=per_article, generator=generator)
-    missing = sorted({_language(a) for a in articles if templates_for(_language(a)) is None})
+    missing = sorted({language_of(a) for a in articles if templates_for(language_of(a)) is None})
     if missing:
         log.info("no question templates for language(s) %s: their articles train as raw text only", missing)
     columns: list[list[QAPair]] = []

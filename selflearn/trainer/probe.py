@@ -25,7 +25,7 @@ import torch
 from ..prompting import PLAIN_STOP, end_of_turn_ids, has_chat_template, render_example, render_prompt
 from ..sources.base import Article
 from . import data
-from .qa import make_pairs, split_sentences, templates_for
+from .qa import language_of, make_pairs, split_sentences, templates_for
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 RETENTION_FILE = DATA_DIR / "chat_retention.json"
@@ -116,7 +116,7 @@ class Question:
 
 def question_for(article: Article) -> Question | None:
     """The question a user asks first about an article, and what a good answer contains."""
-    lang = article.source.split(":", 1)[1] if ":" in (article.source or "") else "en"
+    lang = language_of(article)
     if templates_for(lang) is None:
         return None
     pairs = make_pairs(article, language=lang, per_article=1)

@@ -116,7 +116,8 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in out if s.strip()]
 
 
-def _language_of(article: Article) -> str:
+def language_of(article: Article) -> str:
+    """An article's language from its source (`snapshot:fr` -> `fr`); English when it names none."""
     src = article.source or ""
     return src.split(":", 1)[1] if ":" in src else "en"
 
@@ -179,7 +180,7 @@ def _clip(sentences: Sequence[str]) -> str:
 
 def make_pairs(article: Article, *, language: str | None = None, per_article: int = 4) -> list[QAPair]:
     """Up to `per_article` grounded pairs about `article`, most useful first; [] without templates."""
-    t = templates_for(language or _language_of(article))
+    t = templates_for(language or language_of(article))
     sentences = split_sentences(article.text)
     if t is None or not sentences or per_article <= 0:
         return []
