@@ -115,25 +115,22 @@ def _parent_probe(store: CheckpointStore, run: str, parent: CheckpointRef | None
         return None
 
 
-def _training_batches(config: RunConfig, round_: int, tok: Any, store: CheckpointStore, train_arts: list[Article],
-                      train_docs: list[list[int]], replay_docs: list[list[int]],
-                      refs: dict[str, list[dict]] | None) -> tuple[list, "knowledge.ChatData | None", int]:
+def _training_batches(config: RunConfig, round_: int, tok: Any, train_arts: list[Article],
+                      train_docs: list[list[int]], replay_docs: list[list[int]], refs: dict[str, list[dict]] | None,
+                      earlier: list[dict[str, Any]]) -> tuple[list, "knowledge.ChatData | None", int]:
     """The round's training batches in its `training.format`; -> (batches, chat data, examples too long).
 
     text: the articles (and replayed earlier articles) packed as plain LM blocks. chat/mixed: the
     question/answer pairs, earlier rounds' first questions and replayed chat answers, packed with
     the raw text (mixed) or only with the text of articles that yielded no pair (chat).
     """
-    spec, run = config.spec, config.name
+    spec = config.spec
     L, B, eos = spec.training.max_length, spec.training.batch_size, tok.eos_token_id
     if spec.training.format == "text":
         return data.batches(data.pack(train_docs + replay_docs, L, eos, fill_tail=True), B), None, 0
-    review: list[Article] = []
-    if spec.training.qa_review:
-        earlier = _earlier_articles(store, run, 10_000)
-        random.Random(spec.training.seed + round_).shuffle(earlier)
-        review = [Article(title=a["title"], text=a["text"], source=a.get("source") or "snapshot:en",
-                          extra=a.get("extra") or {}) for a in earlier[:spec.training.qa_review]]
+    # `earlier` is shuffled for this round: its first articles are the ones asked about again.
+    review = [Article(title=a["title"], text=a["text"], source=a.get("source") or "snapshot:en",
+                      extra=a.get("extra") or {}) for a in earlier[:spec.training.qa_review]]
     chat = knowledge.build_chat_data(
         tok, train_arts, per_article=spec.training.qa_pairs_per_article, round_=round_,
         replay=refs["replay"] if refs else [], replay_n=spec.training.chat_replay,
@@ -260,18 +257,19 @@ def run_round(
         # Tokenised once: packed full for training, with its exact tail for the "trained" eval set.
         train_docs = tokens_of([a.text for a in train_arts])
         replay_docs: list[list[int]] = []
+        wants_review = spec.training.format != "text" and spec.training.qa_review > 0
+        # Earlier rounds' articles, read once, shuffled per round: for text replay and for review.
+        earlier = _earlier_articles(store, run, 10_000) if spec.training.replay_fraction > 0 or wants_review else []
+        random.Random(spec.training.seed + round_).shuffle(earlier)
         if spec.training.replay_fraction > 0:
             # Replay earlier rounds' articles so this round's blocks are `replay_fraction` old text.
-            earlier = _earlier_articles(store, run, 10_000)
-            rng = random.Random(spec.training.seed + round_)
-            rng.shuffle(earlier)
             want = int(len(train_arts) * spec.training.replay_fraction / (1 - spec.training.replay_fraction))
             replay_docs = tokens_of([a["text"] for a in earlier[:want]])
         refs = knowledge.references(spec.base_model, store, run, model, tok,
                                     recorded_from=parent_ref.uri if parent_ref else "base") \
             if spec.training.chat_eval or (spec.training.format != "text" and spec.training.chat_replay) else None
-        train_batches, chat, too_long = _training_batches(config, round_, tok, store, train_arts, train_docs,
-                                                          replay_docs, refs)
+        train_batches, chat, too_long = _training_batches(config, round_, tok, train_arts, train_docs, replay_docs,
+                                                          refs, earlier)
         sets = {"fresh": batches_of(tokens_of([a.text for a in held])), "trained": batches_of(train_docs),
                 "general": batches_of(tokens_of([a.text for a in general]))}
         phase("evaluating the parent")
