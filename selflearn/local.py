@@ -125,7 +125,7 @@ def round_record(result: dict[str, Any], manifest: dict[str, Any] | None,
         "chat": metrics.get("chat") or {},
         "format": metrics.get("format"),
         "qa_pairs": metrics.get("qa_pairs"),
-        "examples": ((manifest.get("probe") or {}).get("examples") or [])[:4],
+        "examples": (manifest.get("probe") or {}).get("examples") or [],  # a few, chosen by the trainer
         "published_at": manifest.get("published_at"),
         "finished_at": time.time(),
     }

@@ -24,7 +24,6 @@ from .config import EngineOptions, ModelConfig
 log = logging.getLogger(__name__)
 
 
-
 class PromptTooLong(ValueError):
     """The newest message alone does not fit the context next to the requested new tokens."""
 

@@ -62,13 +62,13 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], text_
         stream.append(eos_id)
     pos = 0
     out = []
+
+    def fits(example: tuple[list[int], list[int]], used: int) -> bool:
+        return used + len(example[0]) <= block_size
+
     while queue or pos < len(stream):
         ids: list[int] = []
         labels: list[int] = []
-
-        def fits(example: tuple[list[int], list[int]], used: int) -> bool:
-            return used + len(example[0]) <= block_size
-
         while queue and fits(queue[0], len(ids)):
             i, l = queue.pop(0)
             ids, labels = ids + i, labels + l

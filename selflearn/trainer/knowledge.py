@@ -163,7 +163,7 @@ def measure(model: Any, tokenizer: Any, sets: ProbeSets, *, block: int, precisio
         known = None
     report: dict[str, Any] = {"knowledge": {}, "answers": {}}
     names = ("learned", "held_out") if known else ("learned", "held_out", "general")
-    _, rows = probe.ask(model, tokenizer, [q for n in names for q in getattr(sets, n)],
+    rows = probe.ask(model, tokenizer, [q for n in names for q in getattr(sets, n)],
                         max_new_tokens=PROBE_NEW_TOKENS)
     i = 0
     for name in names:

@@ -227,15 +227,14 @@ def reference_batches(tokenizer: Any, items: Sequence[dict[str, Any]], block: in
 
 
 def ask(model: torch.nn.Module, tokenizer: Any, questions: Sequence[Question], *,
-        max_new_tokens: int = 64) -> tuple[float | None, list[dict[str, Any]]]:
-    """Mean knowledge score of greedy answers to `questions`, and each question's record."""
+        max_new_tokens: int = 64) -> list[dict[str, Any]]:
+    """Greedy answers to `questions`, each with its knowledge score."""
     if not questions:
-        return None, []
+        return []
     gens = generate(model, tokenizer, [q.question for q in questions], max_new_tokens=max_new_tokens)
-    rows = [{"title": q.title, "question": q.question, "answer": g.text,
+    return [{"title": q.title, "question": q.question, "answer": g.text,
              "score": round(knowledge_score(g.text, q.reference, q.title, q.language), 4)}
             for q, g in zip(questions, gens)]
-    return sum(r["score"] for r in rows) / len(rows), rows
 
 
 def perplexity_of_references(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict[str, Any]], *,
