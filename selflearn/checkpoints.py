@@ -178,8 +178,8 @@ class S3Backend:
             raise CheckpointError(f"cannot download s3://{self.bucket}/{self._k(key)}: {err}") from None
 
     def _list(self, prefix: str, delimiter: bool) -> Iterable[dict]:
-        p = self._k(prefix).rstrip("/") + "/"
-        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": p}
+        p = self._k(prefix).strip("/")
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": p + "/" if p else ""}  # "": the bucket's root
         if delimiter:
             kw["Delimiter"] = "/"
         for page in self.client.get_paginator("list_objects_v2").paginate(**kw):
@@ -193,7 +193,8 @@ class S3Backend:
         return sorted(out)
 
     def list_files(self, prefix: str) -> list[str]:
-        base = self._k(prefix).rstrip("/") + "/"
+        base = self._k(prefix).strip("/")
+        base = base + "/" if base else ""
         return sorted(o["Key"][len(base):] for page in self._list(prefix, False) for o in page.get("Contents", []))
 
     def delete_prefix(self, prefix: str) -> None:

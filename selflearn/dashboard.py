@@ -52,7 +52,7 @@ def _clean(text: Any, width: int) -> str:
 
 
 COLUMNS = [("round", 5), ("result", 8), ("loss", 7), ("knows learned", 13), ("knows held-out", 14),
-           ("chat kept", 9), ("format", 9), ("fresh ppl", 15), ("trained ppl", 15), ("general ppl", 15),
+           ("chat kept", 9), ("format", 9), ("feedback", 14), ("fresh ppl", 15), ("trained ppl", 15), ("general ppl", 15),
            ("articles", 8), ("checkpoint", 16), ("reason", 60)]
 
 
@@ -66,12 +66,22 @@ def _format(rec: dict[str, Any]) -> str:
     return _num(f.get("after"), "{:.0%}") if f else "-"
 
 
+def feedback_cell(rec: dict[str, Any]) -> str:
+    """What users said that the round learned: corrections and ratings."""
+    fb = rec.get("feedback")
+    if not fb:
+        return "-"
+    if fb.get("error"):
+        return "unavailable"
+    return f"{fb.get('corrections', 0)} fix, {fb.get('ratings', 0)} rated"
+
+
 def rows(state: dict[str, Any]) -> list[list[str]]:
     out = []
     for rec in state.get("rounds") or []:
         out.append([str(rec.get("round")), _decision(rec), _num(rec.get("train_loss"), "{:.3f}"),
                     _knowledge(rec, "learned"), _knowledge(rec, "held_out"),
-                    _num((rec.get("chat") or {}).get("retention"), "{:.3f}"), _format(rec),
+                    _num((rec.get("chat") or {}).get("retention"), "{:.3f}"), _format(rec), feedback_cell(rec),
                     _ppl(rec, "fresh"), _ppl(rec, "trained"), _ppl(rec, "general"),
                     str(len(rec.get("articles") or [])), rec.get("id") or "-", rec.get("reason") or ""])
     return out

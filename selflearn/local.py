@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoints import MANIFEST, CheckpointError, CheckpointStore, round_dir
+from .feedback import feedback_uri
 from .policy import Decision, decide_for
 from .spec import PromotionSpec, RunConfig
 
@@ -125,6 +126,9 @@ def round_record(result: dict[str, Any], manifest: dict[str, Any] | None,
         "chat": metrics.get("chat") or {},
         "format": metrics.get("format"),
         "qa_pairs": metrics.get("qa_pairs"),
+        # What users said that this round learned (ids as /feedback answered them).
+        "feedback": {**(metrics.get("feedback") or {}),
+                     "ids": [f.get("id") for f in manifest.get("feedback") or []]} if "feedback" in metrics else None,
         "examples": (manifest.get("probe") or {}).get("examples") or [],  # a few, chosen by the trainer
         "published_at": manifest.get("published_at"),
         "finished_at": time.time(),
@@ -451,6 +455,10 @@ def start_serving(driver: LocalDriver, *, port: int, host: str = "127.0.0.1", se
     from .serving.app import start_local
 
     args = {"state_file": str(driver.state_path), "dashboard_dir": str(web_dir()), **(app_args or {})}
+    fb = driver.config.spec.feedback
+    if fb is not None:
+        # /feedback writes where the run's feedback source reads.
+        args.setdefault("feedback_uri", fb.uri or feedback_uri(driver.config.spec.storage.uri, driver.config.name))
     server = start_local(port=port, host=host, user_config=driver.user_config(serving), args=args)
     driver.server = server
     st = server.status()

@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the chat page and API (default 8000)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--no-serve", action="store_true", help="learn only; start no Ray Serve (headless)")
+    p.add_argument("--no-feedback", action="store_true",
+                   help="do not learn from the chat's 👍/👎 and corrections (learned by default)")
     p.add_argument("--nice", type=int, default=10, help="niceness of the trainer subprocess (default 10)")
 
 
@@ -90,7 +92,13 @@ def build_config(args: argparse.Namespace):
         spec["baseModel"] = args.model
     if args.source:
         spec["sources"] = [parse_source(s, args.articles or LOCAL_ARTICLES) for s in args.source]
-    elif args.articles:
+    if not args.config and not getattr(args, "no_feedback", False):
+        # What the chat's users say, learned in the next round. One machine has one user, its owner,
+        # so the cap that stops one client steering a shared model is set high.
+        spec["sources"].append({"feedback": {"perClientCap": 50}})
+    if getattr(args, "no_feedback", False):
+        spec["sources"] = [s for s in spec["sources"] if "feedback" not in s]
+    if args.articles:
         for s in spec["sources"]:
             for kind in ("snapshot", "wikipedia"):
                 if kind in s:

@@ -40,6 +40,8 @@ def decide(
       not loop, do not drift into an article) is not worse than the parent's;
     * its chat retention (parent's reference-answer perplexity over its own) is at least
       `min_chat_retention`;
+    * on the held-out phrasings of the users' corrections it learned, it prefers the correction
+      over the old answer more often than the parent (a round that learned corrections);
     * its knowledge of the articles the round learned (scored on its answers) has not fallen more
       than `max_knowledge_drop` below the parent's;
     * its perplexity does not regress beyond the allowed fractions on the fixed general set and on
@@ -67,6 +69,14 @@ def decide(
         if not math.isfinite(float(kept)) or float(kept) < min_chat_retention:
             return Decision(False, None, f"rejected: chat retention {float(kept):.3f} below {min_chat_retention:.3f}")
         notes.append(f"chat retention {float(kept):.3f}")
+    pref = (metrics.get("feedback") or {}).get("preference") or {}
+    if pref.get("before") is not None and pref.get("after") is not None:
+        before_p, after_p = float(pref["before"]), float(pref["after"])
+        # More often than the parent; a parent that already always agreed must be matched.
+        if after_p < before_p or (after_p == before_p and before_p < 1.0):
+            return Decision(False, None, f"rejected: the users' corrections preferred on {after_p:.0%} of held-out "
+                                         f"phrasings, the parent {before_p:.0%} (must be more often)")
+        notes.append(f"corrections preferred {before_p:.0%}->{after_p:.0%}")
     learned = (metrics.get("knowledge") or {}).get("learned") or {}
     if learned.get("before") is not None and learned.get("after") is not None:
         before_k, after_k = float(learned["before"]), float(learned["after"])

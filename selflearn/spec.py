@@ -45,23 +45,61 @@ class FilesSource(_Spec):
         return self
 
 
+class FeedbackSource(_Spec):
+    """What the chat's users said through `/feedback`: corrections and thumbs up/down."""
+
+    # Where `/feedback` writes; default: the run's own store, `<storage.uri>/<run>/feedback`.
+    uri: str | None = None
+    # One client (API key or address) adds at most this many items a round; the rest are dropped.
+    per_client_cap: int = Field(5, ge=1, le=10_000)
+    # Items learned in one round; the rest wait for the next.
+    max_items: int = Field(200, ge=1, le=100_000)
+    # Thumbs without a correction wait until at least this many can be learned together.
+    min_ratings: int = Field(8, ge=1, le=100_000)
+    # Phrasings of its question a correction is taught under (the question as asked first), and
+    # the passes over them after the round's main training.
+    repeats: int = Field(8, ge=1, le=8)
+    epochs: float = Field(3, gt=0, le=50)
+    # The preference phase after supervised training: DPO on corrections, KTO on ratings, both
+    # against the parent weights; off trains corrections as supervised examples only.
+    preference: Literal["dpo-kto", "off"] = "dpo-kto"
+    beta: float = Field(0.1, gt=0, le=10)
+    preference_learning_rate: float = Field(2.0e-5, gt=0, le=1.0)
+    preference_epochs: float = Field(2, gt=0, le=50)
+    # Weight of the corrections' own likelihood beside the DPO loss (TRL's rpo_alpha).
+    sft_weight: float = Field(1.0, ge=0, le=100)
+    # Records newer than this wait for the next round (a write may still be landing).
+    grace_seconds: float = Field(5, ge=0, le=86_400)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("file://", "s3://")):
+            raise ValueError("a feedback uri must start with file:// or s3://")
+        return v
+
+
+SOURCE_KINDS = ("wikipedia", "snapshot", "files", "feedback")
+
+
 class SourceSpec(_Spec):
-    """Exactly one of wikipedia, snapshot or files."""
+    """Exactly one of wikipedia, snapshot, files or feedback."""
 
     wikipedia: WikipediaSource | None = None
     snapshot: SnapshotSource | None = None
     files: FilesSource | None = None
+    feedback: FeedbackSource | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "SourceSpec":
-        kinds = [k for k in ("wikipedia", "snapshot", "files") if getattr(self, k) is not None]
+        kinds = [k for k in SOURCE_KINDS if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError(f"each source must set exactly one of wikipedia, snapshot, files (got {kinds or 'none'})")
+            raise ValueError(f"each source must set exactly one of {', '.join(SOURCE_KINDS)} (got {kinds or 'none'})")
         return self
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("wikipedia", "snapshot", "files") if getattr(self, k) is not None)
+        return next(k for k in SOURCE_KINDS if getattr(self, k) is not None)
 
 
 class LoraSpec(_Spec):
@@ -197,6 +235,20 @@ class LearnerRunSpec(_Spec):
         if v.startswith("embedded:") and v != EMBEDDED_MODEL:
             raise ValueError(f"unknown embedded model {v!r}; the bundled one is {EMBEDDED_MODEL!r}")
         return v
+
+    @model_validator(mode="after")
+    def _one_feedback(self) -> "LearnerRunSpec":
+        if sum(s.kind == "feedback" for s in self.sources) > 1:
+            raise ValueError("sources: at most one feedback source")
+        return self
+
+    @property
+    def feedback(self) -> FeedbackSource | None:
+        return next((s.feedback for s in self.sources if s.feedback is not None), None)
+
+    @property
+    def article_sources(self) -> list[SourceSpec]:
+        return [s for s in self.sources if s.kind != "feedback"]
 
 
 class RunConfig(_Spec):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
@@ -62,10 +63,19 @@ def test_typed_message_streams_an_answer_with_its_checkpoint(srv, page):
     assert "<b>bold?</b>" in page.locator(".msg.user .text").last.text_content()
     assert page.locator(".msg b").count() == 0
 
-    # Feedback from the page lands in the store.
+    # Feedback from the page lands in the store, with the answer it judges, and the page says
+    # when it will be learned. A 👎 asks for a correction.
     page.locator(".msg.assistant .meta button", has_text="👍").last.click()
     expect(page.locator(".meta button[aria-pressed='true']")).to_have_count(1, timeout=30_000)
-    assert any(srv.feedback_dir.glob("*/*.json"))
+    expect(page.locator(".meta .thanks").last).to_contain_text("learned in the next training round")
+    page.once("dialog", lambda d: d.accept("The sea covers most of the Earth."))
+    page.locator(".msg.assistant .meta button", has_text="👎").last.click()
+    expect(page.locator(".meta button[aria-pressed='true']")).to_have_count(2, timeout=30_000)
+    docs = [json.loads(f.read_text()) for f in srv.feedback_dir.glob("*/*.json")]
+    mine = [d for d in docs if d.get("prompt", "").startswith("Write three sentences about the sea.")]
+    assert {d["rating"] for d in mine} == {"up", "down"} and all(d["matched"] for d in mine)
+    assert any(d.get("correction") == "The sea covers most of the Earth." for d in mine)
+    assert all(d["reply"] == reply.text_content() for d in mine)
 
 
 def test_dashboard_shows_knowledge_chat_health_examples_and_the_live_round(page, tmp_path):
@@ -85,6 +95,7 @@ def test_dashboard_shows_knowledge_chat_health_examples_and_the_live_round(page,
             "reason": "promoted: format 100%; chat retention 0.971; knowledge 0.202->0.391",
             "knowledge": {"learned": {"before": 0.202, "after": 0.391}, "held_out": {"before": 0.21, "after": 0.2}},
             "chat": {"retention": 0.971, "format_ok": {"before": 1.0, "after": 1.0}},
+            "feedback": {"corrections": 3, "ratings": 0, "ids": ["a1b2", "c3d4", "e5f6"]},
             "examples": [{"question": "What is Chard?", "parent": "Chard is a type of edible <b>mushroom</b>.",
                           "candidate": "Chard is a leafy green vegetable.", "parent_score": 0.0,
                           "candidate_score": 1.0}]}],
@@ -105,6 +116,9 @@ def test_dashboard_shows_knowledge_chat_health_examples_and_the_live_round(page,
         expect(row).to_contain_text("0.20 → 0.39")
         expect(row).to_contain_text("0.971")
         expect(row).to_contain_text("100%")
+        fb = row.locator("td.feedback")
+        expect(fb).to_have_text("3 corrections, 0 ratings")
+        assert fb.get_attribute("title") == "learned: a1b2, c3d4, e5f6"  # which round learned your feedback
         examples = page.locator("#examples")
         expect(examples).to_contain_text("Chard is a leafy green vegetable. (1.00)")
         expect(examples).to_contain_text("<b>mushroom</b>")  # shown as text, never as markup

@@ -134,6 +134,8 @@ def test_cli_flags_build_a_network_free_config(tmp_path):
     assert c.spec.sources[0].snapshot.language == "en"
     assert c.spec.storage.uri == f"file://{tmp_path.resolve()}/checkpoints"
     assert c.spec.schedule.interval_seconds > 0
+    assert c.spec.feedback is not None, "the chat's feedback is learned by default"
+    assert build_config(p.parse_args(["local", "--data-dir", str(tmp_path), "--no-feedback"])).spec.feedback is None
     c = build_config(p.parse_args(["local", "--data-dir", str(tmp_path), "--source", "snapshot:fr", "--source",
                                    f"files:{tmp_path}", "--articles", "5", "--store", "s3://b/p",
                                    "--learning-rate", "1e-3", "--pin", "s3://b/p/local/r000001"]))
@@ -171,6 +173,23 @@ def test_a_round_record_carries_knowledge_chat_health_and_examples(tmp_path):
     out = format_table(st)
     assert "0.20->0.40" in out and "0.970" in out and "100%" in out
     assert "Q: What is Chard?" in out and "candidate (1.00): A leafy vegetable." in out
+
+
+def test_a_round_record_says_which_feedback_it_learned(tmp_path):
+    res = published(1)
+    res["metrics"]["feedback"] = {"corrections": 2, "ratings": 8, "pending": 0, "dropped": {"duplicate": 1}}
+    manifest = {**MANIFEST, "feedback": [{"id": "ab12", "kind": "correction"}, {"id": "cd34", "kind": "up"}]}
+    st, _ = apply_result(new_state(cfg(tmp_path)), res, manifest, PromotionSpec())
+    assert st["rounds"][0]["feedback"]["ids"] == ["ab12", "cd34"]
+    assert "2 fix, 8 rated" in format_table(st)
+    res2 = published(2)
+    res2["metrics"]["feedback"] = {"error": "feedback store unavailable: EndpointConnectionError",
+                                   "corrections": 0, "ratings": 0}
+    st, _ = apply_result(st, res2, MANIFEST, PromotionSpec())
+    assert "unavailable" in format_table(st)
+    res3 = published(3)  # a run without a feedback source
+    st, _ = apply_result(st, res3, MANIFEST, PromotionSpec())
+    assert st["rounds"][-1]["feedback"] is None
 
 
 def test_status_shows_the_running_round_live(tmp_path):

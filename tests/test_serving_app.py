@@ -103,6 +103,12 @@ BAD_INPUTS = [
     ("/feedback", {"rating": "meh", "response_id": "abc"}, 422, "rating"),
     ("/feedback", {"rating": "up"}, 422, "response_id"),
     ("/feedback", {"rating": "up", "response_id": "abc", "correction": "x" * 20_001}, 422, "correction"),
+    ("/feedback", {"rating": "down", "response_id": "abc", "correction": "x" * 4_001}, 422, "correction"),
+    ("/feedback", {"rating": "down", "response_id": "abc", "correction": "  \n "}, 422, "correction must not be empty"),
+    ("/feedback", {"rating": "up", "response_id": "no-such-answer"}, 404, "unknown response_id"),
+    # An answer the client claims it got, under an id that does not sign it.
+    ("/feedback", {"rating": "down", "response_id": "a" * 36, "prompt": "hi", "reply": "made up",
+                   "correction": "x"}, 404, "unknown response_id"),
 ]
 
 
@@ -159,6 +165,34 @@ def test_feedback_is_stored_durably(http, srv):
     doc = next(json.loads(f.read_text()) for f in files if json.loads(f.read_text())["response_id"] == rid)
     assert doc["rating"] == "down" and doc["correction"] == "4" and doc["checkpoint"] == EMBEDDED_ID
     assert doc["prompt"] == "What is 2+2?" and doc["reply"] == r.json()["reply"]
+    assert len(doc["client"]) == 16 and "127.0.0.1" not in json.dumps(doc), "the client is stored hashed"
+    assert "next training round" in fb.json()["learn"]
+
+
+def test_feedback_reaches_any_replica_with_the_answer_it_signs(http, srv):
+    """Ingress replicas do not share memory: one that never saw the answer checks the answer the
+    client sends back against its response id instead."""
+    from selflearn.serving.api import Api
+    from selflearn.serving.config import parse_settings
+
+    r = http.post("/chat", json={"message": "Say hello.", "max_length": 6, "temperature": 0}).json()
+    other = Api(None, parse_settings({"feedback_uri": f"file://{srv.feedback_dir}"}))  # same settings, new memory
+    got = other.answer_for(r["response_id"], "Say hello.", r["reply"], r["checkpoint"])
+    assert got == {"checkpoint": r["checkpoint"], "prompt": "Say hello.", "reply": r["reply"]}
+    assert other.answer_for(r["response_id"], "Say hello.", r["reply"] + " (edited)", r["checkpoint"]) is None
+    assert other.answer_for(r["response_id"], "Say something else.", r["reply"], r["checkpoint"]) is None
+    # Through HTTP, the chat page's way: the answer comes back with the feedback.
+    fb = http.post("/feedback", json={"rating": "up", "response_id": r["response_id"], "prompt": "Say hello.",
+                                      "reply": r["reply"], "checkpoint": r["checkpoint"]})
+    assert fb.status_code == 201 and fb.json()["matched"] is True
+
+
+def test_a_blocked_correction_is_refused(srv):
+    with secure(srv, "10.9.9.9") as client:
+        r = client.post("/chat", json={"message": "Hi", "max_length": 3, "temperature": 0}).json()
+        fb = client.post("/feedback", json={"rating": "down", "response_id": r["response_id"],
+                                            "correction": "the forbiddenword is the answer"})
+    assert fb.status_code == 400 and fb.json()["error"]["code"] == "content_filter"
 
 
 def test_health_ready_status_metrics_page_and_cors(http):

@@ -299,6 +299,11 @@ def test_app_builder_takes_the_operators_serve_config():
     app = config["applications"][0]
     # Feedback is durable: the run's own store, not the pod's disk.
     assert app["args"]["feedback_uri"] == "s3://bucket/prefix/wiki/feedback"
+    # Serving writes where the run's feedback source reads.
+    moved = LearnerRunSpec.model_validate({"storage": {"uri": "s3://bucket/prefix"},
+                                           "sources": [{"snapshot": {}}, {"feedback": {"uri": "s3://other/fb"}}]})
+    assert serve_config(spec=moved, checkpoint=None, run="wiki")["applications"][0]["args"]["feedback_uri"] == \
+        "s3://other/fb"
     assert app["args"]["storage_endpoint"] == "http://minio:9000"
     module, _, attr = app["import_path"].partition(":")
     assert (module, attr) == ("selflearn.serving.app", "app_builder")

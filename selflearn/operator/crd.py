@@ -31,11 +31,13 @@ HISTORY_RESULTS = ["promoted", "rejected", "empty", "failed", "pinned"]
 DESCRIPTIONS: dict[str, str] = {
     "": "What a self-learning chatbot learns from, how it trains, when, where checkpoints go, and how it serves.",
     "baseModel": f"Hugging Face model id (e.g. facebook/opt-350m) or the bundled {EMBEDDED_MODEL}.",
-    "sources": "Where each round's articles come from; each item sets exactly one of wikipedia, snapshot, files.",
+    "sources": "What each round learns from; each item sets exactly one of wikipedia, snapshot, files, feedback.",
     "sources[].wikipedia": "Random live Wikipedia articles.",
     "sources[].wikipedia.endpoint": "Base URL of the Wikipedia REST API (default: the language's wikipedia.org).",
     "sources[].snapshot": "The offline snapshot of Wikipedia summaries bundled with the trainer image.",
     "sources[].files": "Local paths or URLs (text, HTML, PDF) read once, a round's share at a time.",
+    "sources[].feedback": "Corrections and 👍/👎 ratings users gave through /feedback since the last round read "
+                          "them (default: the run's own store), capped per client, learned once, and gated.",
     "training": "Hyperparameters of one round of fine-tuning.",
     "training.epochs": "Passes over the round's articles (may be fractional).",
     "training.gradientAccumulation": "Micro-batches per optimizer step.",

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ..feedback import feedback_uri
 from ..spec import LearnerRunSpec
 from .crd import GROUP, KIND, VERSION
 
@@ -196,10 +197,12 @@ def model_user_config(*, spec: LearnerRunSpec, checkpoint: str | None) -> dict[s
 
 
 def serve_args(*, spec: LearnerRunSpec, checkpoint: str | None, run: str) -> dict[str, Any]:
-    """The app's args. Feedback goes to the run's own store (`<storage.uri>/<run>/feedback/`,
-    beside its checkpoints), so thumbs and corrections outlive the serving pods."""
+    """The app's args. Feedback goes where the run's feedback source reads it: by default the
+    run's own store (`<storage.uri>/<run>/feedback/`, beside its checkpoints), so thumbs and
+    corrections outlive the serving pods and the trainer Job reads them with the run's credentials."""
+    fb = spec.feedback
     args: dict[str, Any] = {"base_model": spec.base_model, "checkpoint": checkpoint,
-                            "feedback_uri": f"{spec.storage.uri.rstrip('/')}/{run}/feedback"}
+                            "feedback_uri": (fb.uri if fb and fb.uri else feedback_uri(spec.storage.uri, run))}
     args.update({k: v for k, v in (("storage_endpoint", spec.storage.endpoint),
                                    ("storage_region", spec.storage.region)) if v})
     return args

@@ -12,6 +12,7 @@ Every answer names the checkpoint that produced it: `checkpoint` in the JSON bod
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..basemodel import cache_root
+from ..feedback import answer_mac
 from .config import RequestModels, ServeSettings
 from .safety import load_filter
 from .state import LRU, Conversations, FeedbackStore, Metrics, RateLimiter
@@ -134,6 +136,9 @@ class Api:
         feedback_uri = settings.feedback_uri or f"file://{cache_root() / 'feedback'}"
         self.feedback = FeedbackStore(feedback_uri, endpoint=settings.storage_endpoint, region=settings.storage_region)
         api_key = settings.api_key or os.environ.get(settings.api_key_env) or None
+        # Every ingress replica derives the same secret from the same settings.
+        secret = os.environ.get(settings.feedback_secret_env) or f"{api_key or ''}\0{feedback_uri}"
+        self.answer_secret = hashlib.sha256(b"selflearn-answers\0" + secret.encode()).digest()
         self.app = app = FastAPI(title="selflearn chat", version="1", docs_url="/docs", redoc_url=None)
         self._routes(app)
         self._errors(app)
@@ -288,11 +293,25 @@ class Api:
         return res["start"], done
 
     def _remember(self, done: dict, messages: list[dict], cid: str | None) -> str:
-        rid = uuid.uuid4().hex[:20]
+        """A response id that signs the answer: feedback can name it to any replica, later."""
+        nonce, prompt, reply = uuid.uuid4().hex[:16], messages[-1]["content"], done.get("text", "")
+        rid = nonce + answer_mac(self.answer_secret, nonce, done.get("checkpoint"), prompt, reply)
         self.answers.put(rid, {"checkpoint": done.get("checkpoint"), "conversation_id": cid,
-                               "prompt": messages[-1]["content"], "reply": done.get("text", ""),
-                               "finish_reason": done.get("finish_reason")})
+                               "prompt": prompt, "reply": reply, "finish_reason": done.get("finish_reason")})
         return rid
+
+    def answer_for(self, response_id: str, prompt: str | None, reply: str | None,
+                   checkpoint: str | None) -> dict | None:
+        """What a response id refers to: this replica's memory, else the answer the client sent
+        back if the id signs it; None when neither."""
+        if (known := self.answers.get(response_id)) is not None:
+            return known
+        if prompt is None or reply is None or len(response_id) != 36:
+            return None
+        nonce, mac = response_id[:16], response_id[16:]
+        if not hmac.compare_digest(mac, answer_mac(self.answer_secret, nonce, checkpoint, prompt, reply)):
+            return None
+        return {"checkpoint": checkpoint, "prompt": prompt, "reply": reply}
 
     async def _stream_text(self, events: AsyncIterator[dict], on_token, on_done):
         """Relay token events through the output filter; stops the generation if it trips."""

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..feedback import client_hash
 from .api import PAGE_HEADERS, WEB, Api, ApiError, _sse
 
 
@@ -215,13 +216,30 @@ def register(api: Api, app: FastAPI, M) -> None:  # noqa: C901 - one small handl
         if not body.response_id and not body.conversation_id:
             raise ApiError(422, "feedback needs a response_id (or at least a conversation_id)",
                            param="response_id", code="invalid_value")
-        answer = api.answers.get(body.response_id) if body.response_id else None
-        given = {k: v for k, v in body.model_dump().items() if v is not None}
+        answer = None
+        if body.response_id:
+            answer = api.answer_for(body.response_id, body.prompt, body.reply, body.checkpoint)
+            if answer is None:
+                raise ApiError(404, "unknown response_id: this server remembers its last 10,000 answers; for an "
+                               "older one send back the prompt, reply and checkpoint it came with",
+                               "invalid_request_error", param="response_id", code="unknown_response")
+        if body.correction:
+            verdict = api.safety.check_input(body.correction)
+            if not verdict.allowed:
+                api.metrics.rejected.labels("safety").inc()
+                raise ApiError(400, f"correction blocked by the safety filter: {verdict.reason}", "content_filter",
+                               param="correction", code="content_filter")
+        given = {k: v for k, v in body.model_dump(exclude={"prompt", "reply", "checkpoint"}).items() if v is not None}
         doc = {"id": uuid.uuid4().hex[:16], "at": time.time(), "matched": answer is not None,
-               **(answer or {}), **given}
+               "client": client_hash(api._client(request)), **(answer or {}), **given}
         try:
             where = await asyncio.to_thread(api.feedback.put, doc)
         except Exception as err:
             raise ApiError(503, f"the feedback store is unavailable: {type(err).__name__}", "server_error",
                            headers={"Retry-After": "5"}) from None
-        return JSONResponse({"stored": True, "id": doc["id"], "matched": doc["matched"], "uri": where}, 201)
+        if answer is None:
+            learn = "kept as a note on the conversation; only feedback on an answer (a response_id) is learned"
+        else:
+            learn = "this will be learned in the next training round"
+        return JSONResponse({"stored": True, "id": doc["id"], "matched": doc["matched"], "uri": where,
+                             "learn": learn}, 201)

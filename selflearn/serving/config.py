@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..feedback import MAX_CORRECTION_CHARS, MAX_PROMPT_CHARS
 from ..spec import EMBEDDED_MODEL
 
 CHECKPOINT_URI_RE = re.compile(r"^(file|s3)://.+/[^/]+/r\d{6,}/?$")
@@ -148,6 +149,10 @@ class ServeSettings(_Strict):
     max_conversations: int = Field(10_000, ge=1)
     # Durable feedback: a file:// or s3:// prefix.
     feedback_uri: str | None = None
+    # The secret that signs response ids, so that any ingress replica can check an answer a
+    # client sends back with its feedback (one replica's memory does not reach another's). All
+    # replicas must share it; unset, it is derived from the API key and the feedback uri.
+    feedback_secret_env: str = "SELFLEARN_FEEDBACK_SECRET"
     # Extension points for the one-machine driver.
     dashboard_dir: str | None = None
     state_file: str | None = None
@@ -189,8 +194,20 @@ class FeedbackRequest(_Strict):
     rating: Literal["up", "down"]
     response_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     conversation_id: str | None = Field(None, pattern=CONVERSATION_ID_RE)
-    correction: str | None = Field(None, max_length=20_000)
+    correction: str | None = Field(None, max_length=MAX_CORRECTION_CHARS)
     comment: str | None = Field(None, max_length=2_000)
+    # The answer as the client received it, for a response this replica does not remember (the
+    # response id signs them, so they are checked, not trusted).
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    reply: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    checkpoint: str | None = Field(None, max_length=2_000)
+
+    @field_validator("correction")
+    @classmethod
+    def _correction(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("a correction must not be empty (leave it out to rate the answer only)")
+        return v.strip() if v is not None else None
 
 
 class RequestModels:

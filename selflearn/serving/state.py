@@ -89,8 +89,9 @@ class FeedbackStore:
         self.store = CheckpointStore.from_uri(self.uri, endpoint=endpoint, region=region)
 
     def put(self, doc: dict) -> str:
-        day = time.strftime("%Y-%m-%d", time.gmtime(doc["at"]))
-        key = f"{day}/{int(doc['at'] * 1000)}-{doc['id']}.json"
+        from ..feedback import record_key
+
+        key = record_key(doc["at"], doc["id"])
         self.store.put_json(key, doc)
         return f"{self.uri}/{key}"
 

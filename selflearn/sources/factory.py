@@ -20,12 +20,13 @@ def build_source(s: SourceSpec):
 
 
 def build_sources(spec: LearnerRunSpec) -> list:
-    return [build_source(s) for s in spec.sources]
+    """The article sources (feedback is read by selflearn.sources.feedback, not as articles)."""
+    return [build_source(s) for s in spec.article_sources]
 
 
 def general_language(spec: LearnerRunSpec) -> str:
     """The general set follows the run's language where the offline snapshot has it."""
-    for s in spec.sources:
+    for s in spec.article_sources:
         lang = (s.snapshot or s.wikipedia).language if (s.snapshot or s.wikipedia) else None
         if lang:
             lang = lang.split("-")[0]

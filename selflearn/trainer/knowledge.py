@@ -63,19 +63,24 @@ def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article:
     out.reviewed = len(reviewed)
     for p in out.pairs + reviewed:
         out.examples.append(render_example(tokenizer, [{"role": "user", "content": p.question}], p.answer))
-    if replay and replay_n:
-        # Categories taken in turn, so that every round replays greetings, instructions, lists and
-        # refusals alike, and rounds rotate through the rest.
-        by_cat: dict[str, list[dict]] = {}
-        for it in replay:
-            by_cat.setdefault(it.get("category", ""), []).append(it)
-        mixed = [c[i] for i in range(max(len(c) for c in by_cat.values())) for c in by_cat.values() if i < len(c)]
-        start = (round_ - 1) * replay_n
-        for i in range(replay_n):
-            it = mixed[(start + i) % len(mixed)]
-            out.examples.append(render_example(tokenizer, [{"role": "user", "content": it["prompt"]}], it["answer"]))
-        out.replayed = replay_n
+    replayed = replay_examples(tokenizer, replay, replay_n, round_)
+    out.examples += replayed
+    out.replayed = len(replayed)
     return out
+
+
+def replay_examples(tokenizer: Any, replay: Sequence[dict], n: int, round_: int) -> list[tuple[list[int], list[int]]]:
+    """`n` recorded chat answers as training examples. Categories are taken in turn, so that every
+    round replays greetings, instructions, lists and refusals alike, and rounds rotate through the rest."""
+    if not replay or not n:
+        return []
+    by_cat: dict[str, list[dict]] = {}
+    for it in replay:
+        by_cat.setdefault(it.get("category", ""), []).append(it)
+    mixed = [c[i] for i in range(max(len(c) for c in by_cat.values())) for c in by_cat.values() if i < len(c)]
+    start = (round_ - 1) * n
+    return [render_example(tokenizer, [{"role": "user", "content": it["prompt"]}], it["answer"])
+            for it in (mixed[(start + i) % len(mixed)] for i in range(n))]
 
 
 # -- references ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ applies selflearn.policy to the metrics this round publishes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -29,7 +30,8 @@ from ..sources.factory import build_sources, general_language
 from ..sources.pipeline import DEFAULT_BLOCKLIST, BlocklistFilter, clean_articles
 from ..sources.snapshot import general_set
 from ..spec import RunConfig
-from . import data, knowledge, loop, precision as prec
+from ..sources import feedback as feedback_source
+from . import data, knowledge, loop, preference, precision as prec
 from .model_io import load_for_training, save_for_checkpoint
 
 log = logging.getLogger("selflearn.trainer")
@@ -95,13 +97,34 @@ def _earlier_articles(store: CheckpointStore, run: str, limit: int) -> list[dict
     return out[:limit]
 
 
-def _seen_hashes(store: CheckpointStore, run: str) -> set[str]:
-    seen: set[str] = set()
-    for ref in store.list(run):
-        for a in store.manifest(ref).get("articles", []):
-            if a.get("sha256"):
-                seen.add(a["sha256"])
-    return seen
+@dataclass
+class _Learned:
+    """What earlier rounds of the run learned."""
+
+    articles: set[str]  # sha256 of every article any round trained on
+    feedback: set[str]  # digests of the feedback the parent's line of checkpoints learned
+    # Feedback keys learned only by candidates that were not promoted: (key, times tried).
+    retry: dict[str, int]
+
+
+def _learned_before(store: CheckpointStore, run: str, parent: CheckpointRef | None) -> _Learned:
+    manifests = {ref.uri: store.manifest(ref) for ref in store.list(run)}
+    articles = {a["sha256"] for m in manifests.values() for a in m.get("articles", []) if a.get("sha256")}
+    line: set[str] = set()
+    uri = parent.uri if parent else None
+    while uri and uri in manifests and uri not in line:
+        line.add(uri)
+        uri = manifests[uri].get("parent")
+    feedback = {f["sha256"] for u in line for f in manifests[u].get("feedback", []) if f.get("sha256")}
+    # A rejected candidate's feedback was read but never reached the served model: it is offered
+    # again, once (twice rejected, it is not tried again).
+    retry: dict[str, int] = {}
+    for u, m in manifests.items():
+        if u not in line:
+            for f in m.get("feedback", []):
+                if f.get("key") and f.get("sha256") not in feedback:
+                    retry[f["key"]] = retry.get(f["key"], 0) + 1
+    return _Learned(articles, feedback, retry)
 
 
 def _parent_probe(store: CheckpointStore, run: str, parent: CheckpointRef | None) -> dict[str, Any] | None:
@@ -117,17 +140,21 @@ def _parent_probe(store: CheckpointStore, run: str, parent: CheckpointRef | None
 
 def _training_batches(config: RunConfig, round_: int, tok: Any, train_arts: list[Article],
                       train_docs: list[list[int]], replay_docs: list[list[int]], refs: dict[str, list[dict]] | None,
-                      earlier: list[dict[str, Any]]) -> tuple[list, "knowledge.ChatData | None", int]:
+                      earlier: list[dict[str, Any]], fb: "preference.FeedbackData | None" = None,
+                      ) -> tuple[list, "knowledge.ChatData | None", int]:
     """The round's training batches in its `training.format`; -> (batches, chat data, examples too long).
 
     text: the articles (and replayed earlier articles) packed as plain LM blocks. chat/mixed: the
     question/answer pairs, earlier rounds' first questions and replayed chat answers, packed with
-    the raw text (mixed) or only with the text of articles that yielded no pair (chat).
+    the raw text (mixed) or only with the text of articles that yielded no pair (chat). Users'
+    corrections come as text here, in every format; as chat examples they get a pass of their own
+    (`_feedback_batches`).
     """
     spec = config.spec
     L, B, eos = spec.training.max_length, spec.training.batch_size, tok.eos_token_id
+    fb_docs = data.tokenize(tok, fb.texts) if fb and fb.texts else []
     if spec.training.format == "text":
-        return data.batches(data.pack(train_docs + replay_docs, L, eos, fill_tail=True), B), None, 0
+        return data.batches(data.pack(train_docs + replay_docs + fb_docs, L, eos, fill_tail=True), B), None, 0
     # `earlier` is shuffled for this round: its first articles are the ones asked about again.
     review = [Article(title=a["title"], text=a["text"], source=a.get("source") or "snapshot:en",
                       extra=a.get("extra") or {}) for a in earlier[:spec.training.qa_review]]
@@ -141,7 +168,20 @@ def _training_batches(config: RunConfig, round_: int, tok: Any, train_arts: list
     if too_long:
         log.warning("%d of %d chat examples are longer than training.maxLength %d and are not trained",
                     too_long, len(chat.examples), L)
-    return data.batches(data.pack_examples(chat.examples, text, L, eos), B), chat, too_long
+    return data.batches(data.pack_examples(chat.examples, text + fb_docs, L, eos), B), chat, too_long
+
+
+def _feedback_batches(config: RunConfig, round_: int, tok: Any, fb: "preference.FeedbackData",
+                      refs: dict[str, list[dict]] | None, chat: "knowledge.ChatData | None") -> list:
+    """The corrections' own pass, after the round's main training: each under every phrasing. Last,
+    because what a small model learns last is what it answers with; beside them, replayed chat
+    answers (a pass on short answers must keep the chat's manners) and the round's own
+    question/answer pairs (and what it just learned of its articles)."""
+    spec = config.spec
+    replay = knowledge.replay_examples(tok, refs["replay"] if refs else [], spec.training.chat_replay, round_ + 1)
+    own = chat.examples[:len(chat.pairs)] if chat else []
+    blocks = data.pack_examples(fb.examples + replay + own, [], spec.training.max_length, tok.eos_token_id)
+    return data.batches(blocks, spec.training.batch_size)
 
 
 def _probe_parent(store: CheckpointStore, run: str, parent: CheckpointRef | None, model: Any, tok: Any,
@@ -177,7 +217,7 @@ def collect_articles(config: RunConfig, cursors: dict[str, Any], seen: set[str],
     dropped: list = []
     filters = [BlocklistFilter(list(DEFAULT_BLOCKLIST) + list(spec.training.blocklist))]
     eval_left = spec.training.eval_articles
-    for src_spec, src in zip(spec.sources, sources):
+    for src_spec, src in zip(spec.article_sources, sources):
         n = getattr(src_spec.wikipedia or src_spec.snapshot, "articles_per_round", 10_000)
         extra = eval_left if src_spec.kind in ("wikipedia", "snapshot") else 0
         fetched, new_cursors[src.name] = src.fetch(n + extra, cursors.get(src.name, {}))
@@ -213,11 +253,21 @@ def run_round(
     parent_ref = resolve_parent(store, run, parent)
     state = store.get_json(f"{run}/{STATE_KEY}") or {}
 
-    train_arts, held, dropped, cursors = collect_articles(config, state.get("cursors", {}),
-                                                          _seen_hashes(store, run), sources)
+    learned = _learned_before(store, run, parent_ref)
+    train_arts, held, dropped, cursors = collect_articles(config, state.get("cursors", {}), learned.articles, sources)
     for title, why in dropped:
         log.info(json.dumps({"event": "dropped", "title": title, "reason": why}))
-    if not train_arts:
+    fb_round = None
+    if spec.feedback is not None:
+        import os
+
+        fb_round = feedback_source.collect(
+            spec.feedback, store, run, cursors.get("feedback") or {}, learned_before=learned.feedback,
+            retry=learned.retry, blocklist=spec.training.blocklist,
+            endpoint=spec.storage.endpoint or os.environ.get("S3_ENDPOINT"), region=spec.storage.region)
+        if fb_round.cursor is not None:
+            cursors["feedback"] = fb_round.cursor
+    if not train_arts and not (fb_round and fb_round.learned):
         store.put_json(f"{run}/{STATE_KEY}", {**state, "cursors": cursors, "last_round": round_})
         reason = f"empty round: all {len(dropped)} fetched articles were filtered out" if dropped else \
             "empty round: the sources returned no new articles"
@@ -268,8 +318,10 @@ def run_round(
         refs = knowledge.references(spec.base_model, store, run, model, tok,
                                     recorded_from=parent_ref.uri if parent_ref else "base") \
             if spec.training.chat_eval or (spec.training.format != "text" and spec.training.chat_replay) else None
+        fb_data = preference.build(tok, fb_round.corrections, fb_round.ratings, repeats=spec.feedback.repeats) \
+            if fb_round and fb_round.learned else None
         train_batches, chat, too_long = _training_batches(config, round_, tok, train_arts, train_docs, replay_docs,
-                                                          refs, earlier)
+                                                          refs, earlier, fb_data)
         sets = {"fresh": batches_of(tokens_of([a.text for a in held])), "trained": batches_of(train_docs),
                 "general": batches_of(tokens_of([a.text for a in general]))}
         phase("evaluating the parent")
@@ -277,16 +329,45 @@ def run_round(
         probes = knowledge.ProbeSets.of(train_arts, held, general, refs["retention"]) if spec.training.chat_eval \
             else None
         report_before = _probe_parent(store, run, parent_ref, model, tok, probes, L, precision) if probes else None
+        prefer = fb_data is not None and spec.feedback.preference != "off" and bool(fb_data.pairs or fb_data.judged)
+        fb_refs = preference.references(model, tok, fb_data, precision) if fb_data else None
         cfg = loop.LoopConfig(epochs=spec.training.epochs, gradient_accumulation=spec.training.gradient_accumulation,
                               learning_rate=spec.training.learning_rate, weight_decay=spec.training.weight_decay,
                               warmup_ratio=spec.training.warmup_ratio, precision=precision,
                               seed=spec.training.seed + round_, compile=spec.training.compile)
         phase("training")
         stats = loop.train(model, train_batches, cfg, master=master, on_step=on_step, progress=progress)
+        fb_stats = None
+        if fb_data is not None and fb_data.examples:
+            phase("learning corrections")
+            fb_cfg = dataclasses.replace(cfg, epochs=spec.feedback.epochs, gradient_accumulation=1, warmup_ratio=0.0)
+            fb_stats = loop.train(model, _feedback_batches(config, round_, tok, fb_data, refs, chat), fb_cfg, master=master,
+                                  on_step=on_step, progress=progress)
+        pref_stats = None
+        if prefer:
+            phase("learning preferences")
+            fs = spec.feedback
+            pref_stats = preference.train(model, tok, fb_data, fb_refs, preference.PreferenceConfig(
+                beta=fs.beta, learning_rate=fs.preference_learning_rate, epochs=fs.preference_epochs,
+                sft_weight=fs.sft_weight,
+                precision=precision, seed=spec.training.seed + round_), master=master, on_step=on_step)
         phase("evaluating the candidate")
         ppl_after = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
         chat_metrics, shown = ({}, None) if not probes else \
             _probe_candidate(model, tok, probes, report_before, L, precision)
+        fb_metrics = None
+        if fb_round is not None:
+            fb_metrics = fb_round.summary()
+            if fb_data is not None:
+                fb_metrics["pairs"], fb_metrics["judged"] = len(fb_data.pairs), len(fb_data.judged)
+                if fb_data.held_out:
+                    fb_metrics["preference"] = {
+                        "before": fb_refs.held_out_rate, "pairs": len(fb_data.held_out),
+                        "after": preference.preference_rate(model, tok, fb_data.held_out, precision=precision)}
+                if fb_stats:
+                    fb_metrics["correction_steps"], fb_metrics["correction_loss"] = fb_stats.steps, fb_stats.final_loss
+                if pref_stats:
+                    fb_metrics["preference_steps"] = pref_stats["steps"]
 
         out = tmp / "checkpoint"
         if master:
@@ -315,6 +396,7 @@ def run_round(
                 "examples_too_long": too_long}
                if chat else {}),
             **chat_metrics,
+            **({"feedback": fb_metrics} if fb_metrics is not None else {}),
             "phase_seconds": phase_seconds(),
         }
         manifest = {
@@ -332,6 +414,8 @@ def run_round(
             **({"qa_pairs": [{"title": p.title, "kind": p.kind, "question": p.question} for p in chat.pairs]}
                if chat else {}),
             **({"probe": shown} if shown else {}),
+            **({"feedback": fb_round.traces(),
+                "feedback_dropped": [{"id": i, "reason": r} for i, r in fb_round.dropped]} if fb_round else {}),
             "cursors": cursors,
             "software": {"torch": torch.__version__, "python": platform.python_version()},
             "started_at": t_start,

@@ -78,14 +78,28 @@ function addMeta(div, info) {
 }
 
 async function sendFeedback(info, rating, button) {
-  const body = { rating, response_id: info.response_id, conversation_id: info.conversation_id };
+  // The answer goes back with its (signed) id, so any server replica can accept the feedback.
+  const body = { rating, response_id: info.response_id, conversation_id: info.conversation_id,
+                 prompt: info.prompt, reply: info.reply, checkpoint: info.checkpoint };
   if (rating === "down") {
     const correction = window.prompt("Optional: what should the answer have been?");
-    if (correction) body.correction = correction;
+    if (correction && correction.trim()) body.correction = correction.trim();
   }
   const r = await fetch("/feedback", { method: "POST", headers: headers(), body: JSON.stringify(body) });
-  if (r.ok) button.setAttribute("aria-pressed", "true");
-  else showError(await errorText(r));
+  if (!r.ok) {
+    showError(await errorText(r));
+    return;
+  }
+  const stored = await r.json();
+  button.setAttribute("aria-pressed", "true");
+  const meta = button.parentElement;
+  let note = meta.querySelector(".thanks");
+  if (!note) {
+    note = document.createElement("span");
+    note.className = "thanks";
+    meta.append(note);
+  }
+  note.textContent = `thanks, ${stored.learn} (feedback ${stored.id})`;
 }
 
 async function errorText(r) {
@@ -118,7 +132,7 @@ async function send(message) {
     max_length: number("max_length", (v) => parseInt(v, 10)),
   };
   if (state.conversationId) payload.conversation_id = state.conversationId;
-  let info = {};
+  let info = { prompt: message };
   try {
     const r = await fetch("/chat/stream", { method: "POST", headers: headers(), body: JSON.stringify(payload) });
     if (!r.ok) throw new Error(await errorText(r));
