@@ -59,12 +59,14 @@ class FeedbackSource(_Spec):
     # Phrasings of its question a correction is taught under (the question as asked first), and
     # the passes over them after the round's main training.
     repeats: int = Field(8, ge=1, le=8)
-    epochs: float = Field(3, gt=0, le=50)
+    epochs: int = Field(3, ge=1, le=20)
+    # That pass's learning rate; default the round's (training.learningRate).
+    learning_rate: float | None = Field(None, gt=0, le=1.0)
     # The preference phase after supervised training: DPO on corrections, KTO on ratings, both
     # against the parent weights; off trains corrections as supervised examples only.
     preference: Literal["dpo-kto", "off"] = "dpo-kto"
     beta: float = Field(0.1, gt=0, le=10)
-    preference_learning_rate: float = Field(2.0e-5, gt=0, le=1.0)
+    preference_learning_rate: float = Field(5.0e-5, gt=0, le=1.0)
     preference_epochs: float = Field(2, gt=0, le=50)
     # Weight of the corrections' own likelihood beside the DPO loss (TRL's rpo_alpha).
     sft_weight: float = Field(1.0, ge=0, le=100)

@@ -92,8 +92,8 @@ def test_a_round_reads_what_serving_wrote_to_s3_within_the_caps(tmp_path, s3_ser
     writer = FeedbackStore(f"{uri}/opt/feedback", endpoint=endpoint)
     at = time.time() - 120
 
-    def put(i, client, prompt, correction):
-        writer.put({"id": f"i{i:04d}", "at": at + i * 0.001, "matched": True, "rating": "down", "prompt": prompt,
+    def put(i, client, prompt, correction, rating="down"):
+        writer.put({"id": f"i{i:04d}", "at": at + i * 0.001, "matched": True, "rating": rating, "prompt": prompt,
                     "reply": "I do not know.", "checkpoint": None, "correction": correction,
                     "client": client_hash(client)})
 
@@ -103,11 +103,14 @@ def test_a_round_reads_what_serving_wrote_to_s3_within_the_caps(tmp_path, s3_ser
     put(601, "10.0.0.1", "What is the capital of Veldoria?", "The capital of Veldoria is Marrowick.")  # again
     for j in range(3):
         put(700 + j, f"10.0.1.{j}", f"What is the currency of Lumeria {j}?", f"The currency is the glint {j}.")
+    for j in range(8):  # thumbs without corrections: enough of them (minRatings) to learn with KTO
+        put(800 + j, f"10.0.2.{j}", f"Say something nice {j}.", None, rating="up" if j % 2 else "down")
     CheckpointStore.from_uri(uri, endpoint=endpoint).backend.put_bytes(
         f"opt/feedback/{time.strftime('%Y-%m-%d', time.gmtime(at))}/{int(at * 1000):013d}-broken.json", b"{oops")
 
     spec = {"baseModel": tiny_opt_dir, "storage": {"uri": uri, "endpoint": endpoint},
-            "sources": [{"snapshot": {"articlesPerRound": 2}}, {"feedback": {"perClientCap": 5}}],
+            # Feedback only: a round can learn from its users alone.
+            "sources": [{"feedback": {"perClientCap": 5}}],
             "training": {"maxLength": 64, "batchSize": 2, "gradientAccumulation": 1, "learningRate": 2.0e-4,
                          "chatEval": False, "format": "text", "chatReplay": 0, "evalArticles": 1,
                          "generalArticles": 2, "epochs": 1}}
@@ -118,12 +121,12 @@ def test_a_round_reads_what_serving_wrote_to_s3_within_the_caps(tmp_path, s3_ser
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip())
     manifest = CheckpointStore.from_uri(uri, endpoint=endpoint).manifest(result["checkpoint"])
-    learned = sorted(f["id"] for f in manifest["feedback"])
+    learned = {f["id"]: f["kind"] for f in manifest["feedback"]}
     # The flood adds one item (its latest within the cap), the duplicate trains once.
-    assert learned == ["i0004", "i0601", "i0700", "i0701", "i0702"]
-    assert {f["client"] for f in manifest["feedback"]} == {client_hash(c) for c in
-                                                           ("10.0.0.66", "10.0.0.1", "10.0.1.0", "10.0.1.1",
-                                                            "10.0.1.2")}
+    ratings = {f"i{800 + j:04d}": "up" if j % 2 else "down" for j in range(8)}
+    assert learned == {"i0004": "correction", "i0601": "correction", "i0700": "correction",
+                       "i0701": "correction", "i0702": "correction", **ratings}
+    assert client_hash("10.0.0.66") in {f["client"] for f in manifest["feedback"]}
     fb = result["metrics"]["feedback"]
-    assert fb["corrections"] == 5 and fb["dropped"] == {"over the per-client cap": 495, "superseded": 4,
-                                                        "duplicate": 1, "invalid": 1}
+    assert fb["corrections"] == 5 and fb["ratings"] == 8 and fb["judged"] == 8 and fb["preference_steps"] > 0
+    assert fb["dropped"] == {"over the per-client cap": 495, "superseded": 4, "duplicate": 1, "invalid": 1}

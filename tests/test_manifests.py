@@ -40,6 +40,7 @@ FULL = parse_spec({
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
     "serving": {"replicas": 2, "resources": {"limits": {"nvidia.com/gpu": 1}},
                 "ingress": {"host": "chat.example.com", "className": "nginx", "tlsSecret": "chat-tls"}},
+    "sources": [{"snapshot": {}}, {"feedback": {"perClientCap": 3}}],
 })
 MINIMAL = parse_spec({})
 SPECS = {"full": FULL, "minimal": MINIMAL}
@@ -97,6 +98,19 @@ def crd_validator(crd_doc: dict[str, Any], version: str) -> jsonschema.Draft4Val
 def rayservice_validator() -> jsonschema.Draft4Validator:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRD is 1 MB of YAML
     return crd_validator(yaml.load(RAYSERVICE_CRD.read_text(), Loader=loader), "v1")
+
+
+def test_the_trainer_job_reads_feedback_with_the_runs_own_credentials():
+    """Nothing new from the cluster: the run config the Job mounts carries the feedback source,
+    and the Job already has the store's endpoint and credentials; serving writes where it reads."""
+    kw = dict(run="wiki", namespace="default", owner=OWNER, spec=FULL)
+    mounted = yaml.safe_load(res.build_run_configmap(**kw)["data"][res.RUN_CONFIG_KEY])
+    assert mounted["spec"]["sources"][1]["feedback"]["perClientCap"] == 3
+    c = res.build_trainer_job(**kw, round_=2, attempt=1, parent=None)["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "S3_ENDPOINT", "value": "http://minio:9000"} in c["env"]
+    assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    args = res.serve_args(spec=FULL, checkpoint=None, run="wiki")
+    assert args["feedback_uri"] == "s3://ckpt/runs/wiki/feedback" and args["storage_endpoint"] == "http://minio:9000"
 
 
 @pytest.mark.skipif(not RAYSERVICE_CRD.exists(), reason="KubeRay's RayService CRD schema is not available")

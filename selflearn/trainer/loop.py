@@ -226,6 +226,8 @@ def train(
 ) -> LoopStats:
     """Fine-tune `model` in place on [B, T] batches: token ids (causal LM loss on every token) or
     (ids, labels) pairs (loss only where labels are not -100: a chat example's answer)."""
+    if not batches:  # e.g. a round of thumbs alone: nothing to train on before its preference phase
+        return LoopStats()
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]

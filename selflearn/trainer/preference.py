@@ -177,18 +177,22 @@ def mismatched(judged: Sequence[Judged]) -> list[tuple[str, str]]:
     return [(j.prompt, judged[(i + 1) % len(judged)].answer) for i, j in enumerate(judged)]
 
 
-def references(model: torch.nn.Module, tokenizer: Any, fb: FeedbackData, precision: str) -> References:
-    pc, _ = reference_logps(model, tokenizer, [(p.prompt, p.chosen) for p in fb.pairs], precision=precision)
-    pr, _ = reference_logps(model, tokenizer, [(p.prompt, p.rejected) for p in fb.pairs], precision=precision)
-    pj, _ = reference_logps(model, tokenizer, [(j.prompt, j.answer) for j in fb.judged], precision=precision)
-    pm, _ = reference_logps(model, tokenizer, mismatched(fb.judged), precision=precision)
-    return References(pc, pr, pj, pm, preference_rate(model, tokenizer, fb.held_out, precision=precision))
+def references(model: torch.nn.Module, tokenizer: Any, fb: FeedbackData, precision: str, *,
+               train: bool = True) -> References:
+    """The parent's side of everything; only the gate's held-out rate when `train` is False (no
+    preference phase)."""
+    def logps(items):
+        return reference_logps(model, tokenizer, items, precision=precision)[0] if train else []
+
+    return References(logps([(p.prompt, p.chosen) for p in fb.pairs]), logps([(p.prompt, p.rejected) for p in fb.pairs]),
+                      logps([(j.prompt, j.answer) for j in fb.judged]), logps(mismatched(fb.judged)),
+                      preference_rate(model, tokenizer, fb.held_out, precision=precision))
 
 
 @dataclass
 class PreferenceConfig:
     beta: float = 0.1
-    learning_rate: float = 2e-5
+    learning_rate: float = 5e-5
     epochs: float = 2
     # The chosen answers' per-token NLL beside the DPO loss (RPO, Pang et al. 2024; TRL's
     # `rpo_alpha`): DPO alone can lower both answers' likelihood, which teaches no fact.

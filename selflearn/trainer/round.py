@@ -172,15 +172,24 @@ def _training_batches(config: RunConfig, round_: int, tok: Any, train_arts: list
 
 
 def _feedback_batches(config: RunConfig, round_: int, tok: Any, fb: "preference.FeedbackData",
-                      refs: dict[str, list[dict]] | None, chat: "knowledge.ChatData | None") -> list:
-    """The corrections' own pass, after the round's main training: each under every phrasing. Last,
-    because what a small model learns last is what it answers with; beside them, replayed chat
-    answers (a pass on short answers must keep the chat's manners) and the round's own
-    question/answer pairs (and what it just learned of its articles)."""
+                      refs: dict[str, list[dict]] | None, chat: "knowledge.ChatData | None",
+                      text: list[list[int]]) -> list:
+    """The corrections' own pass, after the round's main training, `feedback.epochs` times over:
+    each correction under every phrasing. Last, because what a small model learns last is what it
+    answers with. Beside them, so that the pass does not undo the rest of the round: replayed chat
+    answers (short answers alone would cost the chat's manners), the round's question/answer pairs
+    (and what it just learned of its articles) and a different share of the round's text in each
+    pass (and its prose)."""
     spec = config.spec
     replay = knowledge.replay_examples(tok, refs["replay"] if refs else [], spec.training.chat_replay, round_ + 1)
     own = chat.examples[:len(chat.pairs)] if chat else []
-    blocks = data.pack_examples(fb.examples + replay + own, [], spec.training.max_length, tok.eos_token_id)
+    passes = spec.feedback.epochs
+    blocks = []
+    for i in range(passes):
+        # The round's pairs once, in the last pass: in every pass they lift the general perplexity
+        # past the gate (+4 to +9% measured).
+        blocks += data.pack_examples(fb.examples + replay + (own if i == passes - 1 else []), text[i::passes],
+                                     spec.training.max_length, tok.eos_token_id)
     return data.batches(blocks, spec.training.batch_size)
 
 
@@ -330,7 +339,7 @@ def run_round(
             else None
         report_before = _probe_parent(store, run, parent_ref, model, tok, probes, L, precision) if probes else None
         prefer = fb_data is not None and spec.feedback.preference != "off" and bool(fb_data.pairs or fb_data.judged)
-        fb_refs = preference.references(model, tok, fb_data, precision) if fb_data else None
+        fb_refs = preference.references(model, tok, fb_data, precision, train=prefer) if fb_data else None
         cfg = loop.LoopConfig(epochs=spec.training.epochs, gradient_accumulation=spec.training.gradient_accumulation,
                               learning_rate=spec.training.learning_rate, weight_decay=spec.training.weight_decay,
                               warmup_ratio=spec.training.warmup_ratio, precision=precision,
@@ -340,9 +349,11 @@ def run_round(
         fb_stats = None
         if fb_data is not None and fb_data.examples:
             phase("learning corrections")
-            fb_cfg = dataclasses.replace(cfg, epochs=spec.feedback.epochs, gradient_accumulation=1, warmup_ratio=0.0)
-            fb_stats = loop.train(model, _feedback_batches(config, round_, tok, fb_data, refs, chat), fb_cfg, master=master,
-                                  on_step=on_step, progress=progress)
+            # The passes are laid out in the batches (each with its own share of text): one epoch.
+            fb_cfg = dataclasses.replace(cfg, epochs=1, gradient_accumulation=1, warmup_ratio=0.0,
+                                         learning_rate=spec.feedback.learning_rate or cfg.learning_rate)
+            fb_stats = loop.train(model, _feedback_batches(config, round_, tok, fb_data, refs, chat, train_docs),
+                                  fb_cfg, master=master, on_step=on_step, progress=progress)
         pref_stats = None
         if prefer:
             phase("learning preferences")
