@@ -66,6 +66,8 @@ def test_typed_message_streams_an_answer_with_its_checkpoint(srv, page):
     # Feedback from the page lands in the store, with the answer it judges, and the page says
     # when it will be learned. A 👎 asks for a correction.
     page.locator(".msg.assistant .meta button", has_text="👍").last.click()
+    expect(page.locator(".meta .thanks, #error:not([hidden])")).to_have_count(1, timeout=30_000)
+    assert page.is_hidden("#error"), page.text_content("#error")
     expect(page.locator(".meta button[aria-pressed='true']")).to_have_count(1, timeout=30_000)
     expect(page.locator(".meta .thanks").last).to_contain_text("learned in the next training round")
     page.once("dialog", lambda d: d.accept("The sea covers most of the Earth."))

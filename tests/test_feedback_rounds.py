@@ -57,6 +57,8 @@ def test_corrections_from_the_chat_are_learned_by_the_next_round(http, srv, tmp_
                     {"feedback": {"uri": f"file://{srv.feedback_dir}", "perClientCap": 50, "graceSeconds": 0}}],
         "training": {"maxLength": 128, "batchSize": 4, "gradientAccumulation": 1, "learningRate": 1.0e-4,
                      "epochs": 1, "evalArticles": 1, "generalArticles": 2, "qaPairsPerArticle": 1, "chatReplay": 8},
+        # Two articles are little text against a drift of the general perplexity: allow +5%.
+        "promotion": {"maxPerplexityIncrease": 0.05},
         "storage": {"uri": f"file://{tmp_path}/store"}}))
     res = run_round(cfg, 1, parent="base", progress=False)
     assert res.status == "published", res.reason
@@ -70,7 +72,7 @@ def test_corrections_from_the_chat_are_learned_by_the_next_round(http, srv, tmp_
     assert res.metrics["feedback"]["corrections"] >= len(ids)
 
     model = load_checkpoint_model(tmp_path / "cand", store.download(res.checkpoint, tmp_path / "cand"))
-    tok = basemodel.load_tokenizer(tmp_path / "cand")
+    tok = basemodel.load_tokenizer(str(tmp_path / "cand"))
     keys = [f["answer"] for f in FACTS]
     same = [g.text for g in probe.generate(model, tok, [f["question"] for f in FACTS], max_new_tokens=48)]
     para = [g.text for g in probe.generate(model, tok, [f["paraphrase"] for f in FACTS], max_new_tokens=48)]

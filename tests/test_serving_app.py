@@ -185,6 +185,14 @@ def test_feedback_reaches_any_replica_with_the_answer_it_signs(http, srv):
     fb = http.post("/feedback", json={"rating": "up", "response_id": r["response_id"], "prompt": "Say hello.",
                                       "reply": r["reply"], "checkpoint": r["checkpoint"]})
     assert fb.status_code == 201 and fb.json()["matched"] is True
+    # A stream names its answer at the start (this replica's memory) and signs it at the end.
+    events = dict(parse_sse(http.post("/chat/stream", json={"message": "Say hi.", "max_length": 4,
+                                                            "temperature": 0}).text))
+    assert events["done"]["response_id"].startswith(events["start"]["response_id"])
+    for rid in (events["start"]["response_id"], events["done"]["response_id"]):
+        assert http.post("/feedback", json={"rating": "up", "response_id": rid}).json()["matched"] is True
+    assert other.answer_for(events["done"]["response_id"], "Say hi.", events["done"]["reply"],
+                            events["done"]["checkpoint"]) is not None
 
 
 def test_a_blocked_correction_is_refused(srv):

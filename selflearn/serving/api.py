@@ -118,6 +118,11 @@ class Guard:
         return None
 
 
+def new_nonce() -> str:
+    """The first part of a response id."""
+    return uuid.uuid4().hex[:16]
+
+
 class Api:
     """Routes and their state; `app` is the FastAPI application."""
 
@@ -292,12 +297,17 @@ class Api:
             done = {**done, "text": "", "finish_reason": "content_filter"}
         return res["start"], done
 
-    def _remember(self, done: dict, messages: list[dict], cid: str | None) -> str:
-        """A response id that signs the answer: feedback can name it to any replica, later."""
-        nonce, prompt, reply = uuid.uuid4().hex[:16], messages[-1]["content"], done.get("text", "")
+    def _remember(self, done: dict, messages: list[dict], cid: str | None, nonce: str | None = None) -> str:
+        """A response id that signs the answer: feedback can name it to any replica, later. A
+        stream names its answer before it exists: by `nonce` alone, which this replica also
+        remembers, until its end gives the signed id."""
+        nonce = nonce or new_nonce()
+        prompt, reply = messages[-1]["content"], done.get("text", "")
         rid = nonce + answer_mac(self.answer_secret, nonce, done.get("checkpoint"), prompt, reply)
-        self.answers.put(rid, {"checkpoint": done.get("checkpoint"), "conversation_id": cid,
-                               "prompt": prompt, "reply": reply, "finish_reason": done.get("finish_reason")})
+        answer = {"checkpoint": done.get("checkpoint"), "conversation_id": cid, "prompt": prompt, "reply": reply,
+                  "finish_reason": done.get("finish_reason")}
+        self.answers.put(rid, answer)
+        self.answers.put(nonce, answer)
         return rid
 
     def answer_for(self, response_id: str, prompt: str | None, reply: str | None,

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..feedback import client_hash
-from .api import PAGE_HEADERS, WEB, Api, ApiError, _sse
+from .api import PAGE_HEADERS, WEB, Api, ApiError, _sse, new_nonce
 
 
 def _params(body, max_new) -> dict:
@@ -105,15 +105,17 @@ def register(api: Api, app: FastAPI, M) -> None:  # noqa: C901 - one small handl
         cid, messages, req = chat_request(body)
         events = api._events(req)
         start = await api._first(events)
-        ckpt, rid = start["checkpoint"], uuid.uuid4().hex[:20]
+        # Named before the answer exists (start event, header); the done event gives the id
+        # that signs it.
+        ckpt, rid = start["checkpoint"], new_nonce()
 
         def on_done(ev):
             if ev["type"] == "error":
                 return _sse({"status": ev.get("status", 500), "message": ev.get("message")}, "error")
             if ev["finish_reason"] in ("stop", "length"):
                 api.conversations.add(cid, body.message, ev["text"])
-            api._remember({**ev, "checkpoint": ckpt}, messages, cid)
-            return _sse({"reply": ev["text"], "checkpoint": ckpt, "conversation_id": cid, "response_id": rid,
+            signed = api._remember({**ev, "checkpoint": ckpt}, messages, cid, nonce=rid)
+            return _sse({"reply": ev["text"], "checkpoint": ckpt, "conversation_id": cid, "response_id": signed,
                          "finish_reason": ev["finish_reason"], "usage": ev.get("usage"),
                          "timings": {"ttft_ms": ev.get("ttft_ms"), "total_ms": ev.get("total_ms")}}, "done")
 
