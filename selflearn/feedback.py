@@ -17,9 +17,9 @@ import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal
+from typing import Annotated, Any, Callable, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 MAX_CORRECTION_CHARS = 4000
 MAX_PROMPT_CHARS = 20_000
@@ -52,6 +52,16 @@ def answer_mac(secret: bytes, nonce: str, checkpoint: str | None, prompt: str, r
     return hmac.new(secret, msg, hashlib.sha256).hexdigest()[:20]
 
 
+def _clean_correction(v: str) -> str:
+    if not v.strip():
+        raise ValueError("a correction must not be empty (leave it out to rate the answer only)")
+    return v.strip()
+
+
+# A correction, wherever one is taken in: stripped, not blank, not over-long.
+Correction = Annotated[str, Field(max_length=MAX_CORRECTION_CHARS), AfterValidator(_clean_correction)]
+
+
 def normalize(text: str) -> str:
     return _WS.sub(" ", text).strip().casefold()
 
@@ -70,16 +80,9 @@ class FeedbackRecord(BaseModel):
     prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     reply: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     checkpoint: str | None = None
-    correction: str | None = Field(None, max_length=MAX_CORRECTION_CHARS)
+    correction: Correction | None = None
     comment: str | None = None
     client: str | None = None
-
-    @field_validator("correction")
-    @classmethod
-    def _not_blank(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("a correction must not be empty")
-        return v.strip() if v is not None else None
 
     @property
     def kind(self) -> str:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..feedback import MAX_CORRECTION_CHARS, MAX_PROMPT_CHARS
+from ..feedback import MAX_PROMPT_CHARS, Correction
 from ..spec import EMBEDDED_MODEL
 
 CHECKPOINT_URI_RE = re.compile(r"^(file|s3)://.+/[^/]+/r\d{6,}/?$")
@@ -194,7 +194,7 @@ class FeedbackRequest(_Strict):
     rating: Literal["up", "down"]
     response_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     conversation_id: str | None = Field(None, pattern=CONVERSATION_ID_RE)
-    correction: str | None = Field(None, max_length=MAX_CORRECTION_CHARS)
+    correction: Correction | None = None
     comment: str | None = Field(None, max_length=2_000)
     # The answer as the client received it, for a response this replica does not remember (the
     # response id signs them, so they are checked, not trusted).
@@ -202,12 +202,6 @@ class FeedbackRequest(_Strict):
     reply: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     checkpoint: str | None = Field(None, max_length=2_000)
 
-    @field_validator("correction")
-    @classmethod
-    def _correction(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("a correction must not be empty (leave it out to rate the answer only)")
-        return v.strip() if v is not None else None
 
 
 class RequestModels:
