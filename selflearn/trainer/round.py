@@ -10,7 +10,6 @@ applies selflearn.policy to the metrics this round publishes.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import platform
@@ -31,7 +30,7 @@ from ..sources.pipeline import DEFAULT_BLOCKLIST, BlocklistFilter, clean_article
 from ..sources.snapshot import general_set
 from ..spec import RunConfig
 from ..sources import feedback as feedback_source
-from . import data, knowledge, loop, preference, precision as prec
+from . import data, feedback_learning, knowledge, loop, preference, precision as prec
 from .model_io import load_for_training, save_for_checkpoint
 
 log = logging.getLogger("selflearn.trainer")
@@ -148,7 +147,7 @@ def _training_batches(config: RunConfig, round_: int, tok: Any, train_arts: list
     question/answer pairs, earlier rounds' first questions and replayed chat answers, packed with
     the raw text (mixed) or only with the text of articles that yielded no pair (chat). Users'
     corrections come as text here, in every format; as chat examples they get a pass of their own
-    (`_feedback_batches`).
+    (`feedback_learning.correction_batches`).
     """
     spec = config.spec
     L, B, eos = spec.training.max_length, spec.training.batch_size, tok.eos_token_id
@@ -169,28 +168,6 @@ def _training_batches(config: RunConfig, round_: int, tok: Any, train_arts: list
         log.warning("%d of %d chat examples are longer than training.maxLength %d and are not trained",
                     too_long, len(chat.examples), L)
     return data.batches(data.pack_examples(chat.examples, text + fb_docs, L, eos), B), chat, too_long
-
-
-def _feedback_batches(config: RunConfig, round_: int, tok: Any, fb: "preference.FeedbackData",
-                      refs: dict[str, list[dict]] | None, chat: "knowledge.ChatData | None",
-                      text: list[list[int]]) -> list:
-    """The corrections' own pass, after the round's main training, `feedback.epochs` times over:
-    each correction under every phrasing. Last, because what a small model learns last is what it
-    answers with. Beside them, so that the pass does not undo the rest of the round: replayed chat
-    answers (short answers alone would cost the chat's manners), the round's question/answer pairs
-    (and what it just learned of its articles) and a different share of the round's text in each
-    pass (and its prose)."""
-    spec = config.spec
-    replay = knowledge.replay_examples(tok, refs["replay"] if refs else [], spec.training.chat_replay, round_ + 1)
-    own = chat.examples[:len(chat.pairs)] if chat else []
-    passes = spec.feedback.epochs
-    blocks = []
-    for i in range(passes):
-        # The round's pairs once, in the last pass: in every pass they lift the general perplexity
-        # past the gate (+4 to +9% measured).
-        blocks += data.pack_examples(fb.examples + replay + (own if i == passes - 1 else []), text[i::passes],
-                                     spec.training.max_length, tok.eos_token_id)
-    return data.batches(blocks, spec.training.batch_size)
 
 
 def _probe_parent(store: CheckpointStore, run: str, parent: CheckpointRef | None, model: Any, tok: Any,
@@ -346,39 +323,15 @@ def run_round(
                               seed=spec.training.seed + round_, compile=spec.training.compile)
         phase("training")
         stats = loop.train(model, train_batches, cfg, master=master, on_step=on_step, progress=progress)
-        fb_stats = None
-        if fb_data is not None and fb_data.examples:
-            phase("learning corrections")
-            # The passes are laid out in the batches (each with its own share of text): one epoch.
-            fb_cfg = dataclasses.replace(cfg, epochs=1, gradient_accumulation=1, warmup_ratio=0.0,
-                                         learning_rate=spec.feedback.learning_rate or cfg.learning_rate)
-            fb_stats = loop.train(model, _feedback_batches(config, round_, tok, fb_data, refs, chat, train_docs),
-                                  fb_cfg, master=master, on_step=on_step, progress=progress)
-        pref_stats = None
-        if prefer:
-            phase("learning preferences")
-            fs = spec.feedback
-            pref_stats = preference.train(model, tok, fb_data, fb_refs, preference.PreferenceConfig(
-                beta=fs.beta, learning_rate=fs.preference_learning_rate, epochs=fs.preference_epochs,
-                sft_weight=fs.sft_weight,
-                precision=precision, seed=spec.training.seed + round_), master=master, on_step=on_step)
+        fb_stats = feedback_learning.learn(model, tok, config, round_, fb_data, fb_refs, cfg, chat=chat, refs=refs,
+                                           text=train_docs, master=master, on_step=on_step, progress=progress,
+                                           phase=phase, prefer=prefer) if fb_data else {}
         phase("evaluating the candidate")
         ppl_after = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
         chat_metrics, shown = ({}, None) if not probes else \
             _probe_candidate(model, tok, probes, report_before, L, precision)
-        fb_metrics = None
-        if fb_round is not None:
-            fb_metrics = fb_round.summary()
-            if fb_data is not None:
-                fb_metrics["pairs"], fb_metrics["judged"] = len(fb_data.pairs), len(fb_data.judged)
-                if fb_data.held_out:
-                    fb_metrics["preference"] = {
-                        "before": fb_refs.held_out_rate, "pairs": len(fb_data.held_out),
-                        "after": preference.preference_rate(model, tok, fb_data.held_out, precision=precision)}
-                if fb_stats:
-                    fb_metrics["correction_steps"], fb_metrics["correction_loss"] = fb_stats.steps, fb_stats.final_loss
-                if pref_stats:
-                    fb_metrics["preference_steps"] = pref_stats["steps"]
+        fb_metrics = feedback_learning.metrics(fb_round, fb_data, fb_refs, fb_stats, model, tok, precision) \
+            if fb_round is not None else None
 
         out = tmp / "checkpoint"
         if master:
