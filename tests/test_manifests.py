@@ -109,8 +109,23 @@ def test_the_trainer_job_reads_feedback_with_the_runs_own_credentials():
     c = res.build_trainer_job(**kw, round_=2, attempt=1, parent=None)["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "S3_ENDPOINT", "value": "http://minio:9000"} in c["env"]
     assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
-    args = res.serve_args(spec=FULL, checkpoint=None, run="wiki")
+    args = res.serve_args(spec=FULL, run="wiki")
     assert args["feedback_uri"] == "s3://ckpt/runs/wiki/feedback" and args["storage_endpoint"] == "http://minio:9000"
+
+
+@pytest.mark.parametrize("label", SPECS)
+def test_a_promotion_changes_only_the_models_user_config(label: str):
+    """Ray Serve redeploys an application whose `args` (or any deployment option but `user_config`)
+    change; a promotion must stay an in-place `reconfigure()` on the cluster path too."""
+    before, after = (yaml.safe_load(res.render_serve_config(spec=SPECS[label], checkpoint=c, run="wiki"))
+                     for c in (None, "s3://ckpt/runs/wiki/r000001"))
+    for doc in (before, after):
+        for dep in doc["applications"][0]["deployments"]:
+            if dep["name"] == res.MODEL_DEPLOYMENT:
+                del dep["user_config"]
+    assert before == after
+    assert res.served_checkpoint(res.render_serve_config(spec=SPECS[label], checkpoint="s3://x/r1", run="wiki")) \
+        == (True, "s3://x/r1")
 
 
 @pytest.mark.skipif(not RAYSERVICE_CRD.exists(), reason="KubeRay's RayService CRD schema is not available")

@@ -196,12 +196,17 @@ def model_user_config(*, spec: LearnerRunSpec, checkpoint: str | None) -> dict[s
             "storage_endpoint": spec.storage.endpoint, "storage_region": spec.storage.region}
 
 
-def serve_args(*, spec: LearnerRunSpec, checkpoint: str | None, run: str) -> dict[str, Any]:
-    """The app's args. Feedback goes where the run's feedback source reads it: by default the
-    run's own store (`<storage.uri>/<run>/feedback/`, beside its checkpoints), so thumbs and
-    corrections outlive the serving pods and the trainer Job reads them with the run's credentials."""
+def serve_args(*, spec: LearnerRunSpec, run: str) -> dict[str, Any]:
+    """The app's args: nothing a promotion changes. Ray Serve redeploys an application (new ingress
+    and model replicas) whenever its `args` change, but applies a change of a deployment's
+    `user_config` alone in place through `reconfigure()`; so the checkpoint lives only in the model's
+    user_config, and promotions stay hot swaps.
+
+    Feedback goes where the run's feedback source reads it: by default the run's own store
+    (`<storage.uri>/<run>/feedback/`, beside its checkpoints), so thumbs and corrections outlive the
+    serving pods and the trainer Job reads them with the run's credentials."""
     fb = spec.feedback
-    args: dict[str, Any] = {"base_model": spec.base_model, "checkpoint": checkpoint,
+    args: dict[str, Any] = {"base_model": spec.base_model,
                             "feedback_uri": (fb.uri if fb and fb.uri else feedback_uri(spec.storage.uri, run))}
     args.update({k: v for k, v in (("storage_endpoint", spec.storage.endpoint),
                                    ("storage_region", spec.storage.region)) if v})
@@ -219,7 +224,7 @@ def serve_config(*, spec: LearnerRunSpec, checkpoint: str | None, run: str) -> d
         "name": SERVE_APP,
         "route_prefix": "/",
         "import_path": SERVE_IMPORT_PATH,
-        "args": serve_args(spec=spec, checkpoint=checkpoint, run=run),
+        "args": serve_args(spec=spec, run=run),
         "deployments": [model, {"name": INGRESS_DEPLOYMENT, "num_replicas": 1 if replicas <= 1 else 2}],
     }]}
 
