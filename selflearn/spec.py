@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+from .basemodel import EMBEDDED_MODEL  # noqa: F401 - re-exported: the spec names the bundled model
+
 RUN_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
 
 

@@ -22,6 +22,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
+import aiohttp.web
 import attrs
 import jsonpatch
 import kopf
@@ -135,6 +136,21 @@ class ClusterEmulator(KubernetesEmulator):
                     yield event
         finally:
             await bus.unmark(marker)
+
+    async def __call__(self, raw_request: Any) -> Any:
+        # kmock cannot parse the cluster-scoped path /api/v1/namespaces (it expects a namespace after
+        # it), and Kopf lists and watches namespaces when it scans the cluster, as the real operator
+        # (`selflearn operator`, not the in-process one) does. Answer it here: "default" only.
+        if raw_request.method == "GET" and raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            if raw_request.query.get("watch") in ("true", "1"):
+                resp = aiohttp.web.StreamResponse()
+                await resp.prepare(raw_request)
+                await asyncio.sleep(min(float(raw_request.query.get("timeoutSeconds") or 60), 600))
+                return resp
+            return aiohttp.web.json_response({
+                "apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": str(self._rv)},
+                "items": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}]})
+        return await super().__call__(raw_request)
 
     async def _handle(self, request: Any) -> Any:
         # kmock matches each request against its whole request history (kept for assertions);

@@ -1,0 +1,178 @@
+"""A test controller that plays Kubernetes' Job controller and kubelet with Docker: each new Job's pod
+template runs as a container (image, command, args, env, envFrom Secret, the ConfigMap and emptyDir
+mounts, the termination message, the memory limit), and the Pod and Job status are written back as a
+cluster would: a Pod per attempt ending in `terminated` with the message, then the Job's Complete or
+Failed condition (backoffLimit, podFailurePolicy's FailJob exit codes, activeDeadlineSeconds).
+
+A missing image or Secret leaves the pod waiting (ErrImageNeverPull, CreateContainerConfigError)
+and the Job active, as on a cluster; the operator is the one who must say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from selflearn.operator.kube import Kube
+
+from .pods import ConfigError, container_env, docker, image_present, memory_limit, now, waiting_status
+
+log = logging.getLogger("e2e.job-runner")
+
+
+class JobRunner:
+    def __init__(self, kube: Kube, *, namespace: str = "default", network: str = "host"):
+        self.kube, self.namespace, self.network = kube, namespace, network
+        self.started: set[str] = set()
+        self.tasks: list[asyncio.Task] = []
+        self.runs: list[dict[str, Any]] = []  # one per pod: job, exit code, seconds
+
+    async def run_forever(self, interval: float = 0.5) -> None:
+        while True:
+            for job in await self.kube.list("batch/v1", "jobs", self.namespace):
+                uid = job["metadata"]["uid"]
+                if uid not in self.started and not (job.get("status") or {}).get("conditions"):
+                    self.started.add(uid)
+                    self.tasks.append(asyncio.create_task(self._run_job(job)))
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _run_job(self, job: dict[str, Any]) -> None:
+        name, spec = job["metadata"]["name"], job["spec"]
+        deadline = spec.get("activeDeadlineSeconds")
+        fail_codes = {v for rule in (spec.get("podFailurePolicy") or {}).get("rules") or []
+                      if rule.get("action") == "FailJob"
+                      for v in (rule.get("onExitCodes") or {}).get("values") or []}
+        t0 = time.monotonic()
+        failed = 0
+        while True:
+            try:
+                code = await asyncio.wait_for(self._run_pod(job), timeout=deadline - (time.monotonic() - t0)
+                                              if deadline else None)
+            except asyncio.TimeoutError:
+                await self._finish(name, ok=False, failed=failed + 1, reason="DeadlineExceeded",
+                                   message="Job was active longer than specified deadline")
+                return
+            if code is None:  # the pod could not start: it waits, and so does the Job
+                return
+            if code == 0:
+                await self._finish(name, ok=True)
+                return
+            failed += 1
+            if code in fail_codes:
+                await self._finish(name, ok=False, failed=failed, reason="PodFailurePolicy",
+                                   message=f"Container trainer for pod failed with exit code {code} matching "
+                                           f"FailJob rule")
+                return
+            if failed > spec.get("backoffLimit", 6):
+                await self._finish(name, ok=False, failed=failed, reason="BackoffLimitExceeded",
+                                   message="Job has reached the specified backoff limit")
+                return
+
+    async def _finish(self, name: str, *, ok: bool, failed: int = 0, reason: str = "", message: str = "") -> None:
+        if ok:
+            status = {"succeeded": 1, "completionTime": now(), "conditions": [
+                {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]}
+        else:
+            status = {"failed": failed, "conditions": [
+                {"type": "FailureTarget", "status": "True", "reason": reason},
+                {"type": "Failed", "status": "True", "reason": reason, "message": message}]}
+        await self.kube.patch("batch/v1", "jobs", self.namespace, name, {"status": status}, subresource="status")
+
+    async def _run_pod(self, job: dict[str, Any]) -> int | None:
+        """One attempt: the Pod object, the container, its end. None: it cannot start (it waits)."""
+        jname = job["metadata"]["name"]
+        pod_spec = job["spec"]["template"]["spec"]
+        (c,) = pod_spec["containers"]
+        pod_name = f"{jname}-{uuid.uuid4().hex[:5]}"
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": pod_name, "namespace": self.namespace,
+                            "labels": dict(job["spec"]["template"]["metadata"].get("labels") or {})
+                            | {"batch.kubernetes.io/job-name": jname, "job-name": jname},
+                            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": jname,
+                                                 "uid": job["metadata"]["uid"], "controller": True}]},
+               "spec": pod_spec, "status": {"phase": "Pending"}}
+        await self.kube.create("v1", "pods", self.namespace, pod)
+
+        async def set_status(status: dict[str, Any]) -> None:
+            await self.kube.patch("v1", "pods", self.namespace, pod_name, {"status": status}, subresource="status")
+
+        if not image_present(c["image"]):
+            # imagePullPolicy IfNotPresent with no registry: what a kubelet reports when it cannot pull.
+            await set_status(waiting_status(c["name"], "ErrImagePull",
+                                            f'image "{c["image"]}" not present and no registry to pull it from'))
+            return None
+        try:
+            env = await container_env(self.kube, self.namespace, c)
+        except ConfigError as err:
+            await set_status(waiting_status(c["name"], "CreateContainerConfigError", str(err)))
+            return None
+
+        work = Path(tempfile.mkdtemp(prefix=f"e2e-{pod_name}-"))
+        try:
+            args = await self._mounts(pod_spec, c, work)
+            term = work / "termination-log"
+            term.touch()
+            term.chmod(0o666)
+            args += ["-v", f"{term}:{c.get('terminationMessagePath', '/dev/termination-log')}"]
+            for k, v in env.items():
+                args += ["-e", f"{k}={v}"]
+            if mem := memory_limit(c):
+                args += ["--memory", mem]
+            cmd = list(c.get("command") or [])
+            argv = ["run", "--name", pod_name, "--network", self.network, *args]
+            argv += (["--entrypoint", cmd[0], c["image"], *cmd[1:]] if cmd else [c["image"]]) + list(c.get("args") or [])
+            started = now()
+            await set_status({"phase": "Running", "startTime": started, "containerStatuses": [{
+                "name": c["name"], "ready": True, "restartCount": 0, "image": c["image"], "imageID": "",
+                "state": {"running": {"startedAt": started}}}]})
+            t0 = time.monotonic()
+            proc = await asyncio.create_subprocess_exec("docker", *argv, stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.DEVNULL)
+            try:
+                code = await proc.wait()
+            except asyncio.CancelledError:
+                await docker("rm", "-f", pod_name, check=False)
+                raise
+            seconds = time.monotonic() - t0
+            message = term.read_text(errors="replace").strip()
+            if not message and code and c.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+                message = "\n".join((await docker("logs", "--tail", "80", pod_name, check=False)).splitlines()[-80:])
+            await docker("rm", "-f", pod_name, check=False)
+            self.runs.append({"job": jname, "pod": pod_name, "exit_code": code, "seconds": round(seconds, 1)})
+            log.info("pod %s exited %s after %.0f s", pod_name, code, seconds)
+            await set_status({"phase": "Succeeded" if code == 0 else "Failed", "containerStatuses": [{
+                "name": c["name"], "ready": False, "restartCount": 0, "image": c["image"], "imageID": "",
+                "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                         "message": message[-4096:], "startedAt": started, "finishedAt": now()}}}]})
+            return code
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def _mounts(self, pod_spec: dict[str, Any], c: dict[str, Any], work: Path) -> list[str]:
+        volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+        args: list[str] = []
+        for m in c.get("volumeMounts") or []:
+            vol = volumes[m["name"]]
+            host = work / "volumes" / m["name"]
+            host.mkdir(parents=True, exist_ok=True)
+            if cm := vol.get("configMap"):
+                obj = await self.kube.get("v1", "configmaps", self.namespace, cm["name"])
+                if obj is None:
+                    raise ConfigError(f'configmap "{cm["name"]}" not found')
+                for key, value in (obj.get("data") or {}).items():
+                    (host / key).write_text(value)
+                    (host / key).chmod(0o644)
+            host.chmod(0o755 if vol.get("configMap") else 0o1777)  # emptyDir: writable by the pod's user
+            args += ["-v", f"{host}:{m['mountPath']}" + (":ro" if m.get("readOnly") else "")]
+        return args

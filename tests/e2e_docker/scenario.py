@@ -1,0 +1,310 @@
+"""The learning loop end to end in real containers (`make e2e-docker`, via hack/e2e-docker.sh).
+
+Real parts: moto's S3 API server on 127.0.0.1; the operator (`selflearn operator`) running in the
+trainer image against kmock's Kubernetes emulator (no real API server can run here); each trainer
+Job's pod run as a container of the trainer image by tests/e2e_docker/job_runner.py; the serve image's
+Ray head, fed every serveConfigV2 change through Ray's REST API by rayservice_applier.py.
+
+The scenario: apply examples/learnerrun-tiny.yaml (its S3 endpoint pointed at the local server,
+rounds back to back, two rounds); round 1 trains in a container and publishes to S3; the operator
+promotes it; the serve container swaps in place (same replica ids and pids) while a client keeps
+chatting (no request may fail); round 2 the same; pin r000001 (a rollback) and see it served; flip
+one byte of a checkpoint in S3, pin it, and see it never served. Then one round of the same config
+on the host, for the in-container round's speed.
+
+Prints one JSON object as its last line (the figures); exits non-zero when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import requests
+import yaml
+
+from selflearn.operator.kube import Connection, Kube
+from selflearn.operator.resources import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, served_checkpoint
+from selflearn.operator.testing import EmulatorThread
+
+from .job_runner import JobRunner
+from .rayservice_applier import RayServiceApplier
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "learnerrun-tiny.yaml"
+NS = "default"
+log = logging.getLogger("e2e")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Failed(Exception):
+    pass
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        raise Failed(what)
+    log.info("ok: %s", what)
+
+
+class Chatter(threading.Thread):
+    """A client that keeps chatting; every answer's checkpoint and every failure are kept."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True, name="chatter")
+        self.url, self.stop_flag = url, threading.Event()
+        self.total = self.failed = 0
+        self.errors: list[str] = []
+        self.seen: list[tuple[float, str | None]] = []
+
+    def run(self) -> None:
+        s = requests.Session()
+        while not self.stop_flag.is_set():
+            try:
+                r = s.post(f"{self.url}/chat", json={"message": "What is the capital of France?",
+                                                      "max_length": 12, "temperature": 0}, timeout=120)
+                self.total += 1
+                if r.status_code != 200:
+                    self.failed += 1
+                    self.errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                else:
+                    self.seen.append((time.time(), r.json().get("checkpoint")))
+            except requests.RequestException as err:
+                self.total += 1
+                self.failed += 1
+                self.errors.append(repr(err)[:200])
+            time.sleep(0.2)
+
+    def latest(self) -> str | None:
+        return self.seen[-1][1] if self.seen else None
+
+    def first_seen(self, suffix: str) -> float | None:
+        return next((t for t, c in self.seen if c and c.endswith(suffix)), None)
+
+
+async def wait_for(probe, *, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe() if asyncio.iscoroutinefunction(probe) else probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise Failed(f"timed out after {timeout:.0f} s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(interval)
+
+
+def serve_ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/readyz", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+async def scenario(args: argparse.Namespace) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    work = Path(tempfile.mkdtemp(prefix="selflearn-e2e-docker-"))
+    # 1. S3: moto's server on loopback, the example's bucket.
+    from moto.server import ThreadedMotoServer
+
+    s3_port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port)
+    moto.start()
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    creds = {"AWS_ACCESS_KEY_ID": "e2e", "AWS_SECRET_ACCESS_KEY": "e2e-secret"}
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id=creds["AWS_ACCESS_KEY_ID"], aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"])
+    s3.create_bucket(Bucket="selflearn")
+
+    # 2. The API server (kmock's emulator) and what a user creates first: the credentials Secret.
+    api = EmulatorThread().start()
+    kube = Kube(Connection(server=api.url))
+    await kube.create("v1", "secrets", NS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-creds"},
+                                            "data": {k: base64.b64encode(v.encode()).decode() for k, v in creds.items()}})
+    kubeconfig = work / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "e2e",
+        "clusters": [{"name": "e2e", "cluster": {"server": api.url}}],
+        "users": [{"name": "e2e", "user": {"token": "e2e"}}],
+        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "e2e", "namespace": NS}}]}))
+    kubeconfig.chmod(0o644)
+
+    # 3. The operator from the trainer image; the two test controllers.
+    operator = "e2e-operator"
+    subprocess.run(["docker", "rm", "-f", operator], capture_output=True)
+    subprocess.run(["docker", "run", "-d", "--name", operator, "--network", "host",
+                    "-v", f"{kubeconfig}:/etc/e2e/kubeconfig:ro", "--entrypoint", "selflearn", args.trainer_image,
+                    "operator", "--kubeconfig", "/etc/e2e/kubeconfig", "-n", NS, "--standalone",
+                    "--tick", "2", "--retry-base", "5", "--retry-max", "30"], check=True, capture_output=True)
+    runner, applier = JobRunner(kube, namespace=NS), RayServiceApplier(kube, namespace=NS)
+    controllers = [asyncio.create_task(runner.run_forever()), asyncio.create_task(applier.run_forever())]
+    url = f"http://127.0.0.1:{applier.serve_port}"
+    chatter = Chatter(url)
+    try:
+        # 4. The example, as a user applies it (its S3 endpoint here; rounds back to back).
+        doc = yaml.safe_load(EXAMPLE.read_text())
+        spec = doc["spec"]
+        spec["storage"]["endpoint"] = endpoint
+        spec["schedule"] = {"intervalSeconds": 0, "maxRounds": 2}
+        spec["trainer"]["image"], spec["serving"]["image"] = args.trainer_image, args.serve_image
+        run = doc["metadata"]["name"]
+        await kube.create("selflearn.dev/v1alpha1", "learnerruns", NS, doc | {"metadata": {"name": run, "namespace": NS}})
+
+        async def lr_status() -> dict[str, Any]:
+            return ((await kube.get("selflearn.dev/v1alpha1", "learnerruns", NS, run)) or {}).get("status") or {}
+
+        t_serve = time.monotonic()
+        await wait_for(lambda: serve_ready(url), timeout=600, what="the serve container's /readyz", interval=2)
+        figures["serve_start_s"] = round(time.monotonic() - t_serve, 1)
+        chatter.start()
+        await wait_for(lambda: chatter.seen, timeout=120, what="a first /chat answer")
+        base_replicas = await asyncio.to_thread(applier.replicas)
+        log.info("serving the base model; replicas %s", base_replicas)
+
+        restarted = 0
+        swaps: list[float] = []
+        for round_ in (1, 2):
+            ckpt = f"r{round_:06d}"
+
+            async def history_row() -> dict[str, Any] | None:
+                return next((h for h in (await lr_status()).get("history") or [] if h.get("round") == round_), None)
+
+            row = await wait_for(history_row, timeout=args.round_timeout, what=f"round {round_}'s result",
+                                 interval=3)
+            log.info("round %s: %s", round_, row)
+            check(row.get("promoted") is True, f"round {round_} promoted ({row.get('result')}: {row.get('reason')})")
+            job_end = time.time()
+            await wait_for(lambda: (chatter.latest() or "").endswith(ckpt), timeout=300,
+                           what=f"/chat answering with {ckpt}")
+            swaps.append(round((chatter.first_seen(ckpt) or time.time()) - job_end, 1))
+            after = await asyncio.to_thread(applier.replicas)
+            before = base_replicas
+            for dep in (MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT):
+                gone = set(before.get(dep, [])) - set(after.get(dep, []))
+                restarted += len(gone)
+            log.info("after %s: replicas %s", ckpt, after)
+            base_replicas = after
+        figures["publish_to_serve_s"] = swaps
+        figures["replicas_restarted_on_promote"] = restarted
+        check(restarted == 0, "no replica restarted by a promotion (same replica ids and pids)")
+
+        # 5. Rollback: pin r000001.
+        store = spec["storage"]["uri"].rstrip("/")
+        r1, r2 = f"{store}/{run}/r000001", f"{store}/{run}/r000002"
+        await kube.patch("selflearn.dev/v1alpha1", "learnerruns", NS, run,
+                         {"spec": {"promotion": {"pinnedCheckpoint": r1}}})
+        await wait_for(lambda: (chatter.latest() or "").endswith("r000001"), timeout=300,
+                       what="/chat answering with the pinned r000001")
+        # 6. One flipped byte in r000002's weights, then pin it: never served.
+        bucket, _, prefix = r2[len("s3://"):].partition("/")
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])]
+        weights = max((k for k in keys if k.endswith(".safetensors")),
+                      key=lambda k: s3.head_object(Bucket=bucket, Key=k)["ContentLength"])
+        body = bytearray(s3.get_object(Bucket=bucket, Key=weights)["Body"].read())
+        body[len(body) // 2] ^= 0x01
+        s3.put_object(Bucket=bucket, Key=weights, Body=bytes(body))
+        mark = time.time()
+        await kube.patch("selflearn.dev/v1alpha1", "learnerruns", NS, run,
+                         {"spec": {"promotion": {"pinnedCheckpoint": r2}}})
+        rs_name = await wait_for(lambda: _rayservice_serving(api, r2), timeout=120,
+                                 what="the RayService asked to serve the pinned, corrupted r000002")
+        await asyncio.sleep(args.corrupt_watch)
+        after_pin = [c for t, c in chatter.seen if t > mark]
+        check(bool(after_pin) and all((c or "").endswith("r000001") for c in after_pin),
+              f"the corrupted r000002 never served ({len(after_pin)} answers since, all from r000001; {rs_name})")
+        chatter.stop_flag.set()
+        chatter.join(150)
+        figures["total_requests"], figures["failed_requests"] = chatter.total, chatter.failed
+        check(chatter.failed == 0, f"no failed request ({chatter.failed}/{chatter.total}: {chatter.errors[:3]})")
+        figures["round_seconds_in_container"] = [r["seconds"] for r in runner.runs if r["exit_code"] == 0]
+    finally:
+        chatter.stop_flag.set()
+        for t in controllers:
+            t.cancel()
+        await asyncio.gather(*controllers, return_exceptions=True)
+        await runner.close()
+        logs = subprocess.run(["docker", "logs", "--tail", "40", operator], capture_output=True, text=True)
+        (work / "operator.log").write_text(logs.stdout + logs.stderr)
+        subprocess.run(["docker", "rm", "-f", operator], capture_output=True)
+        await applier.close()
+        await kube.close()
+        api.stop()
+
+    # 7. The same round on the host (no container), for the in-container round's speed.
+    if not args.skip_host_round:
+        host_cfg = work / "host-run.yaml"
+        host_spec = json.loads(json.dumps(spec))
+        host_spec["storage"]["uri"] = "s3://selflearn/host"
+        host_cfg.write_text(yaml.safe_dump({"name": run, "spec": host_spec}))
+        env = os.environ | creds | {"S3_ENDPOINT": endpoint, "AWS_REGION": "us-east-1",
+                                    "SELFLEARN_TERMINATION_LOG": str(work / "host-termination-log")}
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "selflearn.cli", "train", "--run-config", str(host_cfg),
+                        "--round", "1", "--parent", "base", "--no-progress"], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        figures["round_seconds_on_host"] = round(time.monotonic() - t0, 1)
+        inside = figures.get("round_seconds_in_container") or []
+        if inside:
+            figures["round_container_vs_host"] = round(inside[0] / figures["round_seconds_on_host"], 2)
+    moto.stop()
+    return figures
+
+
+def _rayservice_serving(api: EmulatorThread, checkpoint: str) -> str | None:
+    for (resource, _ns, name), obj in api.call(lambda: list(api.emulator.objects.items())):
+        if resource.plural == "rayservices" and not obj.deleted:
+            found, ckpt = served_checkpoint((obj.raw.get("spec") or {}).get("serveConfigV2"))
+            if found and ckpt == checkpoint:
+                return name
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trainer-image", default=os.environ.get("TRAINER_IMAGE", "ghcr.io/selflearn/trainer:0.1.0"))
+    p.add_argument("--serve-image", default=os.environ.get("SERVE_IMAGE", "ghcr.io/selflearn/serve:0.1.0"))
+    p.add_argument("--round-timeout", type=float, default=900)
+    p.add_argument("--corrupt-watch", type=float, default=30, help="seconds to watch after pinning the corrupted one")
+    p.add_argument("--skip-host-round", action="store_true")
+    p.add_argument("--figures", default=None, help="a JSON file whose fields are added to the result (image builds)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("aiohttp.access", "werkzeug"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    t0 = time.monotonic()
+    result: dict[str, Any] = {}
+    if args.figures and Path(args.figures).is_file():
+        with contextlib.suppress(json.JSONDecodeError):
+            result.update(json.loads(Path(args.figures).read_text().strip().splitlines()[-1]))
+    code = 0
+    try:
+        result.update(asyncio.run(scenario(args)))
+        result["passed"] = True
+    except Failed as err:
+        result.update(passed=False, failure=str(err))
+        code = 1
+    result["e2e_seconds"] = round(time.monotonic() - t0, 1)
+    print(json.dumps(result, sort_keys=True))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
