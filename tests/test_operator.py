@@ -338,3 +338,27 @@ def test_deleting_a_run_removes_its_checkpoints_only_when_asked(tmp_path: Path):
             assert (store / "keep" / "r000001" / "manifest.json").exists()
 
     asyncio.run(scenario())
+
+
+def test_a_trainer_pod_that_cannot_start_is_said_in_the_status_and_an_event():
+    """A bad image tag leaves the pod waiting and the Job active: the status must say why, at once."""
+    async def scenario():
+        async with cluster() as c:
+            job = await started(c)
+            await c.api.create("v1", "pods", "default", {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "wiki-r1-abcde", "labels": {"batch.kubernetes.io/job-name": "wiki-r1"},
+                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "wiki-r1",
+                                                  "uid": job["metadata"]["uid"], "controller": True}]},
+                "spec": job["spec"]["template"]["spec"],
+                "status": {"phase": "Pending", "containerStatuses": [{
+                    "name": "trainer", "ready": False, "restartCount": 0, "image": "", "imageID": "",
+                    "state": {"waiting": {"reason": "ImagePullBackOff",
+                                          "message": 'Back-off pulling image "registry.example/trainer:nope"'}}}]}})
+            st = await eventually(lambda: "cannot start" in (status(c).get("message") or "") and status(c),
+                                  what="the status saying the pod cannot start")
+            assert st["message"] == ('round 1 cannot start (Job wiki-r1): ImagePullBackOff: '
+                                     'Back-off pulling image "registry.example/trainer:nope"')
+            await event(c, "TrainerCannotStart")
+
+    asyncio.run(scenario())

@@ -26,7 +26,8 @@ from . import storage
 from .crd import GROUP, PLURAL, VERSION
 from .kube import ExistenceCache, Kube, KubeError
 from .results import (ACTIVE, SUCCEEDED, JobView, ResultError, RoundResult, failure_reason, job_view,
-                      parse_result, pod_belongs_to, rayservice_ready, termination_message)
+                      parse_result, pod_belongs_to, rayservice_ready, stuck_reason,
+                      termination_message)
 
 LR = (GROUP, VERSION, PLURAL)
 # Kopf holds deletion until the run's timer has stopped (and, with deleteOnRemoval, storage is gone).
@@ -277,14 +278,18 @@ class Reconciliation:
             m = raw.get("metadata") or {}
             job = job_view(name=name, labels=m.get("labels") or {}, spec=raw.get("spec") or {},
                            status=raw.get("status") or {})
-        if job.state == ACTIVE:
-            self.writer.update({"phase": "Training",
-                                "message": f"round {job.round} is training (Job {job.name})"
-                                           + ("; suspended after it" if self.spec.suspend else "")})
-            return
         pods = [p for p in await self.kube.list("v1", "pods", self.namespace,
                                                 label_selector=f"batch.kubernetes.io/job-name={job.name}")
                 if pod_belongs_to(p, job.name)]
+        if job.state == ACTIVE:
+            stuck = stuck_reason(pods)
+            message = (f"round {job.round} cannot start (Job {job.name}): {stuck}" if stuck else
+                       f"round {job.round} is training (Job {job.name})")
+            if stuck and self.writer.get("message") != message:
+                kopf.warn(self.body, reason="TrainerCannotStart", message=message)
+            self.writer.update({"phase": "Training",
+                                "message": message + ("; suspended after it" if self.spec.suspend else "")})
+            return
         message = termination_message(pods, succeeded=job.state == SUCCEEDED)
         if job.state != SUCCEEDED:
             await self.round_failed(job.name, job.round, job.attempt, failure_reason(job.message, message))

@@ -104,6 +104,22 @@ def pod_belongs_to(pod: Mapping[str, Any], job: str) -> bool:
     return any(o.get("kind") == "Job" and o.get("name") == job for o in meta.get("ownerReferences") or [])
 
 
+# Why a pod's container cannot start; the Job stays active (and would until its deadline) meanwhile.
+STUCK_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                           "CreateContainerConfigError", "CreateContainerError"})
+
+
+def stuck_reason(pods: Iterable[Mapping[str, Any]]) -> str | None:
+    """'<reason>: <message>' of the trainer container when it is waiting for something that will not
+    come by itself (a bad image tag, a missing Secret), else None."""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if cs.get("name") == TRAINER_CONTAINER and waiting.get("reason") in STUCK_REASONS:
+                return f"{waiting['reason']}: {waiting.get('message') or 'no message'}"
+    return None
+
+
 def termination_message(pods: Iterable[Mapping[str, Any]], *, succeeded: bool) -> str | None:
     """The trainer container's termination message from the newest pod that ended as asked
     (exit code 0 for a succeeded Job, non-zero for a failed one)."""

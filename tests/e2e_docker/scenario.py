@@ -69,9 +69,10 @@ def check(ok: bool, what: str) -> None:
 class Chatter(threading.Thread):
     """A client that keeps chatting; every answer's checkpoint and every failure are kept."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, pause: float = 1.0):
         super().__init__(daemon=True, name="chatter")
-        self.url, self.stop_flag = url, threading.Event()
+        # One request a second: a steady user, not a load test (the trainer shares these 2 cores).
+        self.url, self.pause, self.stop_flag = url, pause, threading.Event()
         self.total = self.failed = 0
         self.errors: list[str] = []
         self.seen: list[tuple[float, str | None]] = []
@@ -81,7 +82,7 @@ class Chatter(threading.Thread):
         while not self.stop_flag.is_set():
             try:
                 r = s.post(f"{self.url}/chat", json={"message": "What is the capital of France?",
-                                                      "max_length": 12, "temperature": 0}, timeout=120)
+                                                      "max_length": 8, "temperature": 0}, timeout=120)
                 self.total += 1
                 if r.status_code != 200:
                     self.failed += 1
@@ -92,7 +93,7 @@ class Chatter(threading.Thread):
                 self.total += 1
                 self.failed += 1
                 self.errors.append(repr(err)[:200])
-            time.sleep(0.2)
+            time.sleep(self.pause)
 
     def latest(self) -> str | None:
         return self.seen[-1][1] if self.seen else None
