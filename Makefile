@@ -27,6 +27,7 @@ run: venv
 test: venv
 	bash hack/test-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	bash hack/e2e-docker.sh
 
 bench: venv
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done

@@ -24,6 +24,8 @@ IMAGES_CACHE=${IMAGES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/selflearn/images}
 PY_STANDIN=selflearn-standin/python:3.11-bookworm
 RAY_STANDIN=selflearn-standin/ray:2.60.0-py311
 RAY_VERSION=2.60.0
+PIP_PY=${VENV:-.venv}/bin/python
+[ -x "$PIP_PY" ] || PIP_PY=python3
 
 LOCAL_BASE=0
 BASES_ONLY=0
@@ -92,7 +94,8 @@ serve_torch_index() {
   if [ ! -f "$dir/.done" ]; then
     say "torch index: pip download torch==2.13.0 (the host's wheel) and its dependencies"
     rm -rf "$dir" "$wheels" && mkdir -p "$wheels"
-    python3 -m pip download -q --only-binary=:all: --dest "$wheels" torch==2.13.0 >&2
+    # The host's pip, with the host's own index settings (that is where the wheel is found).
+    "$PIP_PY" -m pip download -q --only-binary=:all: --dest "$wheels" torch==2.13.0 >&2
     python3 - "$wheels" "$dir" <<'EOF'
 import re, sys
 from pathlib import Path

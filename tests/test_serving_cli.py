@@ -55,3 +55,18 @@ def test_serve_starts_answers_and_stops(tiny_opt_dir, tmp_path):
             out, _ = proc.communicate()
     assert proc.returncode == 0, out
     assert f"serving base:{tiny_opt_dir}" in out
+
+
+def test_serving_without_the_serve_extra_says_how_to_install_it(monkeypatch, capsys):
+    """The trainer image and a plain `pip install selflearn` have no Ray: one line, exit 2."""
+    from selflearn import cli
+    from selflearn.serving import cli as serving_cli
+
+    def no_ray(_args):
+        raise ModuleNotFoundError("No module named 'ray'", name="ray")
+
+    monkeypatch.setattr(serving_cli, "run", no_ray)
+    assert cli.main(["serve", "--checkpoint", "base"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("selflearn serve: error: this needs the serving extra (ray is not installed): "
+                   "pip install 'selflearn[serve]'")
