@@ -13,7 +13,8 @@
 # bundle for outgoing TLS) goes into the stand-in base, never into the project's images.
 #
 # Prints one JSON object as its last line: build seconds and image sizes.
-# Settings (environment): TRAINER_IMAGE, SERVE_IMAGE, TORCH_INDEX_URL, DEBIAN_MIRROR, IMAGES_CACHE.
+# Settings (environment): TRAINER_IMAGE, SERVE_IMAGE, TORCH_INDEX_URL, TORCH_INDEX_PORT, DEBIAN_MIRROR,
+# IMAGES_CACHE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -111,7 +112,9 @@ for d in index.iterdir():
 (index / ".done").write_text("ok\n")
 EOF
   fi
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # A fixed port: the URL is a build arg, and a new value each time would void Docker's layer cache.
+  port=${TORCH_INDEX_PORT:-38917}
+  if (: <"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port is in use (set TORCH_INDEX_PORT)"; fi
   python3 -m http.server --bind 127.0.0.1 --directory "$dir" "$port" >/dev/null 2>&1 &
   INDEX_PID=$!
   for _ in $(seq 50); do curl -fs "http://127.0.0.1:$port/torch/" >/dev/null && break; sleep 0.1; done
