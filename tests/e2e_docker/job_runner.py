@@ -120,7 +120,11 @@ class JobRunner:
 
         work = Path(tempfile.mkdtemp(prefix=f"e2e-{pod_name}-"))
         try:
-            args = await self._mounts(pod_spec, c, work)
+            try:
+                args = await self._mounts(pod_spec, c, work)
+            except ConfigError as err:  # a missing ConfigMap: the kubelet's FailedMount, the pod waits
+                await set_status(waiting_status(c["name"], "CreateContainerConfigError", str(err)))
+                return None
             term = work / "termination-log"
             term.touch()
             term.chmod(0o666)
