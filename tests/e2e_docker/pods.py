@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import subprocess
 from datetime import datetime, timezone
 from typing import Any
@@ -85,7 +84,3 @@ def waiting_status(name: str, reason: str, message: str) -> dict[str, Any]:
     return {"phase": "Pending", "containerStatuses": [{
         "name": name, "ready": False, "restartCount": 0, "image": "", "imageID": "",
         "state": {"waiting": {"reason": reason, "message": message}}}]}
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
