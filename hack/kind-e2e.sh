@@ -177,6 +177,7 @@ RUN_SERVE_IMAGE=$(read_example "$SERVE_IMAGE" '{.spec.serving.image}')
 STORAGE_URI=$(read_example s3://selflearn/tiny '{.spec.storage.uri}')
 STORAGE_ENDPOINT=$(read_example http://minio:9000 '{.spec.storage.endpoint}')
 SECRET=$(read_example s3-creds '{.spec.storage.credentialsSecret}')
+CACHE_CLAIM=$(read_example selflearn-trainer-cache '{.spec.trainer.cacheVolumeClaim}')
 [[ $STORAGE_URI == s3://* ]] || die "$EXAMPLE: storage.uri must be s3://bucket/prefix, got '$STORAGE_URI'"
 [[ -n $SECRET ]] || die "$EXAMPLE: storage.credentialsSecret is not set"
 case $STORAGE_ENDPOINT in
@@ -202,6 +203,11 @@ k -n "$NAMESPACE" run mkbucket --rm -i --restart=Never --image="$TRAINER_IMAGE" 
   python -c "import boto3; boto3.client('s3', endpoint_url='$MINIO_ENDPOINT', region_name='us-east-1').create_bucket(Bucket='$BUCKET'); print('bucket $BUCKET created')"
 
 say "6. the LearnerRun $RUN_NAME"
+if [[ -n $CACHE_CLAIM ]]; then  # the trainer's cache volume (kind's local-path StorageClass provides it)
+  [[ $CACHE_CLAIM == selflearn-trainer-cache ]] ||
+    die "$EXAMPLE: trainer.cacheVolumeClaim is '$CACHE_CLAIM'; examples/trainer-cache-pvc.yaml makes selflearn-trainer-cache"
+  k -n "$NAMESPACE" apply -f examples/trainer-cache-pvc.yaml
+fi
 k -n "$NAMESPACE" apply -f "$EXAMPLE"
 
 say "7. waiting for round 1 to be promoted (up to ${TIMEOUT_SECONDS}s)"

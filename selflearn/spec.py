@@ -17,6 +17,8 @@ from pydantic.alias_generators import to_camel
 from .basemodel import EMBEDDED_MODEL  # noqa: F401 - re-exported: the spec names the bundled model
 
 RUN_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+# A Kubernetes object name (DNS-1123 subdomain): what a Secret or a PersistentVolumeClaim may be called.
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 
 
 class _Spec(BaseModel):
@@ -203,6 +205,10 @@ class TrainerSpec(_Spec):
     active_deadline_seconds: int = Field(3600, ge=60)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    # A PersistentVolumeClaim kept across rounds for the trainer's compiled kernels and hub
+    # downloads: without it every round's pod compiles from cold (~30 s on a CPU) and downloads
+    # a hub model again.
+    cache_volume_claim: str | None = Field(None, pattern=OBJECT_NAME_PATTERN)
 
 
 class IngressSpec(_Spec):

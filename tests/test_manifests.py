@@ -36,7 +36,7 @@ FULL = parse_spec({
     "storage": {"uri": "s3://ckpt/runs", "endpoint": "http://minio:9000", "region": "eu-west-1",
                 "credentialsSecret": "s3-creds"},
     "trainer": {"resources": {"limits": {"nvidia.com/gpu": 1, "memory": "24Gi"}, "requests": {"cpu": "4"}},
-                "nodeSelector": {"gpu": "a100"},
+                "nodeSelector": {"gpu": "a100"}, "cacheVolumeClaim": "trainer-cache",
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
     "serving": {"replicas": 2, "resources": {"limits": {"nvidia.com/gpu": 1}},
                 "ingress": {"host": "chat.example.com", "className": "nginx", "tlsSecret": "chat-tls"}},
@@ -111,6 +111,22 @@ def test_the_trainer_job_reads_feedback_with_the_runs_own_credentials():
     assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
     args = res.serve_args(spec=FULL, run="wiki")
     assert args["feedback_uri"] == "s3://ckpt/runs/wiki/feedback" and args["storage_endpoint"] == "http://minio:9000"
+
+
+def test_a_cache_claim_keeps_compiled_kernels_and_downloads_across_rounds():
+    kw = dict(run="wiki", namespace="default", owner=OWNER, round_=2, attempt=1, parent=None)
+    pod = res.build_trainer_job(**kw, spec=FULL)["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(res.TRAINER_CACHE_DIR + "/")
+    assert env["HF_HOME"].startswith(res.TRAINER_CACHE_DIR + "/")
+    assert [e["name"] for e in c["env"]].count("HF_HOME") == 1
+    assert {"name": "cache", "mountPath": res.TRAINER_CACHE_DIR} in c["volumeMounts"]
+    assert {"name": "cache", "persistentVolumeClaim": {"claimName": "trainer-cache"}} in pod["volumes"]
+    assert pod["securityContext"]["fsGroup"] == res.TRAINER_UID  # a fresh volume is writable by the image's user
+    plain = res.build_trainer_job(**kw, spec=MINIMAL)["spec"]["template"]["spec"]
+    assert "securityContext" not in plain and all("persistentVolumeClaim" not in v for v in plain["volumes"])
+    assert "TORCHINDUCTOR_CACHE_DIR" not in {e["name"] for e in plain["containers"][0]["env"]}
 
 
 @pytest.mark.parametrize("label", SPECS)

@@ -31,6 +31,10 @@ TRAINER_CONTAINER = "trainer"
 RUN_CONFIG_DIR = "/etc/selflearn"
 RUN_CONFIG_KEY = "run.yaml"
 TERMINATION_LOG = "/dev/termination-log"
+# Where spec.trainer.cacheVolumeClaim is mounted, and the image's user and group (Dockerfile.trainer):
+# fsGroup makes a fresh volume writable by them.
+TRAINER_CACHE_DIR = "/var/cache/selflearn"
+TRAINER_UID = 10001
 # `selflearn train` exits 2 for a bad run config: retrying the pod cannot help.
 TRAINER_CONFIG_ERROR_EXIT = 2
 
@@ -158,6 +162,15 @@ def build_trainer_job(*, run: str, namespace: str, owner: dict[str, Any], spec: 
         "volumes": [{"name": "run-config", "configMap": {"name": configmap_name(run)}},
                     {"name": "scratch", "emptyDir": {}}],
     }
+    if t.cache_volume_claim:
+        # Compiled kernels and hub downloads outlive the pod; the embedded model's weights stay in
+        # the image's own cache (dequantised per pod in ~2 s), so a fresh volume costs nothing more.
+        container["env"] = [e for e in container["env"] if e["name"] != "HF_HOME"] + [
+            {"name": "HF_HOME", "value": f"{TRAINER_CACHE_DIR}/huggingface"},
+            {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{TRAINER_CACHE_DIR}/torch-compile"}]
+        container["volumeMounts"].append({"name": "cache", "mountPath": TRAINER_CACHE_DIR})
+        pod_spec["volumes"].append({"name": "cache", "persistentVolumeClaim": {"claimName": t.cache_volume_claim}})
+        pod_spec["securityContext"] = {"fsGroup": TRAINER_UID, "fsGroupChangePolicy": "OnRootMismatch"}
     if t.node_selector:
         pod_spec["nodeSelector"] = dict(t.node_selector)
     if t.tolerations:

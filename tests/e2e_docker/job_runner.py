@@ -1,6 +1,6 @@
 """A test controller that plays Kubernetes' Job controller and kubelet with Docker: each new Job's pod
-template runs as a container (image, command, args, env, envFrom Secret, the ConfigMap and emptyDir
-mounts, the termination message, the memory limit), and the Pod and Job status are written back as a
+template runs as a container (image, command, args, env, envFrom Secret, the ConfigMap, emptyDir and
+PersistentVolumeClaim mounts with the pod's fsGroup, the termination message, the memory limit), and the Pod and Job status are written back as a
 cluster would: a Pod per attempt ending in `terminated` with the message, then the Job's Complete or
 Failed condition (backoffLimit, podFailurePolicy's FailJob exit codes, activeDeadlineSeconds).
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -27,8 +28,11 @@ log = logging.getLogger("e2e.job-runner")
 
 
 class JobRunner:
-    def __init__(self, kube: Kube, *, namespace: str = "default", network: str = "host"):
+    def __init__(self, kube: Kube, *, namespace: str = "default", network: str = "host",
+                 volumes_dir: Path | None = None):
         self.kube, self.namespace, self.network = kube, namespace, network
+        # Where bound PersistentVolumeClaims keep their data from one pod to the next.
+        self.volumes_dir = volumes_dir or Path(tempfile.mkdtemp(prefix="e2e-pvcs-"))
         self.started: set[str] = set()
         self.tasks: list[asyncio.Task] = []
         self.runs: list[dict[str, Any]] = []  # one per pod: job, exit code, seconds
@@ -165,9 +169,20 @@ class JobRunner:
 
     async def _mounts(self, pod_spec: dict[str, Any], c: dict[str, Any], work: Path) -> list[str]:
         volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+        fs_group = (pod_spec.get("securityContext") or {}).get("fsGroup")
         args: list[str] = []
         for m in c.get("volumeMounts") or []:
             vol = volumes[m["name"]]
+            if claim := vol.get("persistentVolumeClaim"):
+                if await self.kube.get("v1", "persistentvolumeclaims", self.namespace, claim["claimName"]) is None:
+                    raise ConfigError(f'persistentvolumeclaim "{claim["claimName"]}" not found')
+                host = self.volumes_dir / claim["claimName"]  # outlives the pod, like the volume
+                host.mkdir(parents=True, exist_ok=True)
+                if fs_group is not None:  # the kubelet's fsGroup: group-owned, group-writable, setgid
+                    os.chown(host, -1, fs_group)
+                    host.chmod(0o2775)
+                args += ["-v", f"{host}:{m['mountPath']}"]
+                continue
             host = work / "volumes" / m["name"]
             host.mkdir(parents=True, exist_ok=True)
             if cm := vol.get("configMap"):
@@ -179,4 +194,6 @@ class JobRunner:
                     (host / key).chmod(0o644)
             host.chmod(0o755 if vol.get("configMap") else 0o1777)  # emptyDir: writable by the pod's user
             args += ["-v", f"{host}:{m['mountPath']}" + (":ro" if m.get("readOnly") else "")]
+        if fs_group is not None:  # and the group is one of the container's supplementary groups
+            args += ["--group-add", str(fs_group)]
         return args
