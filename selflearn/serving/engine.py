@@ -267,7 +267,8 @@ class Engine:
 
     def _prefill(self, tickets: list[Ticket], lm: loader_mod.LoadedModel) -> None:
         import torch
-        from transformers import DynamicCache
+
+        from .decode import HeadroomCache
 
         context = min(lm.context_length, self.options.max_context_tokens)
         rows, prompts = [], []
@@ -288,7 +289,7 @@ class Engine:
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = HeadroomCache()
         out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                        logits_to_keep=1, **{lm.cache_kw: cache})
         vocab = out.logits.shape[-1]

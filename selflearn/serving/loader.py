@@ -195,6 +195,7 @@ def load(cfg: ModelConfig, options: EngineOptions) -> LoadedModel:
     tok = AutoTokenizer.from_pretrained(tok_src)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    _use_decode_attention(model)
     model.to(device()).eval()
     eos = set()
     for v in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
@@ -211,14 +212,26 @@ def load(cfg: ModelConfig, options: EngineOptions) -> LoadedModel:
     return lm
 
 
+def _use_decode_attention(model) -> None:
+    """The decode-step attention of serving/decode.py, where the architecture takes an attention
+    function from transformers' registry (llama, OPT, most others); else it keeps its own."""
+    from . import decode
+
+    try:
+        model.set_attn_implementation(decode.register())
+    except (ValueError, NotImplementedError) as err:
+        log.info("%s keeps its attention (%s)", type(model).__name__, str(err).splitlines()[0] if str(err) else err)
+
+
 def _warm_up(lm: LoadedModel) -> None:
     """One tiny prefill and decode step so the first user does not pay for kernel selection."""
     import torch
-    from transformers import DynamicCache
+
+    from .decode import HeadroomCache
 
     ids = torch.tensor([lm.render([{"role": "user", "content": "Hi"}])[-8:]] * 2, device=device())
     with torch.inference_mode():
-        cache = DynamicCache()
+        cache = HeadroomCache()
         out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{lm.cache_kw: cache})
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         lm.model(input_ids=nxt, use_cache=True, **{lm.cache_kw: cache})
