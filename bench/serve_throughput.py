@@ -189,9 +189,32 @@ def q4_gguf() -> Path:
     return basemodel._gguf_path()
 
 
-def run_peer(binary: str, model: Path, concurrency: int, rounds: int) -> dict:
+def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    """Until GET `url` answers 200; RuntimeError (with the server's stderr tail) if it exits or times out."""
     import httpx
 
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace")[-400:] if proc.poll() is not None and proc.stderr else ""
+            raise RuntimeError(f"{what} did not start {err}".strip())
+        time.sleep(1)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    proc.send_signal(sig)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def run_peer(binary: str, model: Path, concurrency: int, rounds: int) -> dict:
     port = free_port()
     ctx_per_slot = 512
     proc = subprocess.Popen([binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
@@ -200,25 +223,11 @@ def run_peer(binary: str, model: Path, concurrency: int, rounds: int) -> dict:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")[-400:] if proc.poll() is not None else ""
-                raise RuntimeError(f"llama-server did not start: {err}")
-            time.sleep(1)
+        wait_healthy(f"{url}/health", proc, "llama-server")
         run_load(url, 1, 1, "usage", route="openai")  # warm
         return run_load(url, concurrency, rounds, "usage", route="openai")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def warm(url: str) -> None:
@@ -228,30 +237,15 @@ def warm(url: str) -> None:
 
 
 def run_baseline(dtype: str, concurrency: int, rounds: int) -> dict:
-    import httpx
-
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(port), "--baseline-dtype", dtype])
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError("baseline server did not start")
-            time.sleep(1)
+        wait_healthy(f"{url}/healthz", proc, "the baseline server")
         warm(url)
         return run_load(url, concurrency, rounds, "completion_tokens")
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, signal.SIGINT)
 
 
 # -- selflearn: TTFT and swap ----------------------------------------------------------------------------
