@@ -23,7 +23,8 @@ from common import matmul_peak_gflops, snapshot_articles  # noqa: E402
 import torch  # noqa: E402
 
 from selflearn import basemodel  # noqa: E402
-from selflearn.trainer import data, loop, precision as prec  # noqa: E402
+from selflearn import precision as prec  # noqa: E402
+from selflearn.trainer import data, loop  # noqa: E402
 
 
 def eval_ppl(model, tok, texts, L=512):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from selflearn import basemodel
-from selflearn.trainer import attention, data, loop
+from selflearn.trainer import attention, compiled, data, loop
 from selflearn.trainer.loss import causal_lm_loss, fused_linear_cross_entropy, supports_fused_loss
 
 
@@ -32,7 +32,10 @@ def test_fused_loss_matches_transformers_loss_and_gradients(embedded_model_dir):
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads.keys() == ref_grads.keys()  # the tied embedding / lm_head weight among them
     for name, g in grads.items():
-        assert torch.allclose(g, ref_grads[name], rtol=1e-3, atol=1e-6), name
+        # Per tensor, relative to its size: elementwise, the entries near zero differ by summation
+        # order alone (fp32 reductions in another order across CPUs and thread counts).
+        err = (g - ref_grads[name]).norm() / ref_grads[name].norm().clamp(min=1e-12)
+        assert err < 1e-4, (name, err.item())
 
 
 @pytest.mark.parametrize("chunk,group", [(7, 16), (64, 4096)])
@@ -127,7 +130,7 @@ def test_compiled_training_learns_what_eager_training_learns(tiny_opt_dir):
         runs[mode] = (stats.losses, model)
         if mode == "on":
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "the blocks were compiled"
-            assert all(b._compiled_call_impl is None for b in loop.repeated_blocks(model)), "compile is undone"
+            assert all(b._compiled_call_impl is None for b in compiled.repeated_blocks(model)), "compile is undone"
     assert len(runs["on"][0]) == len(runs["off"][0]) >= 2
     assert runs["on"][0] == pytest.approx(runs["off"][0], rel=2e-3)
     assert runs["on"][0][-1] < runs["on"][0][0], "it learns"

@@ -13,9 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-TERMINATION_LOG = "/dev/termination-log"
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-config", required=True, help="LearnerRun manifest, bare spec, or {name, spec} YAML")
     p.add_argument("--round", type=int, required=True, help="round number (>= 1)")
@@ -25,16 +22,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--progress-file", default=None,
                    help="keep the round's live progress (phase, step of total, loss, tokens/s, ETA) in this JSON file")
-
-
-def _termination_log(line: str) -> None:
-    path = os.environ.get("SELFLEARN_TERMINATION_LOG", TERMINATION_LOG)
-    if os.path.exists(os.path.dirname(path) or ".") and (os.path.exists(path) or "SELFLEARN_TERMINATION_LOG" in os.environ):
-        try:
-            # Kubernetes keeps at most 4096 bytes of a termination message.
-            Path(path).write_text(line[:4096])
-        except OSError:
-            pass
 
 
 class ProgressFile:
@@ -63,6 +50,7 @@ class ProgressFile:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoints import CheckpointError
+    from ..contracts import RoundResult, write_termination_log
     from ..spec import load_run_config
     from .round import run_round
 
@@ -72,10 +60,10 @@ def run(args: argparse.Namespace) -> int:
                            workdir=Path(args.workdir) if args.workdir else None, progress=not args.no_progress,
                            on_step=ProgressFile(Path(args.progress_file)) if args.progress_file else None)
     except (ValueError, CheckpointError) as err:
-        _termination_log(json.dumps({"status": "failed", "round": args.round, "reason": str(err)}))
+        write_termination_log(RoundResult("failed", args.round, reason=str(err)).to_line())
         raise ValueError(str(err)) from None
-    line = json.dumps(result.to_json(), sort_keys=True)
-    _termination_log(line)
+    line = result.to_line()
+    write_termination_log(line)
     print(line, flush=True)
     return 0 if result.status in ("published", "empty") else 1
 

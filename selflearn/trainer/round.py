@@ -24,34 +24,19 @@ import torch
 
 from .. import basemodel
 from ..checkpoints import CheckpointRef, CheckpointStore
+from ..contracts import RoundResult
 from ..sources.base import Article
-from ..sources.factory import build_sources, general_language
-from ..sources.pipeline import DEFAULT_BLOCKLIST, BlocklistFilter, clean_articles
+from ..sources.factory import general_language
 from ..sources.snapshot import general_set
 from ..spec import RunConfig
-from ..sources import feedback as feedback_source
-from . import data, feedback_learning, knowledge, loop, preference, precision as prec
+from .. import precision as prec
+from . import data, feedback_learning, knowledge, loop, preference
+from .inputs import ARTICLES_FILE, STATE_KEY, RoundInputs, earlier_articles, gather
 from .model_io import load_for_training, save_for_checkpoint
 
 log = logging.getLogger("selflearn.trainer")
 
-STATE_KEY = "state.json"
-ARTICLES_FILE = "articles.jsonl"
 BASE_PROBE_KEY = "base_probe.json"
-
-
-@dataclass
-class RoundResult:
-    status: str  # published | empty
-    round: int
-    checkpoint: str | None = None
-    id: str | None = None
-    parent: str | None = None
-    metrics: dict[str, Any] | None = None
-    reason: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 def open_store(config: RunConfig) -> CheckpointStore:
@@ -82,48 +67,6 @@ def resolve_parent(store: CheckpointStore, run: str, parent: str | None) -> Chec
         src, prun, pround = CheckpointStore.for_checkpoint(parent)
         return src.ref(prun, pround) if src.uri == store.uri else CheckpointRef(prun, pround, parent)
     return store.promoted(run) or store.latest(run)
-
-
-def _earlier_articles(store: CheckpointStore, run: str, limit: int) -> list[dict[str, Any]]:
-    """Texts of articles learned in earlier rounds, newest first (for replay)."""
-    out: list[dict[str, Any]] = []
-    for ref in reversed(store.list(run)):
-        raw = store.backend.get_bytes(f"{run}/r{ref.round:06d}/{ARTICLES_FILE}")
-        if raw:
-            out += [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
-        if len(out) >= limit:
-            break
-    return out[:limit]
-
-
-@dataclass
-class _Learned:
-    """What earlier rounds of the run learned."""
-
-    articles: set[str]  # sha256 of every article any round trained on
-    feedback: set[str]  # digests of the feedback the parent's line of checkpoints learned
-    # Feedback keys learned only by candidates that were not promoted: (key, times tried).
-    retry: dict[str, int]
-
-
-def _learned_before(store: CheckpointStore, run: str, parent: CheckpointRef | None) -> _Learned:
-    manifests = {ref.uri: store.manifest(ref) for ref in store.list(run)}
-    articles = {a["sha256"] for m in manifests.values() for a in m.get("articles", []) if a.get("sha256")}
-    line: set[str] = set()
-    uri = parent.uri if parent else None
-    while uri and uri in manifests and uri not in line:
-        line.add(uri)
-        uri = manifests[uri].get("parent")
-    feedback = {f["sha256"] for u in line for f in manifests[u].get("feedback", []) if f.get("sha256")}
-    # A rejected candidate's feedback was read but never reached the served model: it is offered
-    # again, once (twice rejected, it is not tried again).
-    retry: dict[str, int] = {}
-    for u, m in manifests.items():
-        if u not in line:
-            for f in m.get("feedback", []):
-                if f.get("key") and f.get("sha256") not in feedback:
-                    retry[f["key"]] = retry.get(f["key"], 0) + 1
-    return _Learned(articles, feedback, retry)
 
 
 def _parent_probe(store: CheckpointStore, run: str, parent: CheckpointRef | None) -> dict[str, Any] | None:
@@ -191,31 +134,174 @@ def _probe_candidate(model: Any, tok: Any, probes: knowledge.ProbeSets, before: 
     return metrics, shown
 
 
-def collect_articles(config: RunConfig, cursors: dict[str, Any], seen: set[str],
-                     sources: list | None = None) -> tuple[list[Article], list[Article], list, dict]:
-    """-> (train, held_out, dropped, new_cursors). Held-out articles come from the first
-    Wikipedia/snapshot source, fetched on top of its articlesPerRound, and are never trained on."""
-    spec = config.spec
-    sources = sources if sources is not None else build_sources(spec)
-    new_cursors = dict(cursors)
-    train: list[Article] = []
-    held: list[Article] = []
-    dropped: list = []
-    filters = [BlocklistFilter(list(DEFAULT_BLOCKLIST) + list(spec.training.blocklist))]
-    eval_left = spec.training.eval_articles
-    for src_spec, src in zip(spec.article_sources, sources):
-        n = getattr(src_spec.wikipedia or src_spec.snapshot, "articles_per_round", 10_000)
-        extra = eval_left if src_spec.kind in ("wikipedia", "snapshot") else 0
-        fetched, new_cursors[src.name] = src.fetch(n + extra, cursors.get(src.name, {}))
-        res = clean_articles(fetched, min_chars=spec.training.min_chars, filters=filters, seen_sha256=seen)
-        seen |= {a.sha256 for a in res.kept}
-        dropped += res.dropped
-        if extra and len(res.kept) > extra:
-            held += res.kept[-extra:]
-            res.kept = res.kept[:-extra]
-            eval_left = 0
-        train += res.kept
-    return train, held, dropped, new_cursors
+class _Phases:
+    """The round's phases as they start (shown live through `on_step`), and where its time went."""
+
+    def __init__(self, on_step: Callable[[dict], None] | None):
+        self.marks: list[tuple[str, float]] = [("loading", time.monotonic())]
+        self.on_step = on_step
+
+    def __call__(self, name: str) -> None:
+        self.marks.append((name, time.monotonic()))
+        if self.on_step:
+            self.on_step({"event": "phase", "phase": name})
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds per phase so far."""
+        ends = [t for _, t in self.marks[1:]] + [time.monotonic()]
+        return {name: round(end - t, 1) for (name, t), end in zip(self.marks, ends)}
+
+
+@dataclass
+class _Prepared:
+    """Everything tokenised and built before the parent is measured."""
+
+    train_docs: list[list[int]]
+    replay_docs: list[list[int]]
+    train_batches: list
+    chat: "knowledge.ChatData | None"
+    too_long: int
+    sets: dict[str, list[torch.Tensor]]  # fresh | trained | general evaluation batches
+    refs: dict[str, list[dict]] | None  # the chat references (retention set, chat replay)
+    probes: "knowledge.ProbeSets | None"
+    fb_data: "preference.FeedbackData | None"
+
+
+def _prepare(config: RunConfig, round_: int, store: CheckpointStore, parent_ref: CheckpointRef | None,
+             inputs: RoundInputs, model: Any, tok: Any) -> _Prepared:
+    spec, run, t = config.spec, config.name, config.spec.training
+    L, B, eos = t.max_length, t.batch_size, tok.eos_token_id
+
+    def batches_of(docs: list[list[int]]) -> list[torch.Tensor]:
+        return data.batches(data.pack(docs, L, eos, fill_tail=False), B)
+
+    general = general_set(general_language(spec), t.general_articles)
+    # Tokenised once: packed full for training, with its exact tail for the "trained" eval set.
+    train_docs = data.tokenize(tok, [a.text for a in inputs.train])
+    replay_docs: list[list[int]] = []
+    wants_review = t.format != "text" and t.qa_review > 0
+    # Earlier rounds' articles, read once, shuffled per round: for text replay and for review.
+    earlier = earlier_articles(store, run, 10_000) if t.replay_fraction > 0 or wants_review else []
+    random.Random(t.seed + round_).shuffle(earlier)
+    if t.replay_fraction > 0:
+        # Replay earlier rounds' articles so this round's blocks are `replay_fraction` old text.
+        want = int(len(inputs.train) * t.replay_fraction / (1 - t.replay_fraction))
+        replay_docs = data.tokenize(tok, [a["text"] for a in earlier[:want]])
+    refs = knowledge.references(spec.base_model, store, run, model, tok,
+                                recorded_from=parent_ref.uri if parent_ref else "base") \
+        if t.chat_eval or (t.format != "text" and t.chat_replay) else None
+    fb = inputs.feedback
+    fb_data = preference.build(tok, fb.corrections, fb.ratings, repeats=spec.feedback.repeats) \
+        if fb and fb.learned else None
+    train_batches, chat, too_long = _training_batches(config, round_, tok, inputs.train, train_docs, replay_docs,
+                                                      refs, earlier, fb_data)
+    sets = {"fresh": batches_of(data.tokenize(tok, [a.text for a in inputs.held])),
+            "trained": batches_of(train_docs),
+            "general": batches_of(data.tokenize(tok, [a.text for a in general]))}
+    probes = knowledge.ProbeSets.of(inputs.train, inputs.held, general, refs["retention"]) if t.chat_eval else None
+    return _Prepared(train_docs, replay_docs, train_batches, chat, too_long, sets, refs, probes, fb_data)
+
+
+@dataclass
+class _Measured:
+    stats: loop.LoopStats
+    ppl_before: dict[str, float | None]
+    ppl_after: dict[str, float | None]
+    chat_metrics: dict[str, Any]
+    shown: dict[str, Any] | None  # the example answers, parent vs candidate, for the manifest
+    fb_metrics: dict[str, Any] | None
+
+
+def _train_and_measure(config: RunConfig, round_: int, store: CheckpointStore, parent_ref: CheckpointRef | None,
+                       inputs: RoundInputs, prep: _Prepared, model: Any, tok: Any, master: Any, precision: str,
+                       phase: _Phases, progress: bool) -> _Measured:
+    """Measure the parent, train, measure the candidate: the same sets, probes and precision."""
+    spec, run, t = config.spec, config.name, config.spec.training
+    phase("evaluating the parent")
+    ppl_before = {k: loop.perplexity(model, v, precision) for k, v in prep.sets.items()}
+    report_before = _probe_parent(store, run, parent_ref, model, tok, prep.probes, t.max_length, precision) \
+        if prep.probes else None
+    fb_data = prep.fb_data
+    prefer = fb_data is not None and spec.feedback.preference != "off" and bool(fb_data.pairs or fb_data.judged)
+    fb_refs = preference.references(model, tok, fb_data, precision, train=prefer) if fb_data else None
+    cfg = loop.LoopConfig(epochs=t.epochs, gradient_accumulation=t.gradient_accumulation,
+                          learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
+                          precision=precision, seed=t.seed + round_, compile=t.compile)
+    phase("training")
+    stats = loop.train(model, prep.train_batches, cfg, master=master, on_step=phase.on_step, progress=progress)
+    fb_stats = feedback_learning.learn(model, tok, config, round_, fb_data, fb_refs, cfg, chat=prep.chat,
+                                       refs=prep.refs, text=prep.train_docs, master=master, on_step=phase.on_step,
+                                       progress=progress, phase=phase, prefer=prefer) if fb_data else {}
+    phase("evaluating the candidate")
+    ppl_after = {k: loop.perplexity(model, v, precision) for k, v in prep.sets.items()}
+    chat_metrics, shown = ({}, None) if not prep.probes else \
+        _probe_candidate(model, tok, prep.probes, report_before, t.max_length, precision)
+    fb_metrics = feedback_learning.metrics(inputs.feedback, fb_data, fb_refs, fb_stats, model, tok, precision) \
+        if inputs.feedback is not None else None
+    return _Measured(stats, ppl_before, ppl_after, chat_metrics, shown, fb_metrics)
+
+
+def _save(model: Any, tok: Any, spec: Any, out: Path, master: Any, articles: list[Article]) -> None:
+    """The candidate's weights in fp32, its tokenizer, and the articles it learned."""
+    if master:
+        master.restore_fp32(model)
+    save_for_checkpoint(model, tok, spec, out)
+    with open(out / ARTICLES_FILE, "w") as f:
+        for a in articles:
+            # source and extra (topic, description): a later round rebuilds the same questions.
+            f.write(json.dumps({"title": a.title, "sha256": a.sha256, "text": a.text, "source": a.source,
+                                "extra": a.extra}, default=str) + "\n")
+
+
+def _metrics(spec: Any, inputs: RoundInputs, prep: _Prepared, m: _Measured, phase: _Phases) -> dict[str, Any]:
+    stats, chat = m.stats, prep.chat
+    return {
+        "train_loss": stats.final_loss,
+        "losses": [round(x, 4) for x in stats.losses],
+        "train_tokens": stats.tokens,
+        "train_seconds": round(stats.seconds, 2),
+        "tokens_per_s": round(stats.tokens_per_s, 1),
+        "steps": stats.steps,
+        "ppl": {k: {"before": m.ppl_before[k], "after": m.ppl_after[k]} for k in prep.sets
+                if m.ppl_before[k] is not None},
+        "articles": len(inputs.train),
+        "held_out": len(inputs.held),
+        "replayed": len(prep.replay_docs),
+        "dropped": len(inputs.dropped),
+        "format": spec.training.format,
+        **({"qa_pairs": len(chat.pairs), "chat_replayed": chat.replayed, "qa_reviewed": chat.reviewed,
+            "text_only": len(chat.text_only), "examples_too_long": prep.too_long} if chat else {}),
+        **m.chat_metrics,
+        **({"feedback": m.fb_metrics} if m.fb_metrics is not None else {}),
+        "phase_seconds": phase.seconds(),
+    }
+
+
+def _manifest(spec: Any, parent_ref: CheckpointRef | None, device: torch.device, precision: str,
+              inputs: RoundInputs, prep: _Prepared, m: _Measured, metrics: dict[str, Any],
+              t_start: float) -> dict[str, Any]:
+    chat, fb = prep.chat, inputs.feedback
+    return {
+        "base_model": spec.base_model,
+        "parent": parent_ref.uri if parent_ref else None,
+        "method": spec.training.method,
+        "adapter": spec.training.method == "lora" and not spec.training.lora.merge,
+        "precision": precision,
+        "device": device.type,
+        "hyperparameters": spec.training.model_dump(by_alias=True, mode="json"),
+        "metrics": metrics,
+        "articles": [a.provenance() for a in inputs.train],
+        "held_out_articles": [a.provenance() for a in inputs.held],
+        "dropped_articles": [{"title": t, "reason": r} for t, r in inputs.dropped],
+        **({"qa_pairs": [{"title": p.title, "kind": p.kind, "question": p.question} for p in chat.pairs]}
+           if chat else {}),
+        **({"probe": m.shown} if m.shown else {}),
+        **({"feedback": fb.traces(), "feedback_dropped": [{"id": i, "reason": r} for i, r in fb.dropped]}
+           if fb else {}),
+        "cursors": inputs.cursors,
+        "software": {"torch": torch.__version__, "python": platform.python_version()},
+        "started_at": t_start,
+    }
 
 
 def run_round(
@@ -237,41 +323,15 @@ def run_round(
     if store.list(run) and any(r.round == round_ for r in store.list(run)):
         raise ValueError(f"round {round_} of run {run!r} is already published at {store.ref(run, round_).uri}")
     parent_ref = resolve_parent(store, run, parent)
-    state = store.get_json(f"{run}/{STATE_KEY}") or {}
-
-    learned = _learned_before(store, run, parent_ref)
-    train_arts, held, dropped, cursors = collect_articles(config, state.get("cursors", {}), learned.articles, sources)
-    for title, why in dropped:
-        log.info(json.dumps({"event": "dropped", "title": title, "reason": why}))
-    fb_round = None
-    if spec.feedback is not None:
-        import os
-
-        fb_round = feedback_source.collect(
-            spec.feedback, store, run, cursors.get("feedback") or {}, learned_before=learned.feedback,
-            retry=learned.retry, blocklist=spec.training.blocklist,
-            endpoint=spec.storage.endpoint or os.environ.get("S3_ENDPOINT"), region=spec.storage.region)
-        if fb_round.cursor is not None:
-            cursors["feedback"] = fb_round.cursor
-    if not train_arts and not (fb_round and fb_round.learned):
-        store.put_json(f"{run}/{STATE_KEY}", {**state, "cursors": cursors, "last_round": round_})
-        reason = f"empty round: all {len(dropped)} fetched articles were filtered out" if dropped else \
-            "empty round: the sources returned no new articles"
+    inputs = gather(config, store, parent_ref, sources)
+    if not inputs.train and not (inputs.feedback and inputs.feedback.learned):
+        store.put_json(f"{run}/{STATE_KEY}", {**inputs.state, "cursors": inputs.cursors, "last_round": round_})
+        reason = f"empty round: all {len(inputs.dropped)} fetched articles were filtered out" if inputs.dropped \
+            else "empty round: the sources returned no new articles"
         log.warning(reason)
         return RoundResult("empty", round_, reason=reason)
 
-    marks: list[tuple[str, float]] = [("loading", time.monotonic())]
-
-    def phase(name: str) -> None:
-        marks.append((name, time.monotonic()))
-        if on_step:
-            on_step({"event": "phase", "phase": name})
-
-    def phase_seconds() -> dict[str, float]:
-        """Where the round's time went so far: seconds per phase."""
-        ends = [t for _, t in marks[1:]] + [time.monotonic()]
-        return {name: round(end - t, 1) for (name, t), end in zip(marks, ends)}
-
+    phase = _Phases(on_step)
     device = prec.pick_device()
     precision = prec.resolve(spec.training.precision, device)
     torch.manual_seed(spec.training.seed + round_)
@@ -280,114 +340,17 @@ def run_round(
         model, tok = load_for_training(spec, parent_ref, store, tmp / "parent", device)
         # CPU bf16: the model runs in bf16 while exact fp32 masters take the updates.
         master = loop.MasterWeights.for_cpu_bf16(model) if device.type == "cpu" and precision == "bf16" else None
-        eos = tok.eos_token_id
-        L, B = spec.training.max_length, spec.training.batch_size
-
-        def batches_of(docs: list[list[int]], train: bool = False) -> list[torch.Tensor]:
-            return data.batches(data.pack(docs, L, eos, fill_tail=train), B)
-
-        def tokens_of(texts: list[str]) -> list[list[int]]:
-            return data.tokenize(tok, texts)
-
-        general = general_set(general_language(spec), spec.training.general_articles)
-        # Tokenised once: packed full for training, with its exact tail for the "trained" eval set.
-        train_docs = tokens_of([a.text for a in train_arts])
-        replay_docs: list[list[int]] = []
-        wants_review = spec.training.format != "text" and spec.training.qa_review > 0
-        # Earlier rounds' articles, read once, shuffled per round: for text replay and for review.
-        earlier = _earlier_articles(store, run, 10_000) if spec.training.replay_fraction > 0 or wants_review else []
-        random.Random(spec.training.seed + round_).shuffle(earlier)
-        if spec.training.replay_fraction > 0:
-            # Replay earlier rounds' articles so this round's blocks are `replay_fraction` old text.
-            want = int(len(train_arts) * spec.training.replay_fraction / (1 - spec.training.replay_fraction))
-            replay_docs = tokens_of([a["text"] for a in earlier[:want]])
-        refs = knowledge.references(spec.base_model, store, run, model, tok,
-                                    recorded_from=parent_ref.uri if parent_ref else "base") \
-            if spec.training.chat_eval or (spec.training.format != "text" and spec.training.chat_replay) else None
-        fb_data = preference.build(tok, fb_round.corrections, fb_round.ratings, repeats=spec.feedback.repeats) \
-            if fb_round and fb_round.learned else None
-        train_batches, chat, too_long = _training_batches(config, round_, tok, train_arts, train_docs, replay_docs,
-                                                          refs, earlier, fb_data)
-        sets = {"fresh": batches_of(tokens_of([a.text for a in held])), "trained": batches_of(train_docs),
-                "general": batches_of(tokens_of([a.text for a in general]))}
-        phase("evaluating the parent")
-        ppl_before = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
-        probes = knowledge.ProbeSets.of(train_arts, held, general, refs["retention"]) if spec.training.chat_eval \
-            else None
-        report_before = _probe_parent(store, run, parent_ref, model, tok, probes, L, precision) if probes else None
-        prefer = fb_data is not None and spec.feedback.preference != "off" and bool(fb_data.pairs or fb_data.judged)
-        fb_refs = preference.references(model, tok, fb_data, precision, train=prefer) if fb_data else None
-        cfg = loop.LoopConfig(epochs=spec.training.epochs, gradient_accumulation=spec.training.gradient_accumulation,
-                              learning_rate=spec.training.learning_rate, weight_decay=spec.training.weight_decay,
-                              warmup_ratio=spec.training.warmup_ratio, precision=precision,
-                              seed=spec.training.seed + round_, compile=spec.training.compile)
-        phase("training")
-        stats = loop.train(model, train_batches, cfg, master=master, on_step=on_step, progress=progress)
-        fb_stats = feedback_learning.learn(model, tok, config, round_, fb_data, fb_refs, cfg, chat=chat, refs=refs,
-                                           text=train_docs, master=master, on_step=on_step, progress=progress,
-                                           phase=phase, prefer=prefer) if fb_data else {}
-        phase("evaluating the candidate")
-        ppl_after = {k: loop.perplexity(model, v, precision) for k, v in sets.items()}
-        chat_metrics, shown = ({}, None) if not probes else \
-            _probe_candidate(model, tok, probes, report_before, L, precision)
-        fb_metrics = feedback_learning.metrics(fb_round, fb_data, fb_refs, fb_stats, model, tok, precision) \
-            if fb_round is not None else None
-
-        out = tmp / "checkpoint"
-        if master:
-            master.restore_fp32(model)
-        save_for_checkpoint(model, tok, spec, out)
-        with open(out / ARTICLES_FILE, "w") as f:
-            for a in train_arts:
-                # source and extra (topic, description): a later round rebuilds the same questions.
-                f.write(json.dumps({"title": a.title, "sha256": a.sha256, "text": a.text, "source": a.source,
-                                    "extra": a.extra}, default=str) + "\n")
-        metrics = {
-            "train_loss": stats.final_loss,
-            "losses": [round(x, 4) for x in stats.losses],
-            "train_tokens": stats.tokens,
-            "train_seconds": round(stats.seconds, 2),
-            "tokens_per_s": round(stats.tokens_per_s, 1),
-            "steps": stats.steps,
-            "ppl": {k: {"before": ppl_before[k], "after": ppl_after[k]} for k in sets if ppl_before[k] is not None},
-            "articles": len(train_arts),
-            "held_out": len(held),
-            "replayed": len(replay_docs),
-            "dropped": len(dropped),
-            "format": spec.training.format,
-            **({"qa_pairs": len(chat.pairs), "chat_replayed": chat.replayed, "qa_reviewed": chat.reviewed,
-                "text_only": len(chat.text_only),
-                "examples_too_long": too_long}
-               if chat else {}),
-            **chat_metrics,
-            **({"feedback": fb_metrics} if fb_metrics is not None else {}),
-            "phase_seconds": phase_seconds(),
-        }
-        manifest = {
-            "base_model": spec.base_model,
-            "parent": parent_ref.uri if parent_ref else None,
-            "method": spec.training.method,
-            "adapter": spec.training.method == "lora" and not spec.training.lora.merge,
-            "precision": precision,
-            "device": device.type,
-            "hyperparameters": spec.training.model_dump(by_alias=True, mode="json"),
-            "metrics": metrics,
-            "articles": [a.provenance() for a in train_arts],
-            "held_out_articles": [a.provenance() for a in held],
-            "dropped_articles": [{"title": t, "reason": r} for t, r in dropped],
-            **({"qa_pairs": [{"title": p.title, "kind": p.kind, "question": p.question} for p in chat.pairs]}
-               if chat else {}),
-            **({"probe": shown} if shown else {}),
-            **({"feedback": fb_round.traces(),
-                "feedback_dropped": [{"id": i, "reason": r} for i, r in fb_round.dropped]} if fb_round else {}),
-            "cursors": cursors,
-            "software": {"torch": torch.__version__, "python": platform.python_version()},
-            "started_at": t_start,
-        }
+        prep = _prepare(config, round_, store, parent_ref, inputs, model, tok)
+        measured = _train_and_measure(config, round_, store, parent_ref, inputs, prep, model, tok, master, precision,
+                                      phase, progress)
+        _save(model, tok, spec, tmp / "checkpoint", master, inputs.train)
+        metrics = _metrics(spec, inputs, prep, measured, phase)
+        manifest = _manifest(spec, parent_ref, device, precision, inputs, prep, measured, metrics, t_start)
         phase("publishing")
-        ref = store.publish(run, round_, out, manifest)
-    store.put_json(f"{run}/{STATE_KEY}", {**state, "cursors": cursors, "last_round": round_})
+        ref = store.publish(run, round_, tmp / "checkpoint", manifest)
+    store.put_json(f"{run}/{STATE_KEY}", {**inputs.state, "cursors": inputs.cursors, "last_round": round_})
     store.retain(run, spec.storage.keep_checkpoints, protect=[parent_ref.uri] if parent_ref else [])
     log.info(json.dumps({"event": "published", "checkpoint": ref.uri, "seconds": round(time.time() - t_start, 1)}))
     summary = {k: v for k, v in metrics.items() if k != "losses"}
-    return RoundResult("published", round_, ref.uri, ref.id, parent_ref.uri if parent_ref else None, summary)
+    return RoundResult("published", round_, checkpoint=ref.uri, metrics=summary, id=ref.id,
+                       parent=parent_ref.uri if parent_ref else None)
