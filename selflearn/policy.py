@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from .spec import PromotionSpec
 
 
 @dataclass(frozen=True)
@@ -23,33 +26,27 @@ def _pair(metrics: Mapping[str, Any], name: str) -> tuple[float, float] | None:
     return float(before), float(after)
 
 
-def decide(
-    metrics: Mapping[str, Any] | None,
-    *,
-    candidate: str | None,
-    max_general_increase: float,
-    max_fresh_increase: float,
-    pinned: str | None = None,
-    serving: str | None = None,
-    min_chat_retention: float = 0.95,
-    max_knowledge_drop: float = 0.0,
-) -> Decision:
-    """Promote `candidate` when, against the parent weights measured in the same round:
+def decide(promotion: PromotionSpec, metrics: Mapping[str, Any] | None, *, candidate: str | None,
+           serving: str | None = None) -> Decision:
+    """Promote `candidate` (the round's checkpoint; `serving`: what serves now) under the limits of
+    a LearnerRun's `promotion` spec when, against the parent weights measured in the same round:
 
     * its chat format health (greedy answers to the retention prompts that end their turn, do
       not loop, do not drift into an article) is not worse than the parent's;
     * its chat retention (parent's reference-answer perplexity over its own) is at least
-      `min_chat_retention`;
+      `minChatRetention`;
     * on the held-out phrasings of the users' corrections it learned, it prefers the correction
       over the old answer more often than the parent (a round that learned corrections);
     * its knowledge of the articles the round learned (scored on its answers) has not fallen more
-      than `max_knowledge_drop` below the parent's;
+      than `maxKnowledgeDrop` below the parent's;
     * its perplexity does not regress beyond the allowed fractions on the fixed general set and on
       fresh held-out articles.
 
     The chat checks come first: they are what a user notices. A round without chat metrics (a
     trainer with chatEval off) is judged on perplexity alone. A pinned checkpoint overrides
     everything (that is how rollback works). The reason names the check that decided."""
+    pinned = promotion.pinned_checkpoint
+    min_chat_retention, max_knowledge_drop = promotion.min_chat_retention, promotion.max_knowledge_drop
     if pinned:
         if serving == pinned:
             return Decision(False, None, f"pinned to {pinned}; not promoting")
@@ -87,10 +84,10 @@ def decide(
     general = _pair(metrics, "general")
     if general is None:
         return Decision(False, None, "rejected: no general-set perplexity in the round's metrics")
-    checks = [("general", general, max_general_increase)]
+    checks = [("general", general, promotion.max_perplexity_increase)]
     fresh = _pair(metrics, "fresh")
     if fresh is not None:
-        checks.append(("fresh", fresh, max_fresh_increase))
+        checks.append(("fresh", fresh, promotion.max_fresh_perplexity_increase))
     ppl_notes: list[str] = []
     for name, (before, after), limit in checks:
         if not (math.isfinite(before) and math.isfinite(after)) or before <= 0:
@@ -103,12 +100,3 @@ def decide(
             return Decision(False, None, "rejected: " + "; ".join(ppl_notes) + passed)
     return Decision(True, candidate, "promoted: " + "; ".join(notes + ppl_notes))
 
-
-def decide_for(promotion: Any, metrics: Mapping[str, Any] | None, *, candidate: str | None,
-               serving: str | None = None) -> Decision:
-    """`decide` with the limits of a LearnerRun's `promotion` spec (selflearn.spec.PromotionSpec):
-    the one call local mode and the operator make."""
-    return decide(metrics, candidate=candidate, max_general_increase=promotion.max_perplexity_increase,
-                  max_fresh_increase=promotion.max_fresh_perplexity_increase,
-                  pinned=promotion.pinned_checkpoint, serving=serving,
-                  min_chat_retention=promotion.min_chat_retention, max_knowledge_drop=promotion.max_knowledge_drop)

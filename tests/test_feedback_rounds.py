@@ -15,7 +15,7 @@ import yaml
 
 from selflearn.checkpoints import CheckpointStore
 from selflearn.feedback import client_hash
-from selflearn.policy import decide_for
+from selflearn.policy import decide
 from selflearn.serving.state import FeedbackStore
 from selflearn.sources import feedback as feedback_source
 from selflearn.spec import RunConfig, parse_spec
@@ -62,7 +62,7 @@ def test_corrections_from_the_chat_are_learned_by_the_next_round(http, srv, tmp_
         "storage": {"uri": f"file://{tmp_path}/store"}}))
     res = run_round(cfg, 1, parent="base", progress=False)
     assert res.status == "published", res.reason
-    decision = decide_for(cfg.spec.promotion, res.metrics, candidate=res.checkpoint)
+    decision = decide(cfg.spec.promotion, res.metrics, candidate=res.checkpoint)
     assert decision.promote and "corrections preferred" in decision.reason, decision.reason
     store = CheckpointStore.from_uri(cfg.spec.storage.uri)
     manifest = store.manifest(res.checkpoint)

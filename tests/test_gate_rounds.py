@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from selflearn.policy import decide_for
+from selflearn.policy import decide
 from selflearn.spec import RunConfig, parse_spec
 from selflearn.trainer.qa import QAPair, make_pairs
 from selflearn.trainer.round import run_round
@@ -49,7 +49,7 @@ def store_dir(tmp_path_factory):
 def judge(config: RunConfig, round_: int):
     res = run_round(config, round_, parent="base", progress=False)
     assert res.status == "published", res.reason
-    return res, decide_for(config.spec.promotion, res.metrics, candidate=res.checkpoint)
+    return res, decide(config.spec.promotion, res.metrics, candidate=res.checkpoint)
 
 
 def test_a_normal_round_is_promoted_and_knows_more(store_dir):
@@ -77,7 +77,7 @@ def test_a_poisoned_round_is_rejected_on_knowledge(store_dir):
     assert k["after"] < k["before"], "it now answers worse about the very articles it trained on"
     # Even a poisoning that kept every chat manner intact is caught: the knowledge check alone.
     chat_kept = {key: v for key, v in res.metrics.items() if key != "chat"}
-    alone = decide_for(config.spec.promotion, chat_kept, candidate=res.checkpoint)
+    alone = decide(config.spec.promotion, chat_kept, candidate=res.checkpoint)
     assert not alone.promote and alone.reason.startswith("rejected: knowledge of the learned articles"), alone.reason
 
 

@@ -117,14 +117,14 @@ def test_a_published_rounds_result_is_rebuilt_from_its_manifest_when_the_pod_is_
 
 def test_history_shows_what_a_chat_user_would_notice():
     from selflearn.operator.results import RoundResult
-    from selflearn.policy import decide_for
+    from selflearn.policy import decide
     from selflearn.spec import PromotionSpec
 
     metrics = {"ppl": {"general": {"before": 20.0, "after": 19.0}},
                "knowledge": {"learned": {"before": 0.2, "after": 0.4}},
                "chat": {"retention": 0.97, "format_ok": {"before": 1.0, "after": 1.0}}}
     result = RoundResult("published", 3, "s3://b/p/run/r000003", metrics)
-    decision = decide_for(PromotionSpec(), metrics, candidate=result.checkpoint)
+    decision = decide(PromotionSpec(), metrics, candidate=result.checkpoint)
     entry = sched.history_entry(round_=3, attempt=1, job="run-r000003", now=datetime(2026, 12, 1, tzinfo=timezone.utc),
                                 result=result, decision=decision)
     assert entry["result"] == "promoted" and entry["knowledgeBefore"] == 0.2 and entry["knowledgeAfter"] == 0.4

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from selflearn.policy import decide
+from selflearn.spec import PromotionSpec
 
 CAND = "file:///s/run/r000002"
 SERVING = "file:///s/run/r000001"
@@ -19,9 +20,12 @@ def metrics(general=(20.0, 19.0), fresh=(30.0, 28.0)):
     return m
 
 
-def gate(m, **kw):
-    return decide(m, candidate=kw.pop("candidate", CAND), max_general_increase=0.02, max_fresh_increase=0.05,
-                  serving=kw.pop("serving", SERVING), **kw)
+def gate(m, pinned=None, **limits):
+    """The gate with general +2% and fresh +5% allowed, and `limits` (spec field names) on top."""
+    candidate, serving = limits.pop("candidate", CAND), limits.pop("serving", SERVING)
+    promotion = PromotionSpec(max_perplexity_increase=0.02, max_fresh_perplexity_increase=0.05,
+                              pinned_checkpoint=pinned, **limits)
+    return decide(promotion, m, candidate=candidate, serving=serving)
 
 
 def test_promotes_when_nothing_regresses():
@@ -109,12 +113,9 @@ def test_knowledge_of_the_learned_articles_may_not_fall():
     assert gate(chat_metrics(learned=(0.3, 0.25)), max_knowledge_drop=0.1).promote
 
 
-def test_decide_for_reads_the_limits_from_the_promotion_spec():
-    from selflearn.policy import decide_for
-    from selflearn.spec import PromotionSpec
-
+def test_decide_reads_the_limits_from_the_promotion_spec():
     strict = PromotionSpec(minChatRetention=0.995)
-    assert not decide_for(strict, chat_metrics(), candidate=CAND).promote
-    assert decide_for(PromotionSpec(), chat_metrics(), candidate=CAND).promote
-    pinned = decide_for(PromotionSpec(pinnedCheckpoint=SERVING), chat_metrics(), candidate=CAND, serving=CAND)
+    assert not decide(strict, chat_metrics(), candidate=CAND).promote
+    assert decide(PromotionSpec(), chat_metrics(), candidate=CAND).promote
+    pinned = decide(PromotionSpec(pinnedCheckpoint=SERVING), chat_metrics(), candidate=CAND, serving=CAND)
     assert pinned.serve == SERVING

@@ -2,7 +2,8 @@
 
 `crds/learnerrun.yaml` is this module's output (`python -m selflearn.operator.crd > crds/learnerrun.yaml`),
 so the API server enforces the same fields, defaults, ranges and enums as `selflearn.spec.parse_spec`;
-a test fails when the committed file and the spec drift apart.
+a test fails when the committed file and the spec drift apart. `python hack/generate-manifests.py`
+writes it, the chart's copy and the chart's RBAC rules (from `rbac.py`) in one go.
 
 What JSON Schema cannot say, the CRD says with CEL rules (the API server evaluates them):
 a run name short enough to prefix Job and checkpoint names, the bundled embedded model's id, and a

@@ -5,7 +5,7 @@ Nothing here talks to a cluster. Tests validate every output against the real Ku
 
 Contracts with the other parts of selflearn:
 - the trainer Job runs `selflearn train --run-config /etc/selflearn/run.yaml --round N --parent <uri|base>`
-  and writes its result as one JSON line to /dev/termination-log (see results.py);
+  and writes its result as one JSON line to /dev/termination-log (selflearn.contracts);
 - the RayService runs `selflearn.serving.app:app_builder`; the `ChatModel` deployment's user_config
   carries the checkpoint, so promotion is a patch that KubeRay applies in place (reconfigure()).
 """
@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
+from ..contracts import TERMINATION_LOG
 from ..feedback import feedback_uri
+from ..serving import deployment
 from ..spec import LearnerRunSpec
 from .crd import GROUP, KIND, VERSION
 
@@ -30,7 +32,6 @@ MANAGED_BY = "selflearn-operator"
 TRAINER_CONTAINER = "trainer"
 RUN_CONFIG_DIR = "/etc/selflearn"
 RUN_CONFIG_KEY = "run.yaml"
-TERMINATION_LOG = "/dev/termination-log"
 # Where spec.trainer.cacheVolumeClaim is mounted, and the image's user and group (Dockerfile.trainer):
 # fsGroup makes a fresh volume writable by them.
 TRAINER_CACHE_DIR = "/var/cache/selflearn"
@@ -38,10 +39,8 @@ TRAINER_UID = 10001
 # `selflearn train` exits 2 for a bad run config: retrying the pod cannot help.
 TRAINER_CONFIG_ERROR_EXIT = 2
 
-SERVE_IMPORT_PATH = "selflearn.serving.app:app_builder"
-SERVE_APP = "selflearn"
-MODEL_DEPLOYMENT = "ChatModel"
-INGRESS_DEPLOYMENT = "ChatIngress"
+SERVE_IMPORT_PATH, SERVE_APP = deployment.IMPORT_PATH, deployment.APP_NAME
+MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT = deployment.MODEL_DEPLOYMENT, deployment.INGRESS_DEPLOYMENT
 SERVE_PORT = 8000
 RAY_VERSION = "2.60.0"
 # libyaml when present: rendering serveConfigV2 and run.yaml is most of the operator's CPU time.
@@ -204,11 +203,6 @@ def _gpus(resources: dict[str, Any]) -> int:
         return 0
 
 
-def model_user_config(*, spec: LearnerRunSpec, checkpoint: str | None) -> dict[str, Any]:
-    return {"checkpoint": checkpoint, "base_model": spec.base_model,
-            "storage_endpoint": spec.storage.endpoint, "storage_region": spec.storage.region}
-
-
 def serve_args(*, spec: LearnerRunSpec, run: str) -> dict[str, Any]:
     """The app's args: nothing a promotion changes. Ray Serve redeploys an application (new ingress
     and model replicas) whenever its `args` change, but applies a change of a deployment's
@@ -229,30 +223,19 @@ def serve_args(*, spec: LearnerRunSpec, run: str) -> dict[str, Any]:
 def serve_config(*, spec: LearnerRunSpec, checkpoint: str | None, run: str) -> dict[str, Any]:
     """The Ray Serve config (serveConfigV2): one application, the model and the HTTP ingress."""
     replicas = spec.serving.replicas
-    model: dict[str, Any] = {"name": MODEL_DEPLOYMENT, "num_replicas": replicas,
-                             "user_config": model_user_config(spec=spec, checkpoint=checkpoint)}
-    if gpus := _gpus(spec.serving.resources):
-        model["ray_actor_options"] = {"num_gpus": gpus}
-    return {"applications": [{
-        "name": SERVE_APP,
-        "route_prefix": "/",
-        "import_path": SERVE_IMPORT_PATH,
-        "args": serve_args(spec=spec, run=run),
-        "deployments": [model, {"name": INGRESS_DEPLOYMENT, "num_replicas": 1 if replicas <= 1 else 2}],
-    }]}
+    return {"applications": [deployment.application(
+        user_config=deployment.run_user_config(spec, checkpoint), args=serve_args(spec=spec, run=run),
+        model_replicas=replicas, model_gpus=_gpus(spec.serving.resources),
+        ingress_replicas=1 if replicas <= 1 else 2)]}
 
 
 def served_checkpoint(serve_config_v2: str | None) -> tuple[bool, str | None]:
     """(found, checkpoint) as read back from a RayService's serveConfigV2 string."""
     try:
         doc = yaml.load(serve_config_v2 or "", Loader=_LOADER) or {}
-        for app in doc.get("applications") or []:
-            for dep in app.get("deployments") or []:
-                if dep.get("name") == MODEL_DEPLOYMENT and "checkpoint" in (dep.get("user_config") or {}):
-                    return True, dep["user_config"]["checkpoint"]
-    except (yaml.YAMLError, AttributeError, TypeError):
-        pass
-    return False, None
+    except yaml.YAMLError:
+        return False, None
+    return deployment.served_checkpoint(doc if isinstance(doc, dict) else None)
 
 
 def render_serve_config(*, spec: LearnerRunSpec, checkpoint: str | None, run: str) -> str:

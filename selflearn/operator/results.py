@@ -1,58 +1,20 @@
 """Reading what the cluster says: a Job's state, a round's result, a RayService's readiness. Pure.
 
-The trainer writes its result as one JSON line to the termination message file, e.g.
-
-    {"status": "published", "round": 7, "checkpoint": "s3://b/p/run/r000007", "id": "run/r000007",
-     "parent": "s3://b/p/run/r000006", "metrics": {"train_loss": 2.1,
-      "ppl": {"general": {"before": 21.0, "after": 20.6}, "fresh": {...}, "trained": {...}}}}
-    {"status": "empty", "round": 7, "reason": "no new articles"}
-
-With `terminationMessagePolicy: FallbackToLogsOnError` a crashed trainer leaves its log tail there
-instead, so the parser takes the last line that is a JSON object with a `status`, and otherwise
-reports the tail's last line as the reason.
+The trainer writes its result (selflearn.contracts.RoundResult) as one JSON line to the
+termination message file. With `terminationMessagePolicy: FallbackToLogsOnError` a crashed
+trainer leaves its log tail there instead, so the parser takes the last line that is a JSON
+object with a `status`, and otherwise reports the tail's last line as the reason.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
+from ..contracts import ResultError, RoundResult, checkpoint_id_of_uri, result_line
 from .resources import LABEL_ATTEMPT, LABEL_ROUND, TRAINER_CONTAINER
 
 ACTIVE, SUCCEEDED, FAILED = "active", "succeeded", "failed"
-_STATUSES = ("published", "empty", "failed")
-
-
-class ResultError(ValueError):
-    """The round's result is missing or cannot be read."""
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    status: str  # published | empty | failed
-    round: int
-    checkpoint: str | None = None
-    metrics: dict[str, Any] | None = None
-    reason: str | None = None
-
-    @property
-    def general_ppl(self) -> tuple[float | None, float | None]:
-        g = ((self.metrics or {}).get("ppl") or {}).get("general") or {}
-        return g.get("before"), g.get("after")
-
-    @property
-    def knowledge_learned(self) -> tuple[float | None, float | None]:
-        k = ((self.metrics or {}).get("knowledge") or {}).get("learned") or {}
-        return k.get("before"), k.get("after")
-
-    @property
-    def chat(self) -> dict[str, Any]:
-        return (self.metrics or {}).get("chat") or {}
-
-    @property
-    def train_loss(self) -> float | None:
-        return (self.metrics or {}).get("train_loss")
 
 
 @dataclass(frozen=True)
@@ -134,46 +96,16 @@ def termination_message(pods: Iterable[Mapping[str, Any]], *, succeeded: bool) -
     return best[1] if best else None
 
 
-def _result_line(message: str) -> dict[str, Any] | None:
-    for line in reversed(message.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(doc, dict) and "status" in doc:
-                return doc
-    return None
-
-
 def parse_result(message: str | None, *, round_: int) -> RoundResult:
     """Parse the trainer's result line for round `round_`; raise ResultError saying what is wrong."""
-    if not message or not message.strip():
-        raise ResultError("the trainer left no termination message")
-    doc = _result_line(message)
-    if doc is None:
-        last = message.strip().splitlines()[-1].strip()
-        raise ResultError(f"no result line in the termination message (last line: {last[:200]!r})")
-    status = doc.get("status")
-    if status not in _STATUSES:
-        raise ResultError(f"unknown result status {status!r}")
-    if doc.get("round") != round_:
-        raise ResultError(f"the result is for round {doc.get('round')!r}, expected {round_}")
-    if status == "published":
-        if not isinstance(doc.get("checkpoint"), str) or not doc["checkpoint"]:
-            raise ResultError("a published result has no checkpoint URI")
-        if not isinstance(doc.get("metrics"), dict):
-            raise ResultError("a published result has no metrics")
-        return RoundResult("published", round_, checkpoint=doc["checkpoint"], metrics=doc["metrics"])
-    return RoundResult(status, round_, reason=str(doc.get("reason") or status))
+    return RoundResult.from_line(message, round_=round_)
 
 
 def failure_reason(job_message: str, pod_message: str | None) -> str:
     """Why a Job failed, in one line: the trainer's own reason if it wrote one, else its log tail."""
     detail = ""
     if pod_message and pod_message.strip():
-        doc = _result_line(pod_message)
+        doc = result_line(pod_message)
         detail = str(doc.get("reason") or "") if doc else pod_message.strip().splitlines()[-1].strip()
     parts = [p for p in (job_message, detail) if p]
     return ("; ".join(parts) or "the trainer Job failed")[:400]
@@ -184,7 +116,8 @@ def result_from_manifest(manifest: Mapping[str, Any], *, round_: int, checkpoint
     metrics = manifest.get("metrics")
     if not isinstance(metrics, dict):
         raise ResultError(f"the manifest of {checkpoint} has no metrics")
-    return RoundResult("published", round_, checkpoint=checkpoint, metrics=metrics)
+    return RoundResult("published", round_, checkpoint=checkpoint, metrics=metrics,
+                       id=checkpoint_id_of_uri(checkpoint), parent=manifest.get("parent"))
 
 
 def rayservice_ready(status: Mapping[str, Any] | None) -> tuple[bool, str]:

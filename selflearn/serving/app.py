@@ -41,22 +41,20 @@ replicas. Extension points for the driver's pages: `args.dashboard_dir` is serve
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 from typing import Any, AsyncIterator
 
 from ray import serve
 
+from . import deployment
 from .config import EngineOptions, ServeSettings, initial_user_config, parse_model_config, parse_settings
+from .deployment import APP_NAME
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "selflearn"
-IMPORT_PATH = "selflearn.serving.app:app_builder"
 
-
-@serve.deployment(name="ChatModel", health_check_period_s=10, health_check_timeout_s=60,
+@serve.deployment(name=deployment.MODEL_DEPLOYMENT, health_check_period_s=10, health_check_timeout_s=60,
                   graceful_shutdown_timeout_s=60)
 class ChatModel:
     """One model replica: the engine, its hot swap, and a stream of events per request."""
@@ -144,17 +142,17 @@ class ServeBackend:
         return await self.handle.status.remote()
 
 
-@serve.deployment(name="ChatIngress")
+@serve.deployment(name=deployment.INGRESS_DEPLOYMENT)
 @serve.ingress()
 class ChatIngress:
-    """FastAPI ingress; the app itself is built per replica from the settings (api.build_api)."""
+    """FastAPI ingress; the app itself is built per replica from the settings (serving.http.build_api)."""
 
     def __init__(self, model, settings: dict):
         self._settings = ServeSettings.model_validate(settings)
         self._backend = ServeBackend(model)
 
     def __serve_build_asgi_app__(self):
-        from .api import build_api
+        from .http import build_api
 
         return build_api(self._backend, self._settings)
 
@@ -188,9 +186,8 @@ def serve_config(*, port: int, host: str = "127.0.0.1", user_config: dict | None
 
 def application(*, user_config: dict | None = None, args: dict | None = None, app_name: str = APP_NAME,
                 route_prefix: str = "/") -> dict:
-    parse_settings(args)
-    return {"name": app_name, "route_prefix": route_prefix, "import_path": IMPORT_PATH, "args": args or {},
-            "deployments": [{"name": "ChatModel", "user_config": user_config or {}}]}
+    parse_settings(args)  # a bad arg fails here, with one line, not inside Serve
+    return deployment.application(user_config=user_config, args=args, app_name=app_name, route_prefix=route_prefix)
 
 
 class LocalServe:
@@ -208,19 +205,12 @@ class LocalServe:
         Returns once Serve has accepted it; use `wait_for_checkpoint` to wait for the swap itself.
         """
         parse_model_config(user_config)
-        config = copy.deepcopy(self.config)
-        for dep in self._app_of(config, app_name)["deployments"]:
-            if dep["name"] == "ChatModel":
-                dep["user_config"] = dict(user_config)
+        config = deployment.with_user_config(self.config, user_config, app_name=app_name)
         deploy(config)
         self.config = config
 
-    @staticmethod
-    def _app_of(config: dict, app_name: str) -> dict:
-        return next(a for a in config["applications"] if a["name"] == app_name)
-
     def status(self, *, app_name: str = APP_NAME, timeout: float = 30) -> dict:
-        handle = serve.get_deployment_handle("ChatModel", app_name=app_name)
+        handle = serve.get_deployment_handle(deployment.MODEL_DEPLOYMENT, app_name=app_name)
         return handle.status.remote().result(timeout_s=timeout)
 
     def wait_for_checkpoint(self, checkpoint_id: str, *, timeout: float = 300, app_name: str = APP_NAME) -> dict:
