@@ -21,6 +21,8 @@ from typing import Annotated, Any, Callable, Iterable, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from .validation import field_path, problem
+
 MAX_CORRECTION_CHARS = 4000
 MAX_PROMPT_CHARS = 20_000
 _WS = re.compile(r"\s+")
@@ -109,7 +111,7 @@ def parse_record(raw: bytes) -> FeedbackRecord:
         raise ValueError(f"not JSON: {err}") from None
     except ValidationError as err:
         first = err.errors()[0]
-        raise ValueError(f"{'.'.join(map(str, first['loc'])) or 'record'}: {first['msg']}") from None
+        raise ValueError(problem(first, field_path(first, default="record"), plain=False)) from None
 
 
 @dataclass

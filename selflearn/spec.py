@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.alias_generators import to_camel
 
 from .basemodel import EMBEDDED_MODEL  # noqa: F401 - re-exported: the spec names the bundled model
+from .validation import one_line
 
 RUN_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
 # A Kubernetes object name (DNS-1123 subdomain): what a Secret or a PersistentVolumeClaim may be called.
@@ -276,12 +277,7 @@ class RunConfig(_Spec):
 
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem, with the manifest's field path: `training.learningRate: must be > 0`."""
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
+    return one_line(err.errors())
 
 
 def parse_spec(data: dict[str, Any]) -> LearnerRunSpec:

@@ -89,7 +89,7 @@ def test_dashboard_shows_knowledge_chat_health_examples_and_the_live_round(page,
 
     from playwright.sync_api import expect
 
-    from selflearn.local import web_dir
+    from selflearn.local.serving import web_dir
 
     state = {
         "run": "local", "phase": "training", "serving_id": "local/r000001", "rounds": [{

@@ -14,7 +14,7 @@ from selflearn.feedback import FeedbackRecord, client_hash, parse_record, record
 from selflearn.policy import decide
 from selflearn.serving.state import FeedbackStore
 from selflearn.sources.feedback import FeedbackReader, collect
-from selflearn.spec import FeedbackSource, parse_spec
+from selflearn.spec import FeedbackSource, PromotionSpec, parse_spec
 from selflearn.trainer import preference
 
 
@@ -168,9 +168,10 @@ def test_answer_logps_on_the_answer_tokens_only(embedded_model_dir):
 
 def test_the_gate_wants_the_corrections_preferred_more_often_than_before():
     base = {"ppl": {"general": {"before": 10.0, "after": 10.0}}}
-    kw = {"candidate": "c", "max_general_increase": 0.02, "max_fresh_increase": 0.05}
-    better = decide({**base, "feedback": {"preference": {"before": 0.1, "after": 0.9, "pairs": 10}}}, **kw)
+    kw = {"candidate": "c"}
+    limits = PromotionSpec(max_perplexity_increase=0.02, max_fresh_perplexity_increase=0.05)
+    better = decide(limits, {**base, "feedback": {"preference": {"before": 0.1, "after": 0.9, "pairs": 10}}}, **kw)
     assert better.promote and "corrections preferred 10%->90%" in better.reason
-    same = decide({**base, "feedback": {"preference": {"before": 0.4, "after": 0.4, "pairs": 10}}}, **kw)
+    same = decide(limits, {**base, "feedback": {"preference": {"before": 0.4, "after": 0.4, "pairs": 10}}}, **kw)
     assert not same.promote and same.reason.startswith("rejected: the users' corrections")
-    assert decide({**base, "feedback": {"preference": {"before": 1.0, "after": 1.0, "pairs": 3}}}, **kw).promote
+    assert decide(limits, {**base, "feedback": {"preference": {"before": 1.0, "after": 1.0, "pairs": 3}}}, **kw).promote

@@ -1,4 +1,4 @@
-"""The HTTP API through real Ray Serve on 127.0.0.1 (shared instance: selflearn.serving.testing).
+"""The HTTP API through real Ray Serve on 127.0.0.1 (shared instance: tests/support/serving.py).
 
 `/` is the embedded model, open; `/secure` is a tiny OPT behind an API key, a rate limit and a
 one-slot engine. Generations are kept to a few tokens.
@@ -12,7 +12,7 @@ import threading
 import httpx
 import pytest
 
-from selflearn.serving.testing import API_KEY, parse_sse
+from tests.support.serving import API_KEY, parse_sse
 
 pytestmark = pytest.mark.slow
 EMBEDDED_ID = "base:embedded:smollm2-135m-instruct"
@@ -172,11 +172,12 @@ def test_feedback_is_stored_durably(http, srv):
 def test_feedback_reaches_any_replica_with_the_answer_it_signs(http, srv):
     """Ingress replicas do not share memory: one that never saw the answer checks the answer the
     client sends back against its response id instead."""
-    from selflearn.serving.api import Api
     from selflearn.serving.config import parse_settings
+    from selflearn.serving.http.service import ChatService
 
     r = http.post("/chat", json={"message": "Say hello.", "max_length": 6, "temperature": 0}).json()
-    other = Api(None, parse_settings({"feedback_uri": f"file://{srv.feedback_dir}"}))  # same settings, new memory
+    # Same settings, new memory.
+    other = ChatService(None, parse_settings({"feedback_uri": f"file://{srv.feedback_dir}"}))
     got = other.answer_for(r["response_id"], "Say hello.", r["reply"], r["checkpoint"])
     assert got == {"checkpoint": r["checkpoint"], "prompt": "Say hello.", "reply": r["reply"]}
     assert other.answer_for(r["response_id"], "Say hello.", r["reply"] + " (edited)", r["checkpoint"]) is None

@@ -16,6 +16,7 @@ import torch
 
 from conftest import free_port
 from selflearn.checkpoints import CheckpointStore
+from selflearn.contracts import END_EVENTS, Error, Start, Token
 from selflearn.serving.config import EngineOptions, ServeSettings, parse_model_config
 from selflearn.serving.engine import Engine, QueueFull
 from selflearn.serving.sampling import repetition_penalty, sample
@@ -31,7 +32,7 @@ def collect(engine: Engine, messages, params):
 
     def sink(ev):
         events.append(ev)
-        if ev["type"] in ("done", "error"):
+        if isinstance(ev, END_EVENTS):
             done.set()
 
     ticket = engine.submit(messages, params, sink)
@@ -113,32 +114,32 @@ def test_batched_greedy_matches_one_at_a_time(engine):
     """Left padding, cache merging and row removal must not change what a row generates."""
     prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colors."]
     params = engine.resolve_params(max_new_tokens=10, temperature=0, repetition_penalty=1.0)
-    alone = [engine.generate(user(p), params)["text"] for p in prompts]
+    alone = [engine.generate(user(p), params).text for p in prompts]
     runs = [collect(engine, user(p), params) for p in prompts]  # submitted together: one batch
     for events, done, _ in runs:
         assert done.wait(120)
-    together = [events[-1]["text"] for events, _, _ in runs]
+    together = [events[-1].text for events, _, _ in runs]
     assert together == alone
     for events, _, _ in runs:
-        tokens = "".join(e["text"] for e in events if e["type"] == "token")
-        assert events[0]["type"] == "start" and events[0]["checkpoint"] == EMBEDDED_ID
-        assert tokens == events[-1]["text"]  # the stream adds up to the answer
+        tokens = "".join(e.text for e in events if isinstance(e, Token))
+        assert isinstance(events[0], Start) and events[0].checkpoint == EMBEDDED_ID
+        assert tokens == events[-1].text  # the stream adds up to the answer
 
 
 @pytest.mark.slow
 def test_stop_length_and_cancel(engine):
     stop = engine.generate(user("What is the capital of France?"),
                            engine.resolve_params(max_new_tokens=12, temperature=0, stop=["Paris"]))
-    assert stop["finish_reason"] == "stop" and "Paris" not in stop["text"] and stop["text"]
+    assert stop.finish_reason == "stop" and "Paris" not in stop.text and stop.text
     length = engine.generate(user("Count from 1 to 50."), engine.resolve_params(max_new_tokens=5, temperature=0))
-    assert length["finish_reason"] == "length" and length["usage"]["completion_tokens"] == 5
+    assert length.finish_reason == "length" and length.usage["completion_tokens"] == 5
     events, done, ticket = collect(engine, user("Count from 1 to 200."),
                                    engine.resolve_params(max_new_tokens=120, temperature=0))
-    while not any(e["type"] == "token" for e in events):
+    while not any(isinstance(e, Token) for e in events):
         time.sleep(0.01)
     ticket.cancel()
-    assert done.wait(30) and events[-1]["finish_reason"] == "cancelled"
-    assert events[-1]["usage"]["completion_tokens"] < 120
+    assert done.wait(30) and events[-1].finish_reason == "cancelled"
+    assert events[-1].usage["completion_tokens"] < 120
     deadline = time.time() + 10
     while engine.status()["running"] and time.time() < deadline:
         time.sleep(0.05)
@@ -166,10 +167,10 @@ def test_plain_prompt_trimming_and_queue(tiny, tiny_opt_dir):
     ids, dropped = lm.encode(history + [{"role": "user", "content": "last"}], budget=60)
     assert len(ids) <= 60 and dropped >= 2 and lm.tokenizer.decode(ids).rstrip().endswith("User: last\nAssistant:")
     events, done, _ = collect(tiny, user("word " * 300), tiny.resolve_params(max_new_tokens=8))
-    assert done.wait(30) and events[-1]["type"] == "error" and events[-1]["status"] == 422
-    assert "context" in events[-1]["message"]
+    assert done.wait(30) and isinstance(events[-1], Error) and events[-1].status == 422
+    assert "context" in events[-1].message
     out = tiny.generate(user("hello"), tiny.resolve_params(max_new_tokens=6, temperature=0))
-    assert out["checkpoint"] == f"base:{tiny_opt_dir}" and out["usage"]["completion_tokens"] <= 6
+    assert out.checkpoint == f"base:{tiny_opt_dir}" and out.usage["completion_tokens"] <= 6
     # One slot, one queue place: a third concurrent request is refused, not parked.
     long = tiny.resolve_params(max_new_tokens=200, temperature=1.0)
     first = collect(tiny, user("a"), long)
@@ -198,7 +199,7 @@ def test_swap_on_s3_and_failures_keep_old_weights(tiny, tiny_opt_dir, s3_server)
     assert tiny.configure({**base, "checkpoint": ref1.uri}, wait=True)
     st = tiny.status()
     assert st["checkpoint"] == "tiny/r000001" and not st["degraded"]
-    assert tiny.generate(user("hi"), tiny.resolve_params(max_new_tokens=3))["checkpoint"] == "tiny/r000001"
+    assert tiny.generate(user("hi"), tiny.resolve_params(max_new_tokens=3)).checkpoint == "tiny/r000001"
 
     # A flipped byte in the weights: refused, old weights keep answering.
     import boto3
@@ -221,7 +222,7 @@ def test_swap_on_s3_and_failures_keep_old_weights(tiny, tiny_opt_dir, s3_server)
     st = tiny.status()
     assert st["checkpoint"] == "tiny/r000001" and st["swap_failures"] == failures + 4 and st["degraded"]
     tiny.check_health()
-    assert tiny.generate(user("hi"), tiny.resolve_params(max_new_tokens=3))["checkpoint"] == "tiny/r000001"
+    assert tiny.generate(user("hi"), tiny.resolve_params(max_new_tokens=3)).checkpoint == "tiny/r000001"
     # Back to the base model: a good swap clears the degraded flag.
     tiny.configure({"base_model": tiny_opt_dir}, wait=True)
     assert tiny.status()["checkpoint"] == f"base:{tiny_opt_dir}" and not tiny.status()["degraded"]
@@ -234,7 +235,7 @@ def test_inflight_request_finishes_on_its_weights(engine, tiny_opt_dir, tmp_path
     old = collect(engine, user("Count from 1 to 200, separated by commas."),
                   engine.resolve_params(max_new_tokens=100, temperature=0, repetition_penalty=1.0))
     events, done, _ = old
-    while not any(e["type"] == "token" for e in events):
+    while not any(isinstance(e, Token) for e in events):
         time.sleep(0.01)
     engine.configure({"checkpoint": ref.uri, "base_model": tiny_opt_dir})  # background load
     deadline = time.time() + 60
@@ -242,19 +243,19 @@ def test_inflight_request_finishes_on_its_weights(engine, tiny_opt_dir, tmp_path
         time.sleep(0.02)
     assert engine.status()["checkpoint"] == "tiny/r000001"
     new = engine.generate(user("hi"), engine.resolve_params(max_new_tokens=3))
-    assert new["checkpoint"] == "tiny/r000001"
+    assert new.checkpoint == "tiny/r000001"
     assert not done.is_set(), "the long request should still be running on the old weights"
     assert done.wait(120)
-    assert events[0]["checkpoint"] == events[-1]["checkpoint"] == EMBEDDED_ID
-    assert events[-1]["finish_reason"] == "length"
+    assert events[0].checkpoint == events[-1].checkpoint == EMBEDDED_ID
+    assert events[-1].finish_reason == "length"
 
 
 # -- the HTTP API in-process (uvicorn + EngineBackend): request timeout ------------------------------
 def test_request_timeout_is_504_and_frees_the_slot(tiny, tiny_opt_dir):
     import uvicorn
 
-    from selflearn.serving.api import build_api
     from selflearn.serving.backend import EngineBackend
+    from selflearn.serving.http import build_api
 
     tiny.configure({"base_model": tiny_opt_dir}, wait=True)
     settings = ServeSettings(request_timeout_s=0.05, engine={"max_new_tokens_cap": 200})

@@ -15,7 +15,7 @@ import pytest
 
 from selflearn.checkpoints import CheckpointStore
 from selflearn.serving.app import APP_NAME, deploy
-from selflearn.serving.testing import parse_sse
+from tests.support.serving import parse_sse
 
 pytestmark = pytest.mark.slow
 EMBEDDED = "embedded:smollm2-135m-instruct"

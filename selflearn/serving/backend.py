@@ -1,7 +1,7 @@
 """Engine events on asyncio: the bridge ChatModel uses, and an in-process `Backend` for the API.
 
-`stream_events` turns one request into an async iterator of engine events (start, token...,
-done | error); closing the iterator early cancels the request, which frees its batch slot.
+`stream_events` turns one request into an async iterator of engine events (`Start`, `Token`...,
+`Done` | `Error`); closing the iterator early cancels the request, which frees its batch slot.
 `EngineBackend` serves the HTTP API straight from an `Engine` in the same process (no Ray): handy
 for embedding and for tests of API behaviour that does not need Serve.
 """
@@ -9,67 +9,71 @@ for embedding and for tests of API behaviour that does not need Serve.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
+from ..contracts import END_EVENTS, EngineEvent, Error, Start, Token
 from .engine import Engine, NotReady, QueueFull
 
+if TYPE_CHECKING:
+    from .http.service import Completion
 
-async def stream_events(engine: Engine, request: dict) -> AsyncIterator[dict]:
+
+async def stream_events(engine: Engine, request: dict) -> AsyncIterator[EngineEvent]:
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
     try:
         params = engine.resolve_params(**(request.get("params") or {}))
         ticket = engine.submit(request["messages"], params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
     except (QueueFull, NotReady) as err:
-        yield {"type": "error", "status": 503, "message": str(err)}
+        yield Error(503, str(err))
         return
     except (KeyError, TypeError, ValueError) as err:
-        yield {"type": "error", "status": 422, "message": f"bad request: {err}"}
+        yield Error(422, f"bad request: {err}")
         return
     try:
         while True:
             ev = await queue.get()
             # A slow reader gets the tokens that piled up as one chunk.
-            while ev["type"] == "token" and not queue.empty():
+            while isinstance(ev, Token) and not queue.empty():
                 nxt = queue.get_nowait()
-                if nxt["type"] != "token":
+                if not isinstance(nxt, Token):
                     yield ev
                     ev = nxt
                     break
-                ev = {"type": "token", "text": ev["text"] + nxt["text"]}
+                ev = Token(ev.text + nxt.text)
             yield ev
-            if ev["type"] in ("done", "error"):
+            if isinstance(ev, END_EVENTS):
                 return
     finally:
         if not ticket.done:
             ticket.cancel()
 
 
-async def complete(engine: Engine, request: dict) -> dict:
-    """The whole answer: {"start": start event or None, "end": done or error event}."""
+async def complete(engine: Engine, request: dict) -> Completion:
+    """The whole answer: {"start": the Start event or None, "end": the Done or Error event}."""
     start = None
     events = stream_events(engine, request)
     try:
         async for ev in events:
-            if ev["type"] == "start":
+            if isinstance(ev, Start):
                 start = ev
-            elif ev["type"] in ("done", "error"):
+            elif isinstance(ev, END_EVENTS):
                 return {"start": start, "end": ev}
     finally:
         await events.aclose()
-    return {"start": start, "end": {"type": "error", "status": 500, "message": "the generation ended without a result"}}
+    return {"start": start, "end": Error(500, "the generation ended without a result")}
 
 
 class EngineBackend:
-    """`api.Backend` over an in-process Engine."""
+    """`http.service.Backend` over an in-process Engine."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def stream(self, request: dict) -> AsyncIterator[dict]:
+    def stream(self, request: dict) -> AsyncIterator[EngineEvent]:
         return stream_events(self.engine, request)
 
-    async def complete(self, request: dict) -> dict:
+    async def complete(self, request: dict) -> Completion:
         return await complete(self.engine, request)
 
     async def status(self) -> dict:

@@ -13,12 +13,13 @@ import logging
 import time
 from typing import Callable
 
+from ..contracts import Done, EngineEvent, Error, Start, Token
 from . import loader as loader_mod
 from .sampling import SamplingParams, repetition_penalty, sample
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[dict], None]
+Sink = Callable[[EngineEvent], None]
 _ids = itertools.count(1)
 
 
@@ -48,7 +49,7 @@ class Ticket:
             self.engine._wake()
 
     # -- called by the scheduler -----------------------------------------------------------------
-    def _emit(self, ev: dict) -> None:
+    def _emit(self, ev: EngineEvent) -> None:
         try:
             self.sink(ev)
         except Exception:  # a consumer that went away must not take the scheduler down
@@ -56,12 +57,12 @@ class Ticket:
 
     def fail(self, status: int, message: str) -> None:
         self.done = True
-        self._emit({"type": "error", "status": status, "message": message})
+        self._emit(Error(status, message))
 
     def start(self, lm: loader_mod.LoadedModel, prompt_len: int, dropped: int) -> None:
         self.lm, self.prompt_len = lm, prompt_len
-        self._emit({"type": "start", "checkpoint": lm.checkpoint_id, "prompt_tokens": prompt_len,
-                    "dropped_messages": dropped, "queue_ms": round((time.monotonic() - self.created) * 1000, 1)})
+        self._emit(Start(lm.checkpoint_id, prompt_len, dropped_messages=dropped,
+                         queue_ms=round((time.monotonic() - self.created) * 1000, 1)))
 
     def push(self, token: int) -> None:
         """Take one sampled token: extend the text, stream what is safe to show, finish if due."""
@@ -88,7 +89,7 @@ class Ticket:
         if stops:
             safe = min(safe, len(text) - (longest - 1))
         if safe > self.sent:
-            self._emit({"type": "token", "text": text[self.sent:safe]})
+            self._emit(Token(text[self.sent:safe]))
             self.sent = safe
 
     def finish(self, reason: str) -> None:
@@ -97,15 +98,14 @@ class Ticket:
         self.done = True
         text = self.text.rstrip("\ufffd")
         if len(text) > self.sent:
-            self._emit({"type": "token", "text": text[self.sent:]})
+            self._emit(Token(text[self.sent:]))
         now = time.monotonic()
         n = len(self.out_ids)
-        self._emit({"type": "done", "finish_reason": reason, "text": text,
-                    "checkpoint": self.lm.checkpoint_id if self.lm else None,
-                    "usage": {"prompt_tokens": self.prompt_len, "completion_tokens": n,
-                              "total_tokens": self.prompt_len + n},
-                    "ttft_ms": round(((self.first_token_at or now) - self.created) * 1000, 1),
-                    "total_ms": round((now - self.created) * 1000, 1)})
+        self._emit(Done(reason, text, checkpoint=self.lm.checkpoint_id if self.lm else None,
+                        usage={"prompt_tokens": self.prompt_len, "completion_tokens": n,
+                               "total_tokens": self.prompt_len + n},
+                        ttft_ms=round(((self.first_token_at or now) - self.created) * 1000, 1),
+                        total_ms=round((now - self.created) * 1000, 1)))
 
 
 class Batch:

@@ -13,15 +13,15 @@ never a silent default:
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..contracts import CHECKPOINT_URI_RE
 from ..feedback import MAX_PROMPT_CHARS, Correction
 from ..spec import EMBEDDED_MODEL
+from ..validation import field_path, one_line
 
-CHECKPOINT_URI_RE = re.compile(r"^(file|s3)://.+/[^/]+/r\d{6,}/?$")
 CONVERSATION_ID_RE = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
@@ -31,12 +31,7 @@ class _Strict(BaseModel):
 
 def format_errors(err: ValidationError) -> str:
     """`temperature: Input should be less than or equal to 2; message: ...` (one line)."""
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p != "body")
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
+    return one_line(err.errors(), lambda e: field_path(e, skip=("body",)))
 
 
 # -- ChatModel user_config ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+from ..contracts import END_EVENTS, Done, EngineEvent, Error, base_id
 from . import loader as loader_mod
 from .batch import Batch, Sink, Ticket
 from .config import EngineOptions, GenerationDefaults, ModelConfig, parse_model_config
@@ -113,7 +114,7 @@ class Engine:
                 cfg = self._desired
                 if cfg is None or (self._config is not None and cfg.weights_key == self._config.weights_key):
                     return
-                self._loading = cfg.checkpoint or f"base:{cfg.base_model}"
+                self._loading = cfg.checkpoint or base_id(cfg.base_model)
                 t0 = time.monotonic()
                 try:
                     lm = self._load(cfg, self.options)
@@ -193,23 +194,24 @@ class Engine:
             self._cv.notify_all()
         return ticket
 
-    def generate(self, messages: list[dict], params: SamplingParams, timeout: float | None = None) -> dict:
-        """Blocking convenience: the `done` event (or raises RuntimeError on an `error` event)."""
-        result: dict = {}
+    def generate(self, messages: list[dict], params: SamplingParams, timeout: float | None = None) -> Done:
+        """Blocking convenience: the `Done` event (or raises RuntimeError on an `Error` event)."""
+        result: list[Done | Error] = []
         done = threading.Event()
 
-        def sink(ev: dict) -> None:
-            if ev["type"] in ("done", "error"):
-                result.update(ev)
+        def sink(ev: EngineEvent) -> None:
+            if isinstance(ev, END_EVENTS):
+                result.append(ev)
                 done.set()
 
         ticket = self.submit(messages, params, sink)
         if not done.wait(timeout):
             ticket.cancel()
             raise TimeoutError("generation timed out")
-        if result["type"] == "error":
-            raise RuntimeError(result["message"])
-        return result
+        end = result[0]
+        if isinstance(end, Error):
+            raise RuntimeError(end.message)
+        return end
 
     def _wake(self) -> None:
         with self._cv:
@@ -342,7 +344,7 @@ class Engine:
             "loaded_at": cur.loaded_at if cur else None,
             "load_seconds": round(cur.load_seconds, 3) if cur else None,
             "loading": self._loading,
-            "desired": (desired.checkpoint or f"base:{desired.base_model}") if desired else None,
+            "desired": (desired.checkpoint or base_id(desired.base_model)) if desired else None,
             # The newest swap attempt failed and nothing has loaded since: serving older weights.
             "degraded": failed_at is not None and (cur is None or failed_at > cur.loaded_at),
             "queue_depth": len(self._waiting),

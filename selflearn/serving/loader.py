@@ -8,16 +8,16 @@ store raises and the caller keeps the weights it has. LoRA checkpoints saved as 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from .. import basemodel
+from filelock import FileLock
+
+from .. import basemodel, contracts
 from ..prompting import PLAIN_STOP, render_prompt
 from .config import EngineOptions, ModelConfig
 
@@ -29,37 +29,16 @@ class PromptTooLong(ValueError):
 
 
 def pick_dtype(name: str):
-    import torch
+    """The weights' dtype for `EngineOptions.dtype` (auto | bf16 | fp16 | fp32) on this device."""
+    from .. import precision
 
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "fp16":
-        return torch.float16
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:  # bf16 matmuls run several times faster than fp32 on CPUs with AVX512-BF16/AMX
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    except (AttributeError, RuntimeError):
-        return torch.float32
+    return precision.dtype_of(precision.resolve(name, precision.pick_device(), training=False))
 
 
 def device():
-    import torch
+    from .. import precision
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return precision.pick_device()
 
 
 @dataclass
@@ -129,7 +108,9 @@ def fetch_checkpoint(cfg: ModelConfig, options: EngineOptions) -> tuple[Path, di
     ref = store.ref(run, round_)
     root = _cache_dir(options)
     dest = root / hashlib.sha256(ref.uri.encode()).hexdigest()[:20]
-    with _lock(root / f".{dest.name}.lock"):  # replicas on one node share the download
+    lock = root / f".{dest.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock):  # replicas on one node share the download
         manifest = store.download(ref, dest)
     _prune(root, keep={dest.name})
     return dest, manifest, ref.id
@@ -168,7 +149,6 @@ def load(cfg: ModelConfig, options: EngineOptions) -> LoadedModel:
     """Load the weights `cfg` names. Raises (CheckpointError, ValueError, OSError, ...) on failure."""
     import inspect
 
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.monotonic()
@@ -191,7 +171,7 @@ def load(cfg: ModelConfig, options: EngineOptions) -> LoadedModel:
         base_id = cfg.base_model
         src = basemodel.resolve(base_id)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
-        tok_src, ckpt_id, uri = src, f"base:{base_id}", None
+        tok_src, ckpt_id, uri = src, contracts.base_id(base_id), None
     tok = AutoTokenizer.from_pretrained(tok_src)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -14,6 +14,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..contracts import Done
+
 
 class RateLimiter:
     """Token bucket per client: `rate` requests per minute, bursts of up to `burst`."""
@@ -152,10 +154,10 @@ class Metrics:
     def route(self, path: str) -> str:
         return path if path in self.ROUTES else ("/static" if path.startswith("/static/") else "other")
 
-    def observe_done(self, ev: dict) -> None:
-        usage = ev.get("usage") or {}
+    def observe_done(self, ev: Done) -> None:
+        usage = ev.usage or {}
         self.generated.inc(usage.get("completion_tokens", 0))
         self.prompt.inc(usage.get("prompt_tokens", 0))
-        self.finished.labels(ev.get("finish_reason", "unknown"), ev.get("checkpoint") or "none").inc()
-        if ev.get("ttft_ms") is not None:
-            self.ttft.observe(ev["ttft_ms"] / 1000)
+        self.finished.labels(ev.finish_reason, ev.checkpoint or "none").inc()
+        if ev.ttft_ms is not None:
+            self.ttft.observe(ev.ttft_ms / 1000)

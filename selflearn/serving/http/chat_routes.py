@@ -1,0 +1,116 @@
+"""The chat page and the seed's chat API: POST /chat (one JSON answer) and /chat/stream (SSE).
+
+Both remember the conversation (`conversation_id`) and name the answer (`response_id`, for
+feedback) and the checkpoint that wrote it (`checkpoint`, the `X-Model-Checkpoint` header).
+
+No `from __future__ import annotations` here: FastAPI must see the request classes built per
+settings (`RequestModels`) as real objects, not strings.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+from ...contracts import Done, EngineEvent, Error, Start
+from .responses import SSE_HEADERS, SSE_MEDIA_TYPE, ApiError, sse
+from .service import ChatService, engine_params, new_nonce
+
+WEB = Path(__file__).parent.parent / "web"
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+                "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def router(svc: ChatService) -> APIRouter:
+    r = APIRouter()
+    _page_routes(r)
+    _chat_routes(r, svc)
+    return r
+
+
+def _page_routes(r: APIRouter) -> None:
+    @r.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(WEB / "index.html", headers=PAGE_HEADERS)
+
+    @r.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        path = WEB / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise ApiError(404, f"no static file {name!r}", code="not_found")
+        return FileResponse(path, headers=PAGE_HEADERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Turn:
+    """One user message of a conversation, and what the engine is asked for it."""
+    cid: str
+    message: str
+    messages: list[dict]  # the conversation so far, then this message
+    request: dict  # the engine request
+
+    @classmethod
+    def of(cls, svc: ChatService, body) -> "_Turn":
+        svc.check_input([{"role": "user", "content": body.message}])
+        cid = body.conversation_id or svc.conversations.new_id()
+        messages = svc.conversations.history(cid) + [{"role": "user", "content": body.message}]
+        params = engine_params(body, body.max_length, body.stop)
+        return cls(cid, body.message, messages, {"messages": messages, "params": params})
+
+    def answered(self, svc: ChatService, done: Done, checkpoint: str, rid: str) -> dict:
+        """Keep a complete answer in the conversation; the answer's JSON document."""
+        if done.finish_reason in ("stop", "length"):  # not a filtered or cancelled one
+            svc.conversations.add(self.cid, self.message, done.text)
+        return {"reply": done.text, "checkpoint": checkpoint, "conversation_id": self.cid, "response_id": rid,
+                "finish_reason": done.finish_reason, "usage": done.usage,
+                "timings": {"ttft_ms": done.ttft_ms, "total_ms": done.total_ms}}
+
+
+def _chat_routes(r: APIRouter, svc: ChatService) -> None:
+    M = svc.models
+
+    @r.post("/chat")
+    async def chat(body: M.ChatRequest, request: Request):
+        svc.admit(request)
+        turn = _Turn.of(svc, body)
+        start, done = await svc.collect(turn.request)
+        rid = svc.remember(done, turn.messages, turn.cid)
+        ckpt = done.checkpoint or start.checkpoint
+        return JSONResponse(turn.answered(svc, done, ckpt, rid),
+                            headers={"X-Model-Checkpoint": ckpt, "X-Response-Id": rid})
+
+    @r.post("/chat/stream")
+    async def chat_stream(body: M.ChatRequest, request: Request):
+        svc.admit(request)
+        turn = _Turn.of(svc, body)
+        events = svc.events(turn.request)
+        start = await svc.first(events)
+        # Named before the answer exists (start event, header); the end gives the id that signs it.
+        rid = new_nonce()
+        return StreamingResponse(_chat_stream(svc, turn, events, start, rid), media_type=SSE_MEDIA_TYPE,
+                                 headers={"X-Model-Checkpoint": start.checkpoint, "X-Response-Id": rid,
+                                          "X-Conversation-Id": turn.cid, **SSE_HEADERS})
+
+
+async def _chat_stream(svc: ChatService, turn: _Turn, events: AsyncIterator[EngineEvent], start: Start,
+                       rid: str) -> AsyncIterator[bytes]:
+    """The SSE body: `start`, `token`s, then `done` (the answer's document) or `error`."""
+    ckpt = start.checkpoint
+
+    def on_end(ev: Done | Error) -> bytes:
+        if isinstance(ev, Error):
+            return sse({"status": ev.status, "message": ev.message}, "error")
+        ev = dataclasses.replace(ev, checkpoint=ckpt)
+        signed = svc.remember(ev, turn.messages, turn.cid, nonce=rid)
+        return sse(turn.answered(svc, ev, ckpt, signed), "done")
+
+    try:
+        yield sse({"checkpoint": ckpt, "conversation_id": turn.cid, "response_id": rid,
+                   "prompt_tokens": start.prompt_tokens}, "start")
+        async for chunk in svc.stream_text(events, lambda t: sse({"text": t}, "token"), on_end):
+            yield chunk
+    finally:
+        await events.aclose()
