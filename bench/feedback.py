@@ -27,7 +27,7 @@ FACTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "made_up_facts.
 
 
 def local_config(data_dir: Path, *extra: str):
-    from selflearn.local_cli import add_arguments, build_config
+    from selflearn.local.cli import add_arguments, build_config
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -53,7 +53,7 @@ def main() -> None:
     from selflearn import basemodel
     from selflearn.checkpoints import CheckpointStore
     from selflearn.feedback import client_hash, feedback_uri
-    from selflearn.local import LocalDriver
+    from selflearn.local.driver import LocalDriver
     from selflearn.serving.state import FeedbackStore
     from selflearn.trainer import probe
     from selflearn.trainer.model_io import load_checkpoint_model

@@ -27,7 +27,7 @@ import common  # noqa: E402,F401  (offline env defaults)
 
 
 def local_config(data_dir: Path, *, rounds_format: str | None = None):
-    from selflearn.local_cli import add_arguments, build_config
+    from selflearn.local.cli import add_arguments, build_config
 
     p = argparse.ArgumentParser()
     add_arguments(p)
@@ -50,7 +50,7 @@ def main() -> None:
 
     from selflearn import basemodel
     from selflearn.checkpoints import CheckpointStore
-    from selflearn.local import LocalDriver
+    from selflearn.local.driver import LocalDriver
     from selflearn.sources.base import Article
     from selflearn.sources.snapshot import load_snapshot
     from selflearn.trainer import data, knowledge, loop, probe
@@ -86,7 +86,7 @@ def main() -> None:
         uri = final_uri
         while uri:
             ref = store.ref_for_uri(uri)
-            raw = store.backend.get_bytes(f"{cfg.name}/r{ref.round:06d}/articles.jsonl") or b""
+            raw = store.checkpoint_file(ref, "articles.jsonl") or b""
             titles = {json.loads(x)["title"] for x in raw.decode().splitlines() if x.strip()}
             learned += [x for x in load_snapshot("en") if x.title in titles]
             uri = store.manifest(ref).get("parent")

@@ -103,8 +103,9 @@ def main() -> None:
     p.add_argument("--data-dir", default=None, help="keep the run here (default: a temporary dir)")
     a = p.parse_args()
 
-    from selflearn.local import LocalDriver, start_serving, stop_serving
-    from selflearn.local_cli import LOCAL_TRAINING
+    from selflearn.local.cli import LOCAL_TRAINING
+    from selflearn.local.driver import LocalDriver
+    from selflearn.local.serving import start_serving, stop_serving
     from selflearn.sources.snapshot import general_set
     from selflearn.spec import RunConfig, parse_spec
 
@@ -153,7 +154,7 @@ def main() -> None:
         if rec.get("status") != "published" or not rec.get("checkpoint"):
             continue
         ref = store.ref_for_uri(rec["checkpoint"])
-        raw = store.backend.get_bytes(f"{ref.run}/r{ref.round:06d}/articles.jsonl") or b""
+        raw = store.checkpoint_file(ref, "articles.jsonl") or b""
         learned += [json.loads(x)["text"] for x in raw.decode().splitlines() if x.strip()]
     general = [x.text for x in general_set("en", config.spec.training.general_articles)]
     texts = {"learned": learned, "general": general}

@@ -15,28 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable
 from urllib.parse import urlparse
+
+from .contracts import checkpoint_id, parse_round_dir, round_dir
+from .store_backends import Backend, CheckpointError, FileBackend, S3Backend
 
 MANIFEST = "manifest.json"
 PROMOTED = "promoted.json"
 MANIFEST_FORMAT = "selflearn.checkpoint/v1"
-_ROUND_DIR = re.compile(r"^r(\d{6,})$")
 _CHUNK = 8 * 1024 * 1024
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or fails verification."""
-
-
-def round_dir(round_: int) -> str:
-    return f"r{round_:06d}"
 
 
 def sha256_file(path: Path) -> str:
@@ -56,166 +49,13 @@ class CheckpointRef:
     @property
     def id(self) -> str:
         """Short identity shown to users and in headers: `<run>/r000007`."""
-        return f"{self.run}/{round_dir(self.round)}"
-
-
-class _Backend(Protocol):
-    def put_file(self, key: str, src: Path) -> None: ...
-    def put_bytes(self, key: str, data: bytes) -> None: ...
-    def get_bytes(self, key: str) -> bytes | None: ...
-    def get_file(self, key: str, dest: Path) -> None: ...
-    def list_dirs(self, prefix: str) -> list[str]: ...
-    def list_files(self, prefix: str) -> list[str]: ...
-    def delete_prefix(self, prefix: str) -> None: ...
-    def check(self) -> None: ...
-
-
-class FileBackend:
-    def __init__(self, root: Path):
-        self.root = root
-
-    def _p(self, key: str) -> Path:
-        return self.root / key
-
-    def put_file(self, key: str, src: Path) -> None:
-        dst = self._p(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        dst = self._p(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        # Write-then-rename so a reader never sees a torn manifest or pointer.
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-
-    def get_bytes(self, key: str) -> bytes | None:
-        try:
-            return self._p(key).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    def get_file(self, key: str, dest: Path) -> None:
-        src = self._p(key)
-        if not src.is_file():
-            raise CheckpointError(f"missing file {src}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
-
-    def list_dirs(self, prefix: str) -> list[str]:
-        d = self._p(prefix)
-        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
-
-    def list_files(self, prefix: str) -> list[str]:
-        d = self._p(prefix)
-        if not d.is_dir():
-            return []
-        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
-
-    def delete_prefix(self, prefix: str) -> None:
-        shutil.rmtree(self._p(prefix), ignore_errors=True)
-
-    def check(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"checkpoint directory {self.root} is not writable: {err}") from None
-        if not os.access(self.root, os.W_OK):
-            raise ValueError(f"checkpoint directory {self.root} is not writable")
-
-
-class S3Backend:
-    def __init__(self, bucket: str, prefix: str, *, endpoint: str | None = None, region: str | None = None,
-                 access_key: str | None = None, secret_key: str | None = None):
-        import boto3
-        from botocore.config import Config
-
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self.endpoint = endpoint
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("S3_ENDPOINT") or None,
-            region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60,
-                          s3={"addressing_style": "path"}),
-        )
-        from boto3.s3.transfer import TransferConfig
-
-        # Multipart above 64 MiB: a 500 MB weights file goes up in parallel parts and can resume.
-        self.transfer = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
-
-    def _k(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def put_file(self, key: str, src: Path) -> None:
-        self.client.upload_file(str(src), self.bucket, self._k(key), Config=self.transfer)
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
-
-    def get_bytes(self, key: str) -> bytes | None:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
-        except self.client.exceptions.NoSuchKey:
-            return None
-
-    def get_file(self, key: str, dest: Path) -> None:
-        from botocore.exceptions import ClientError
-
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.client.download_file(self.bucket, self._k(key), str(dest), Config=self.transfer)
-        except ClientError as err:
-            raise CheckpointError(f"cannot download s3://{self.bucket}/{self._k(key)}: {err}") from None
-
-    def _list(self, prefix: str, delimiter: bool) -> Iterable[dict]:
-        p = self._k(prefix).strip("/")
-        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": p + "/" if p else ""}  # "": the bucket's root
-        if delimiter:
-            kw["Delimiter"] = "/"
-        for page in self.client.get_paginator("list_objects_v2").paginate(**kw):
-            yield page
-
-    def list_dirs(self, prefix: str) -> list[str]:
-        out = []
-        for page in self._list(prefix, True):
-            for cp in page.get("CommonPrefixes", []):
-                out.append(cp["Prefix"].rstrip("/").rsplit("/", 1)[-1])
-        return sorted(out)
-
-    def list_files(self, prefix: str) -> list[str]:
-        base = self._k(prefix).strip("/")
-        base = base + "/" if base else ""
-        return sorted(o["Key"][len(base):] for page in self._list(prefix, False) for o in page.get("Contents", []))
-
-    def delete_prefix(self, prefix: str) -> None:
-        keys = [{"Key": o["Key"]} for page in self._list(prefix, False) for o in page.get("Contents", [])]
-        for i in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys[i:i + 1000]})
-
-    def check(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except (ClientError, BotoCoreError) as err:
-            where = f" at {self.endpoint}" if self.endpoint else ""
-            raise ValueError(f"bucket s3://{self.bucket}{where} is not reachable: {err}") from None
+        return checkpoint_id(self.run, self.round)
 
 
 class CheckpointStore:
     """Checkpoints of one or more runs under a `file://` or `s3://` prefix."""
 
-    def __init__(self, uri: str, backend: _Backend):
+    def __init__(self, uri: str, backend: Backend):
         self.uri = uri.rstrip("/")
         self.backend = backend
 
@@ -237,10 +77,10 @@ class CheckpointStore:
     def for_checkpoint(cls, checkpoint_uri: str, **kw: Any) -> tuple["CheckpointStore", str, int]:
         """Split `<store>/<run>/r000007` into its store, run and round."""
         base, run, rdir = checkpoint_uri.rstrip("/").rsplit("/", 2)
-        m = _ROUND_DIR.match(rdir)
-        if not m:
+        round_ = parse_round_dir(rdir)
+        if round_ is None:
             raise ValueError(f"{checkpoint_uri!r} is not a checkpoint uri (expected .../<run>/r000007)")
-        return cls.from_uri(base, **kw), run, int(m.group(1))
+        return cls.from_uri(base, **kw), run, round_
 
     # -- names ---------------------------------------------------------------------------------
     def ref(self, run: str, round_: int) -> CheckpointRef:
@@ -248,10 +88,10 @@ class CheckpointStore:
 
     def ref_for_uri(self, uri: str) -> CheckpointRef:
         base, run, rdir = uri.rstrip("/").rsplit("/", 2)
-        m = _ROUND_DIR.match(rdir)
-        if base != self.uri or not m:
+        round_ = parse_round_dir(rdir)
+        if base != self.uri or round_ is None:
             raise ValueError(f"{uri!r} is not a checkpoint of store {self.uri}")
-        return CheckpointRef(run, int(m.group(1)), uri.rstrip("/"))
+        return CheckpointRef(run, round_, uri.rstrip("/"))
 
     def check(self) -> None:
         """Raise ValueError with a one-line message if the store cannot be reached or written."""
@@ -284,9 +124,9 @@ class CheckpointStore:
         """Complete checkpoints of `run` (those with a manifest), oldest first."""
         out = []
         for d in self.backend.list_dirs(run):
-            m = _ROUND_DIR.match(d)
-            if m and self.backend.get_bytes(f"{run}/{d}/{MANIFEST}") is not None:
-                out.append(self.ref(run, int(m.group(1))))
+            round_ = parse_round_dir(d)
+            if round_ is not None and self.backend.get_bytes(f"{run}/{d}/{MANIFEST}") is not None:
+                out.append(self.ref(run, round_))
         return sorted(out, key=lambda r: r.round)
 
     def latest(self, run: str) -> CheckpointRef | None:
@@ -308,6 +148,10 @@ class CheckpointStore:
         if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), dict):
             raise CheckpointError(f"manifest of {ref.uri} is not a {MANIFEST_FORMAT} manifest")
         return doc
+
+    def checkpoint_file(self, ref: CheckpointRef, name: str) -> bytes | None:
+        """File `name` of checkpoint `ref` (articles.jsonl), unverified; None if it has none."""
+        return self.backend.get_bytes(f"{ref.run}/{round_dir(ref.round)}/{name}")
 
     def download(self, ref: CheckpointRef | str, dest: Path) -> dict[str, Any]:
         """Fetch a checkpoint into `dest`, verifying every file; returns its manifest.
@@ -382,10 +226,18 @@ class CheckpointStore:
                 deleted.append(r)
         newest = complete[-1].round if complete else -1
         for d in self.backend.list_dirs(run):
-            m = _ROUND_DIR.match(d)
-            if m and int(m.group(1)) < newest and self.backend.get_bytes(f"{run}/{d}/{MANIFEST}") is None:
+            round_ = parse_round_dir(d)
+            if round_ is not None and round_ < newest and self.backend.get_bytes(f"{run}/{d}/{MANIFEST}") is None:
                 self.backend.delete_prefix(f"{run}/{d}")
         return deleted
+
+    def remove_incomplete(self, run: str) -> list[str]:
+        """Delete `run`'s round directories without a manifest (interrupted uploads); their names."""
+        gone = [d for d in self.backend.list_dirs(run)
+                if d.startswith("r") and d[1:].isdigit() and self.backend.get_bytes(f"{run}/{d}/{MANIFEST}") is None]
+        for d in gone:
+            self.backend.delete_prefix(f"{run}/{d}")
+        return gone
 
     def delete_run(self, run: str) -> None:
         self.backend.delete_prefix(run)

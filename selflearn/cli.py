@@ -14,8 +14,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("selflearn.trainer.cli", "run one training round and publish its checkpoint"),
     "serve": ("selflearn.serving.cli", "serve the chat API and page on a local Ray"),
-    "local": ("selflearn.local_cli", "the whole learning loop on one machine"),
-    "status": ("selflearn.status_cli", "print a local run's rounds as a table"),
+    "local": ("selflearn.local.cli", "the whole learning loop on one machine"),
+    "status": ("selflearn.local.status", "print a local run's rounds as a table"),
     "operator": ("selflearn.operator.cli", "run the Kubernetes operator for LearnerRun"),
 }
 

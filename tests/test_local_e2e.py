@@ -48,8 +48,9 @@ def served(run_dir):
     """A driver and a live Serve app on the base model; shut down (Serve and Ray) afterwards."""
     import ray
 
-    from selflearn.local import LocalDriver, start_serving, stop_serving
-    from selflearn.serving import testing
+    from selflearn.local.driver import LocalDriver
+    from selflearn.local.serving import start_serving, stop_serving
+    from tests.support import serving as testing
 
     # The driver owns Ray and Serve (port, namespace): retire the serving tests' shared instance.
     testing.stop_shared()
@@ -95,7 +96,7 @@ def test_two_rounds_promote_and_serve(served):
 
 
 def test_poisoned_round_is_rejected_and_serving_stays(served, run_dir, tmp_path):
-    from selflearn.local import LocalDriver
+    from selflearn.local.driver import LocalDriver
 
     driver, server = served
     d, store = run_dir
@@ -120,7 +121,7 @@ def test_poisoned_round_is_rejected_and_serving_stays(served, run_dir, tmp_path)
 
 
 def test_restart_resumes_without_repeating_articles(run_dir):
-    from selflearn.local import LocalDriver
+    from selflearn.local.driver import LocalDriver
 
     d, store = run_dir
     driver = LocalDriver(config(store), d)  # a fresh process's view: only the files on disk

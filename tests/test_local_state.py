@@ -8,10 +8,12 @@ import pytest
 
 from selflearn.checkpoints import CheckpointStore
 from selflearn.cli import build_parser
-from selflearn.dashboard import format_table
-from selflearn.local import (apply_result, checkpoint_id, load_state, new_state, next_round, reconcile,
-                             remove_incomplete, save_state, startup_serving)
-from selflearn.local_cli import build_config
+from selflearn.local.cli import build_config
+from selflearn.local.recovery import reconcile, remove_incomplete
+from selflearn.local.state import apply_result, new_state, next_round, startup_serving
+from selflearn.local.state import short_id as checkpoint_id
+from selflearn.local.state_file import load_state, save_state
+from selflearn.local.status import format_table
 from selflearn.spec import PromotionSpec, RunConfig, parse_spec
 
 

@@ -1,31 +1,45 @@
-"""Dashboard data: the local run's state file, summarised for the terminal (`selflearn status`).
+"""`selflearn status`: a local run's rounds as a table (what the browser dashboard shows).
 
-The browser dashboard (`selflearn/web/index.html`, served at /dashboard) reads the same state
-file from GET /api/rounds and renders it with DOM text nodes only (no innerHTML), so an
-article title can never inject markup.
+The browser dashboard (`selflearn/local/web/index.html`, served at /dashboard) reads the same state
+file from GET /api/rounds and renders it with DOM text nodes only (no innerHTML), so an article
+title can never inject markup; here every cell goes through `_clean`, so none can drive the terminal.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 
-def read_state(data_dir: str | Path) -> dict[str, Any] | None:
-    from .local import STATE_FILE
-
-    path = Path(data_dir) / STATE_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"state file {path} is not valid JSON: {err}") from None
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=".selflearn", help="the data dir of `selflearn local` (default ./.selflearn)")
+    p.add_argument("--json", action="store_true", help="print the raw state document")
+    p.add_argument("--articles", action="store_true", help="also list each round's articles with their source")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
 
 
+def run(args: argparse.Namespace) -> int:
+    from .state_file import read_state  # it loads the spec (pydantic): not on `selflearn --help`
+
+    while True:
+        state = read_state(args.data_dir)
+        if state is None:
+            raise ValueError(f"no local run in {args.data_dir} (start one with `selflearn local`)")
+        if args.json:
+            print(json.dumps(state, indent=1, sort_keys=True))
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(format_table(state, articles=args.articles), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+# -- the table ----------------------------------------------------------------------------------
 def _num(x: Any, fmt: str = "{:.2f}") -> str:
     if isinstance(x, (int, float)) and math.isfinite(x):
         return fmt.format(x)

@@ -8,13 +8,13 @@ niced in a subprocess, so the chat stays responsive on 2 cores).
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-log = logging.getLogger("selflearn.local")
+if TYPE_CHECKING:
+    from ..spec import RunConfig
 
 # CPU-sized rounds: a minute or two each on 2 cores with the bundled 135M model.
 # Chat-format rounds (the default `mixed`): 2 question/answer pairs per article (what is it, and the
@@ -71,9 +71,9 @@ def parse_source(text: str, articles: int) -> dict[str, Any]:
     raise ValueError(f"--source {text!r}: expected snapshot[:lang], wikipedia[:lang] or files:PATH")
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace) -> RunConfig:
     """The local run's RunConfig from --config (if any) and the flags; ValueError when bad."""
-    from .spec import RunConfig, load_run_config
+    from ..spec import RunConfig, load_run_config
 
     if args.config:
         base = load_run_config(args.config)
@@ -119,7 +119,7 @@ def build_config(args: argparse.Namespace):
         promotion["pinnedCheckpoint"] = args.pin
     from pydantic import ValidationError
 
-    from .spec import format_validation_error
+    from ..spec import format_validation_error
 
     try:
         return RunConfig.model_validate(doc)
@@ -128,7 +128,8 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .local import LocalDriver, start_serving, stop_serving
+    from .driver import LocalDriver
+    from .serving import start_serving, stop_serving
 
     config = build_config(args)
     data_dir = Path(args.data_dir).expanduser().resolve()

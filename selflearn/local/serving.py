@@ -1,0 +1,83 @@
+"""Local mode's Ray Serve glue: start the chat app (with the dashboard beside it) on a local Ray,
+point it at another checkpoint, shut it and that Ray down.
+
+Ray is imported only inside these functions: `selflearn local --no-serve` and the trainer never
+load it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..contracts import base_id
+from ..feedback import feedback_uri
+from ..serving.deployment import run_user_config
+from .state import short_id
+
+if TYPE_CHECKING:
+    from ..serving.app import LocalServe
+    from ..spec import RunConfig
+
+
+def web_dir() -> Path:
+    """The browser dashboard's directory (index.html), served at /dashboard."""
+    return Path(__file__).resolve().parent / "web"
+
+
+def serve_user_config(config: RunConfig, checkpoint: str | None) -> dict[str, Any]:
+    """The chat deployment's user_config serving `checkpoint` (None: the base model) for run
+    `config`, built as the operator builds it for a RayService."""
+    return run_user_config(config.spec, checkpoint)
+
+
+def serving_id(config: RunConfig, checkpoint: str | None) -> str:
+    """The id the replica reports once it serves `checkpoint`: its short id, or `base:<model>`."""
+    return short_id(checkpoint) or base_id(config.spec.base_model)
+
+
+def swap_serving(server: LocalServe, config: RunConfig, checkpoint: str | None, *, timeout: float) -> None:
+    """Reconfigure the running app onto `checkpoint` and wait until the replica answers with it."""
+    server.update_checkpoint(serve_user_config(config, checkpoint))
+    server.wait_for_checkpoint(serving_id(config, checkpoint), timeout=timeout)
+
+
+class ServedDriver(Protocol):
+    """What `start_serving` needs of the driver (a `LocalDriver`)."""
+
+    config: RunConfig
+    state: dict[str, Any]
+    state_path: Path
+    server: Any
+
+    def save(self) -> None: ...
+
+
+def start_serving(driver: ServedDriver, *, port: int, host: str = "127.0.0.1", serving: str | None = None,
+                  app_args: dict[str, Any] | None = None) -> LocalServe:
+    """Start Ray Serve with the chat app on `serving` (None: the base model), the dashboard beside it."""
+    from ..serving.app import start_local
+
+    args = {"state_file": str(driver.state_path), "dashboard_dir": str(web_dir()), **(app_args or {})}
+    fb = driver.config.spec.feedback
+    if fb is not None:
+        # /feedback writes where the run's feedback source reads.
+        args.setdefault("feedback_uri", fb.uri or feedback_uri(driver.config.spec.storage.uri, driver.config.name))
+    server = start_local(port=port, host=host, user_config=serve_user_config(driver.config, serving), args=args)
+    driver.server = server
+    st = server.status()
+    driver.state["serving"], driver.state["serving_id"] = serving, short_id(serving) or st.get("checkpoint")
+    driver.save()
+    return server
+
+
+def stop_serving(server: LocalServe | None) -> None:
+    """Shut down Serve and the local Ray this process started (no orphan raylets)."""
+    import ray
+
+    try:
+        if server is not None:
+            server.shutdown()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
