@@ -19,9 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from selflearn.operator.handlers import OperatorConfig
-from selflearn.operator.kube import Connection, Kube
-from selflearn.operator.testing import operator_task
+# The repository root, for tests.support (the emulator and the in-process operator live with the tests).
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from selflearn.operator.handlers import OperatorConfig  # noqa: E402
+from selflearn.operator.kube import Connection, Kube  # noqa: E402
+from tests.support.operator import operator_task  # noqa: E402
 
 TARGET_SECONDS = 10.0
 SPEC = {
@@ -81,8 +84,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    server = subprocess.Popen([sys.executable, "-m", "selflearn.operator.testing"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "tests.support.operator"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         url = server.stdout.readline().strip()
         result = asyncio.run(scenario(url, args.runs))

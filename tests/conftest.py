@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("SELFLEARN_COMPILE", "off")
 
 REPO = Path(__file__).resolve().parents[1]
+# Test support is imported as `tests.support.*`, as bench/ and tests/e2e_docker/ import it, also when
+# pytest runs as `.venv/bin/pytest` (which, unlike `python -m pytest`, leaves the repository root off sys.path).
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
 
 
 def free_port() -> int:
@@ -80,13 +85,13 @@ def tiny_opt_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def srv(tiny_opt_dir, tmp_path_factory):
-    """The process's one shared Serve instance (selflearn.serving.testing), started on first use.
+    """The process's one shared Serve instance (tests/support/serving.py), started on first use.
 
     Module-scoped on purpose: a module that needs Serve to itself (the one-machine driver's tests)
     calls `testing.stop_shared()` first, and the next module that asks for `srv` starts a fresh one
     instead of being handed a server whose Ray is gone.
     """
-    from selflearn.serving import testing
+    from tests.support import serving as testing
 
     return testing.shared_server(tiny_model_dir=tiny_opt_dir, workdir=tmp_path_factory.mktemp("serving"),
                                  port=free_port())
@@ -95,6 +100,6 @@ def srv(tiny_opt_dir, tmp_path_factory):
 @pytest.fixture(scope="session", autouse=True)
 def _stop_shared_serve_at_exit():
     yield
-    from selflearn.serving import testing
+    from tests.support import serving as testing
 
     testing.stop_shared()

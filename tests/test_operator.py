@@ -17,7 +17,7 @@ import yaml
 
 from selflearn.operator.handlers import OperatorConfig
 from selflearn.operator.scheduling import parse_time
-from selflearn.operator.testing import Cluster, EmulatorThread, eventually, operator_task, published
+from tests.support.operator import Cluster, EmulatorThread, eventually, operator_task, published
 from selflearn.spec import RunConfig
 
 FAST = OperatorConfig(tick_seconds=0.1, retry_base_seconds=0.6, retry_max_seconds=5.0)

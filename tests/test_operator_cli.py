@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from selflearn.operator.testing import Cluster, EmulatorThread, eventually
+from tests.support.operator import Cluster, EmulatorThread, eventually
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,7 @@ import yaml
 
 from selflearn.operator.kube import Connection, Kube
 from selflearn.operator.resources import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, served_checkpoint
-from selflearn.operator.testing import EmulatorThread
+from tests.support.operator import EmulatorThread
 
 from .job_runner import JobRunner
 from .rayservice_applier import RayServiceApplier

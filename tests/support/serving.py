@@ -1,0 +1,113 @@
+"""Test support: one real local Serve instance per test process, shared by every test module.
+
+Imported as `tests.support.serving` (from the repository root, which tests/conftest.py puts on
+sys.path): the Serve replicas import this module's `extra_routes` hook by that name, and Ray puts
+the driver's working directory on its workers' sys.path, so run the tests from the repository root.
+
+Starting Ray, Serve and the model takes tens of seconds on a small machine, so the serving tests
+share one instance with two applications:
+
+* `selflearn` at `/`: the embedded model, open (no key), feedback to a temporary file store, CORS for
+  one origin. The hot-swap tests reconfigure this one.
+* `secure` at `/secure`: a tiny random OPT (the no-chat-template path), API key, a small rate
+  limit keyed on X-Forwarded-For, a blocklist, and a one-slot engine with a one-deep queue.
+
+A session fixture in each module calls `shared_server(...)`; the first call starts it, later ones
+reuse it, and `stop_shared()` (idempotent) tears it down.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+API_KEY = "test-key-0123456789"
+SECURE_PREFIX = "/secure"
+
+
+@dataclass
+class SharedServer:
+    server: object  # app.LocalServe
+    url: str
+    secure_url: str
+    workdir: Path
+    store_uri: str
+
+    @property
+    def feedback_dir(self) -> Path:
+        return self.workdir / "feedback"
+
+
+_shared: SharedServer | None = None
+
+
+def shared_server(*, tiny_model_dir: str, workdir: Path, port: int) -> SharedServer:
+    global _shared
+    if _shared is not None:
+        return _shared
+    import ray
+
+    from selflearn.serving.app import application, start_local
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="selflearn-tests")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "dashboard").mkdir(exist_ok=True)
+    (workdir / "dashboard" / "index.html").write_text("<!doctype html><title>dashboard</title>")
+    (workdir / "state.json").write_text(json.dumps({"run": "local", "rounds": [{"round": 1}]}))
+    main_args = {"feedback_uri": f"file://{workdir / 'feedback'}", "cors_origins": ["http://allowed.example"],
+                 "max_message_chars": 2000, "history_turns": 4, "max_body_bytes": 65536,
+                 "dashboard_dir": str(workdir / "dashboard"), "state_file": str(workdir / "state.json"),
+                 "extra_routes": "tests.support.serving:extra_routes",
+                 "engine": {"max_new_tokens_cap": 256, "torch_threads": 2}}
+    secure_args = {"api_key": API_KEY, "rate_limit_per_minute": 30, "rate_limit_burst": 3,
+                   "trust_forwarded_for": True, "blocklist": ["forbiddenword"], "max_inflight": 3,
+                   "feedback_uri": f"file://{workdir / 'feedback-secure'}",
+                   "engine": {"max_batch_size": 1, "max_queue": 1, "max_new_tokens_cap": 200, "torch_threads": 1}}
+    secure = application(app_name="secure", route_prefix=SECURE_PREFIX, user_config={"base_model": tiny_model_dir},
+                         args=secure_args)
+    server = start_local(port=port, user_config={}, args=main_args, extra_applications=[secure])
+    url = f"http://127.0.0.1:{port}"
+    _shared = SharedServer(server=server, url=url, secure_url=url + SECURE_PREFIX, workdir=workdir,
+                         store_uri=f"file://{workdir / 'store'}")
+    return _shared
+
+
+def extra_routes(app, settings) -> None:
+    """An `extra_routes` hook as the one-machine driver would write one."""
+
+    @app.get("/extra")
+    async def extra():
+        return {"ok": True, "state_file": settings.state_file}
+
+
+def stop_shared() -> None:
+    global _shared
+    if _shared is None:
+        return
+    import ray
+
+    from selflearn.serving.app import shutdown
+
+    _shared = None
+    try:
+        shutdown()
+    finally:
+        ray.shutdown()
+
+
+def parse_sse(text: str) -> list[tuple[str, object]]:
+    """[(event, data)] from a text/event-stream body; event is "message" when unnamed."""
+    out = []
+    for block in text.split("\n\n"):
+        event, data = "message", []
+        for line in block.splitlines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data.append(line[6:])
+        if data:
+            raw = "\n".join(data)
+            out.append((event, raw if raw == "[DONE]" else json.loads(raw)))
+    return out
