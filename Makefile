@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: run test venv bench lint clean images e2e-docker e2e-kind e2e-kind-dry-run
+.PHONY: run test venv bench lint clean manifests images e2e-docker e2e-kind e2e-kind-dry-run
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The CRD (crds/, the chart's copy) and the chart's RBAC rules, generated from spec.py and
+# operator/rbac.py; tests fail while a generated file is stale.
+manifests: venv
+	$(BIN)/python hack/generate-manifests.py
 
 # Both images from the project's Dockerfiles. LOCAL_BASE=1: stand-in bases made here, for machines
 # with a Docker engine but no registry (see hack/images.sh).

@@ -8,7 +8,6 @@ hub id or a local directory and goes through transformers as usual.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import logging
 import math
@@ -18,6 +17,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from filelock import FileLock
 
 # The bundled model's id. It lives here, not in spec.py, so this module imports nothing of the
 # package: the images dequantise the model with this file alone, in a layer before the code (a code
@@ -44,13 +45,10 @@ def _package_dir(name: str) -> Path | None:
 
 @contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (processes sharing the cache write the model once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with FileLock(path):
+        yield
 
 
 # GGUF tensor names of a llama block -> the HF names transformers gives them.

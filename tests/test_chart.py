@@ -4,7 +4,8 @@
 - every rendered manifest (CRDs included) validates with kubernetes-validate --strict against the
   newest Kubernetes it ships (1.30 or later); custom resources validate against their own CRDs;
 - the chart's CRD is byte-identical to crds/learnerrun.yaml;
-- the ClusterRole grants exactly selflearn.operator.rbac.RULES;
+- the chart's RBAC rules file is the one generated from selflearn/operator/rbac.py, and the
+  ClusterRole rendered from it grants exactly selflearn.operator.rbac.RULES;
 - the operator Deployment's command line is one `selflearn operator` accepts, peered for replicas > 1;
 - bad values fail `helm template`/`helm install` with the schema's message.
 
@@ -80,6 +81,13 @@ def test_chart_ships_kopf_peering_crds():
 def _canonical(rules: list[dict]) -> list[tuple]:
     return sorted((tuple(r.get("apiGroups", [])), tuple(sorted(r.get("resources", []))), tuple(sorted(r["verbs"])))
                   for r in rules)
+
+
+def test_chart_rbac_rules_are_generated_from_the_operator_list():
+    from selflearn.operator import rbac
+
+    committed = (REPO / rbac.CHART_FILE).read_text()
+    assert committed == rbac.render(), f"{rbac.CHART_FILE} is stale: run python hack/generate-manifests.py"
 
 
 @needs_helm

@@ -8,6 +8,12 @@ anonymous or generic agents get throttled or blocked. Every source that reaches 
 - retries on 429 (waiting at least Retry-After), 5xx, connection errors and timeouts, with
   exponential backoff and jitter, at most `max_attempts` tries per request;
 - other 4xx answers fail at once: retrying a 404 or 403 helps nobody.
+
+urllib3's `Retry` keeps each request's budget: which statuses it retries and when the attempts
+run out. The loop around it is ours, not an `HTTPAdapter(max_retries=...)`, because between
+attempts it has to do what `Retry.sleep()` does not: keep to the rate limit (retries count against
+it too), sleep through the injectable `sleep` (so `Stats.waited_s` is what was really waited),
+read and size-check the body inside the retry, and stop at once on a Retry-After that is too long.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import requests
+from urllib3.exceptions import MaxRetryError
+from urllib3.util.retry import Retry
 
 from .. import __version__ as _VERSION
 
@@ -63,6 +71,14 @@ class RetryPolicy:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.backoff_base < 0 or self.backoff_max < 0:
             raise ValueError("backoff_base and backoff_max must be >= 0")
+
+    def budget(self) -> Retry:
+        """A fresh urllib3 `Retry` for one request: `max_attempts - 1` retries, on RETRYABLE_STATUS.
+
+        Retry-After is honoured by `PoliteSession.get`, not by urllib3 (which would clamp a long
+        one to its `retry_after_max` and wait, where here it is an error)."""
+        return Retry(total=self.max_attempts - 1, status_forcelist=RETRYABLE_STATUS,
+                     allowed_methods=frozenset({"GET"}), respect_retry_after_header=False, raise_on_status=False)
 
 
 @dataclass
@@ -108,7 +124,11 @@ def decode_bytes(data: bytes, charset: str | None = None) -> str:
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After is either delta-seconds or an HTTP date."""
+    """Retry-After is either delta-seconds or an HTTP date.
+
+    Not urllib3's `Retry.parse_retry_after`: that one reads the clock itself (no `now`), refuses
+    fractional seconds, and raises on an unreadable header, where None here lets the caller fall
+    back to its own backoff."""
     if not value:
         return None
     value = value.strip()
@@ -189,7 +209,9 @@ class PoliteSession:
 
     def backoff(self, retry_index: int) -> float:
         # Exponential with "equal jitter": half fixed, half random, so clients that failed
-        # together do not come back together.
+        # together do not come back together. Not urllib3's `Retry.get_backoff_time()`, which is 0
+        # before the first retry (the Wikipedia client backs off with `backoff(0)` on an API
+        # error) and adds its jitter from the global `random`, not from the session's `rng`.
         cap = min(self.retry.backoff_max, self.retry.backoff_base * (2 ** retry_index))
         return cap / 2 + self._rng.uniform(0, cap / 2)
 
@@ -200,39 +222,21 @@ class PoliteSession:
         """GET with pacing and retries. Returns 2xx/3xx answers (304 included) with the body read;
         raises SourceHTTPError on a non-retryable status or when attempts run out."""
         self.stats.requests += 1
-        last = "no attempt"
+        budget = self.retry.budget()
         attempts = self.retry.max_attempts
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             self._pace()
             self.stats.attempts += 1
-            delay: float | None = None
-            try:
-                fetched = self._attempt(url, params, headers, attempt)
-            except requests.Timeout as err:
-                last = f"timed out ({type(err).__name__})"
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
-                last = f"connection error ({type(err).__name__}: {err})"
-            else:
-                status = fetched.status
-                if status < 400:
-                    return fetched
-                if status not in RETRYABLE_STATUS:
-                    raise SourceHTTPError(f"GET {url}: HTTP {status} (not retried){_snippet(fetched)}",
-                                          url=url, status=status, attempts=attempt)
-                last = f"HTTP {status}"
-                retry_after = parse_retry_after(fetched.headers.get("Retry-After"))
-                if status == 429:
-                    self.stats.throttled += 1
-                if retry_after is not None:
-                    if retry_after > self.retry.max_retry_after:
-                        raise SourceHTTPError(
-                            f"GET {url}: HTTP {status} asks to retry after {retry_after:.0f}s, more than "
-                            f"the allowed {self.retry.max_retry_after:.0f}s; giving up",
-                            url=url, status=status, attempts=attempt)
-                    # Honour the server's wish, with a little jitter on top.
-                    delay = retry_after + self._rng.uniform(0, min(1.0, 0.1 * retry_after))
+            outcome = self._try(url, params, headers, attempt, budget)
+            if isinstance(outcome, Fetched):
+                return outcome
+            last, delay = outcome
             self.stats.errors.append(f"{url}: {last}")
-            if attempt == attempts:
+            try:
+                budget = budget.increment(method="GET", url=url)
+            except MaxRetryError:
                 break
             delay = self.backoff(attempt - 1) if delay is None else delay
             self.stats.retries += 1
@@ -241,6 +245,35 @@ class PoliteSession:
         status = int(last.split()[1]) if last.startswith("HTTP ") else None
         raise SourceHTTPError(f"GET {url}: gave up after {attempts} attempts (last: {last})",
                               url=url, status=status, attempts=attempts)
+
+    def _try(self, url: str, params: Mapping[str, Any] | None, headers: Mapping[str, str] | None,
+             attempt: int, budget: Retry) -> Fetched | tuple[str, float | None]:
+        """One attempt: the answer to return, or why it failed and how long the server asked to
+        wait (None: no Retry-After, back off). Raises when retrying cannot help."""
+        try:
+            fetched = self._attempt(url, params, headers, attempt)
+        except requests.Timeout as err:
+            return f"timed out ({type(err).__name__})", None
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as err:
+            return f"connection error ({type(err).__name__}: {err})", None
+        status = fetched.status
+        if status < 400:
+            return fetched
+        if not budget.is_retry("GET", status):
+            raise SourceHTTPError(f"GET {url}: HTTP {status} (not retried){_snippet(fetched)}",
+                                  url=url, status=status, attempts=attempt)
+        if status == 429:
+            self.stats.throttled += 1
+        retry_after = parse_retry_after(fetched.headers.get("Retry-After"))
+        if retry_after is None:
+            return f"HTTP {status}", None
+        if retry_after > self.retry.max_retry_after:
+            raise SourceHTTPError(
+                f"GET {url}: HTTP {status} asks to retry after {retry_after:.0f}s, more than "
+                f"the allowed {self.retry.max_retry_after:.0f}s; giving up",
+                url=url, status=status, attempts=attempt)
+        # Honour the server's wish, with a little jitter on top.
+        return f"HTTP {status}", retry_after + self._rng.uniform(0, min(1.0, 0.1 * retry_after))
 
     def _attempt(self, url: str, params: Mapping[str, Any] | None, headers: Mapping[str, str] | None,
                  attempt: int) -> Fetched:

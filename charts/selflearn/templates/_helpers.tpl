@@ -60,61 +60,29 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{/*
-The operator's permissions: exactly selflearn.operator.rbac.RULES (tests/test_chart.py compares the
-rendered ClusterRole with that list), with Secrets behind rbac.readSecrets.
+The operator's permissions: exactly selflearn.operator.rbac.RULES, read from files/rbac-rules.yaml, which
+is generated from that list (`python hack/generate-manifests.py`; tests/test_chart.py fails when it is stale).
+A grant with `onlyWith` is left out when that value under `rbac:` is false (Secrets: rbac.readSecrets).
 */}}
 {{- define "selflearn.operatorRules" -}}
-# Its own resource (Kopf watches it and patches annotations and finalizers) and its status.
-- apiGroups: ["selflearn.dev"]
-  resources: ["learnerruns"]
-  verbs: ["list", "watch", "patch"]
-- apiGroups: ["selflearn.dev"]
-  resources: ["learnerruns/status"]
-  verbs: ["patch"]
-# One trainer Job per round: indexed, created, read back on a name clash, old ones pruned.
-- apiGroups: ["batch"]
-  resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "delete"]
-# A finished Job's pods carry the trainer's termination message.
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["list"]
-# The run config ConfigMap, owned by the LearnerRun.
-- apiGroups: [""]
-  resources: ["configmaps"]
-  verbs: ["create", "patch"]
-# Serving: the RayService (KubeRay) and the Ingress.
-- apiGroups: ["ray.io"]
-  resources: ["rayservices"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
-- apiGroups: ["networking.k8s.io"]
-  resources: ["ingresses"]
-  verbs: ["create", "patch", "delete"]
-{{- if .Values.rbac.readSecrets }}
-# The run's storage Secret: checked before each round (status names it when missing).
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
+{{- $rules := list }}
+{{- range (.Files.Get "files/rbac-rules.yaml" | fromYaml).grants }}
+{{- if or (not .onlyWith) (index $.Values.rbac .onlyWith) }}
+{{- $rules = append $rules .rule }}
 {{- end }}
-# Events on LearnerRuns.
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create"]
-# Kopf: discovering resources, namespaces, and peering between replicas.
-{{ include "selflearn.clusterRules" . }}
-- apiGroups: ["kopf.dev"]
-  resources: ["clusterkopfpeerings", "kopfpeerings"]
-  verbs: ["list", "watch", "patch"]
+{{- end }}
+{{- toYaml $rules }}
 {{- end }}
 
 {{/* Cluster-scoped reads Kopf needs in every mode (bound cluster-wide even when watching some namespaces). */}}
 {{- define "selflearn.clusterRules" -}}
-- apiGroups: ["apiextensions.k8s.io"]
-  resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
-- apiGroups: [""]
-  resources: ["namespaces"]
-  verbs: ["list", "watch"]
+{{- $rules := list }}
+{{- range (.Files.Get "files/rbac-rules.yaml" | fromYaml).grants }}
+{{- if .clusterWide }}
+{{- $rules = append $rules .rule }}
+{{- end }}
+{{- end }}
+{{- toYaml $rules }}
 {{- end }}
 
 {{/*
