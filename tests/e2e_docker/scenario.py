@@ -176,6 +176,11 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         spec = doc["spec"]
         spec["storage"]["endpoint"] = endpoint
         spec["schedule"] = {"intervalSeconds": 0, "maxRounds": 2}
+        # The scenario needs both rounds promoted (then a rollback and a corrupt checkpoint). Two
+        # tiny rounds' knowledge scores move by a few hundredths with a CPU's float summation
+        # order alone, so the knowledge check gets that much slack here; the gate's own checks
+        # are tested on real rounds in tests/test_gate_rounds.py.
+        spec.setdefault("promotion", {})["maxKnowledgeDrop"] = 0.05
         spec["trainer"]["image"], spec["serving"]["image"] = args.trainer_image, args.serve_image
         run = doc["metadata"]["name"]
         if spec["trainer"].get("cacheVolumeClaim"):  # the trainer's cache volume, as the example's header says
