@@ -168,10 +168,6 @@ def base_id(model: str) -> str:
     return f"{BASE_PREFIX}{model}"
 
 
-def is_base_id(checkpoint: str | None) -> bool:
-    return bool(checkpoint) and checkpoint.startswith(BASE_PREFIX)
-
-
 # -- engine events ---------------------------------------------------------------------------------
 
 
@@ -208,9 +204,4 @@ class Error:
 
 EngineEvent = Union[Start, Token, Done, Error]
 END_EVENTS = (Done, Error)
-
-
-def event_json(ev: EngineEvent) -> dict[str, Any]:
-    """An event as a plain document, with its `type` (logs, tests, the benchmark's traces)."""
-    return {"type": type(ev).__name__.lower(), **asdict(ev)}
 
