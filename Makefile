@@ -1,5 +1,5 @@
-# The README's two commands live here: `make run` and `make test`.
-# Each creates .venv on first use and installs everything it needs.
+# The README's commands live here: `make run`, `make test` (the fast tier) and `make test-all` (every
+# tier, what CI runs). Each creates .venv on first use and installs everything it needs.
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: run test venv bench lint clean manifests images e2e-docker e2e-kind e2e-kind-dry-run
+.PHONY: run test test-full test-all venv bench lint clean manifests images e2e-docker e2e-kind e2e-kind-dry-run
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,10 +24,16 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/selflearn local $(ARGS)
 
+# Tiers (docs/testing.md, hack/test.sh): fast (< 15 min), full (pytest -m full), all (fast, full and
+# the containers end to end, < 60 min). PYTEST_ARGS passes flags to pytest.
 test: venv
-	bash hack/test-deps.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	bash hack/e2e-docker.sh
+	VENV=$(VENV) bash hack/test.sh fast
+
+test-full: venv
+	VENV=$(VENV) bash hack/test.sh full
+
+test-all: venv
+	VENV=$(VENV) bash hack/test.sh all
 
 bench: venv
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done

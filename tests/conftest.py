@@ -1,4 +1,11 @@
-"""Shared fixtures: the real embedded model, a real S3 API server on 127.0.0.1, a tiny OPT."""
+"""Shared fixtures: the real embedded model, a real S3 API server on 127.0.0.1, tiny random models
+(OPT, and a Llama with the embedded model's tokenizer and chat template), and one real learning
+round on the embedded model shared by every test that only reads its result.
+
+Tiers (docs/testing.md): `make test` runs `pytest -m "not full"`; `make test-all` adds the tests
+marked `full` (multi-round learning and the gate's bad rounds on the real model, feedback rounds)
+and the container end to end.
+"""
 
 from __future__ import annotations
 
@@ -81,6 +88,39 @@ def tiny_opt_dir(tmp_path_factory) -> str:
     tok.save_pretrained(d)
     (d / "chat_template.jinja").unlink(missing_ok=True)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, embedded_model_dir) -> str:
+    """A tiny randomly initialised Llama with the embedded model's tokenizer and chat template: the
+    same architecture and prompt path as the real model, for tests of logic (the driver, manifests,
+    promotion wiring) where what an answer says does not matter. A round on it takes seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from selflearn import basemodel
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                      rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    basemodel.load_tokenizer(embedded_model_dir).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def learned_round(tmp_path_factory, s3_server, embedded_model_dir):
+    """One real round on the embedded model, published to S3 (moto), with the chat evaluation the
+    gate reads: built once, read by every test that asks what a normal round learned and published
+    (tests/support/rounds.py)."""
+    from tests.support import rounds
+
+    endpoint, make_bucket = s3_server
+    make_bucket("learned")
+    return rounds.learn_one_round(uri="s3://learned/runs", endpoint=endpoint,
+                                  workdir=tmp_path_factory.mktemp("learned-round"))
 
 
 @pytest.fixture(scope="module")

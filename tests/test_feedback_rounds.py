@@ -21,7 +21,6 @@ from selflearn.sources import feedback as feedback_source
 from selflearn.spec import RunConfig, parse_spec
 from selflearn.trainer.round import run_round
 
-pytestmark = pytest.mark.slow
 FACTS = json.loads((Path(__file__).parent / "data" / "made_up_facts.json").read_text())["facts"][:10]
 
 
@@ -35,6 +34,7 @@ def http(srv):
         yield client
 
 
+@pytest.mark.full
 def test_corrections_from_the_chat_are_learned_by_the_next_round(http, srv, tmp_path):
     from selflearn import basemodel
     from selflearn.trainer import probe

@@ -1,7 +1,10 @@
 """The gate sees chat skill and knowledge: real rounds on the embedded model, judged by the one
 promotion policy. A normal round is promoted; a round with an absurd learning rate, a poisoned
 round (answers that contradict the articles) and a round of chat-free garbage are each rejected,
-with the check that decided in the reason."""
+with the check that decided in the reason.
+
+The normal round is the suite's shared one (conftest's `learned_round`, fast tier); the three
+bad rounds are the full tier's (`make test-all`)."""
 
 from __future__ import annotations
 
@@ -10,14 +13,9 @@ import random
 import pytest
 
 from selflearn.policy import decide
-from selflearn.spec import RunConfig, parse_spec
 from selflearn.trainer.qa import QAPair, make_pairs
-from selflearn.trainer.round import run_round
 
-pytestmark = pytest.mark.slow
-
-TINY_CHAT = {"maxLength": 128, "batchSize": 4, "gradientAccumulation": 1, "learningRate": 5.0e-5, "epochs": 2,
-             "evalArticles": 2, "generalArticles": 2, "qaPairsPerArticle": 3, "chatReplay": 8}
+from tests.support.rounds import gate_config, judge
 
 _DONOR_ANSWERS = [
     "It is a small village in the mountains of Peru, known for its wool market.",
@@ -33,27 +31,8 @@ def poisoned(article):
     return [QAPair(p.question, rng.choice(_DONOR_ANSWERS), p.kind, p.title) for p in make_pairs(article, per_article=3)]
 
 
-def cfg(tmp_path, *, sources=None, promotion=None, **training) -> RunConfig:
-    return RunConfig(name="gate", spec=parse_spec({
-        "sources": sources or [{"snapshot": {"language": "en", "articlesPerRound": 6}}],
-        "training": {**TINY_CHAT, **training}, "promotion": promotion or {},
-        "storage": {"uri": f"file://{tmp_path}/store"}}))
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    # One store for all rounds: the base model's answers on the fixed probe sets are measured once.
-    return tmp_path_factory.mktemp("gate")
-
-
-def judge(config: RunConfig, round_: int):
-    res = run_round(config, round_, parent="base", progress=False)
-    assert res.status == "published", res.reason
-    return res, decide(config.spec.promotion, res.metrics, candidate=res.checkpoint)
-
-
-def test_a_normal_round_is_promoted_and_knows_more(store_dir):
-    res, d = judge(cfg(store_dir), 1)
+def test_a_normal_round_is_promoted_and_knows_more(learned_round):
+    res, d = learned_round.result, learned_round.decision
     k, chat = res.metrics["knowledge"], res.metrics["chat"]
     assert d.promote, d.reason
     assert k["learned"]["after"] > k["learned"]["before"], "it answers better about what it learned"
@@ -61,17 +40,21 @@ def test_a_normal_round_is_promoted_and_knows_more(store_dir):
     assert "chat retention" in d.reason and "knowledge" in d.reason and d.reason.startswith("promoted")
 
 
-def test_raw_text_at_an_absurd_learning_rate_breaks_the_chat_and_is_rejected(store_dir):
-    res, d = judge(cfg(store_dir, format="text", learningRate=3.0e-3), 2)
+# The bad rounds train in the shared round's store and run, from the base model: the base model's
+# answers on the fixed probe sets are measured once for all of them.
+@pytest.mark.full
+def test_raw_text_at_an_absurd_learning_rate_breaks_the_chat_and_is_rejected(learned_round):
+    res, d = judge(gate_config(learned_round.storage, format="text", learningRate=3.0e-3), learned_round.next_round())
     assert not d.promote and d.serve is None
     assert d.reason.startswith("rejected: chat"), d.reason
     assert res.metrics["chat"]["retention"] < 0.95
 
 
-def test_a_poisoned_round_is_rejected_on_knowledge(store_dir):
-    config = cfg(store_dir, learningRate=2.0e-4, format="chat", chatReplay=16,
-                 pairGenerator="test_gate_rounds:poisoned")
-    res, d = judge(config, 3)
+@pytest.mark.full
+def test_a_poisoned_round_is_rejected_on_knowledge(learned_round):
+    config = gate_config(learned_round.storage, learningRate=2.0e-4, format="chat", chatReplay=16,
+                         pairGenerator="test_gate_rounds:poisoned")
+    res, d = judge(config, learned_round.next_round())
     assert not d.promote and d.reason.startswith("rejected"), d.reason
     k = res.metrics["knowledge"]["learned"]
     assert k["after"] < k["before"], "it now answers worse about the very articles it trained on"
@@ -81,13 +64,14 @@ def test_a_poisoned_round_is_rejected_on_knowledge(store_dir):
     assert not alone.promote and alone.reason.startswith("rejected: knowledge of the learned articles"), alone.reason
 
 
-def test_a_round_of_chat_free_garbage_is_rejected(store_dir, tmp_path):
+@pytest.mark.full
+def test_a_round_of_chat_free_garbage_is_rejected(learned_round, tmp_path):
     rng = random.Random(0)
     words = ["zq", "vlorp", "xx", "kek", "brr", "@@", "lorem", "0x1f", "qwop", "snarf"]
     for i in range(4):
         (tmp_path / f"junk{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)))
-    res, d = judge(cfg(store_dir, sources=[{"files": {"paths": [str(tmp_path)]}}], format="text",
-                       learningRate=1.0e-3, evalArticles=0), 4)
+    res, d = judge(gate_config(learned_round.storage, sources=[{"files": {"paths": [str(tmp_path)]}}], format="text",
+                               learningRate=1.0e-3, evalArticles=0), learned_round.next_round())
     assert not d.promote
     assert d.reason.startswith("rejected"), d.reason
     assert "chat" in d.reason or "general" in d.reason

@@ -1,5 +1,7 @@
-"""`selflearn local` end to end on the embedded model with tiny rounds (real trainer subprocesses,
-real Ray Serve). The tests share one run, in order:
+"""`selflearn local` end to end with tiny rounds (real trainer subprocesses, real Ray Serve). The
+tests share one run, in order, once per model: a tiny random Llama with the embedded model's
+tokenizer and chat template (the fast tier: the driver's logic, rounds of seconds) and the
+embedded model itself (the full tier: the same checks on real learning).
 
 1. two rounds while serving -> promoted, /chat answers with the new checkpoint, dashboard lists both;
 2. a poisoned round (random characters through a files source, higher learning rate) is rejected,
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -31,16 +34,25 @@ TINY = {"epochs": 1, "batchSize": 2, "gradientAccumulation": 1, "learningRate": 
         "evalArticles": 2, "generalArticles": 2, "chatEval": False}
 
 
-def config(store: str, *, sources=None, **training) -> RunConfig:
+def config(run, *, sources=None, **training) -> RunConfig:
     return RunConfig(name="local", spec=parse_spec({
-        "sources": sources or [{"snapshot": {"language": "en", "articlesPerRound": 2}}],
-        "training": {**TINY, **training}, "storage": {"uri": store}}))
+        "baseModel": run.model, "sources": sources or [{"snapshot": {"language": "en", "articlesPerRound": 2}}],
+        "training": {**TINY, **training}, "storage": {"uri": run.store}}))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, embedded_model_dir):
+class Run(NamedTuple):
+    dir: Path
+    store: str
+    model: str
+
+
+@pytest.fixture(scope="module", params=[pytest.param("tiny_llama_dir", id="tiny-llama"),
+                                        pytest.param("embedded_model_dir", id="embedded", marks=pytest.mark.full)])
+def run_dir(request, tmp_path_factory) -> Run:
+    model = request.getfixturevalue(request.param)
     d = tmp_path_factory.mktemp("local-run")
-    return d, f"file://{d / 'checkpoints'}"
+    return Run(d, f"file://{d / 'checkpoints'}", "embedded:smollm2-135m-instruct" if request.param ==
+               "embedded_model_dir" else model)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +66,7 @@ def served(run_dir):
 
     # The driver owns Ray and Serve (port, namespace): retire the serving tests' shared instance.
     testing.stop_shared()
-    d, store = run_dir
-    driver = LocalDriver(config(store), d)
+    driver = LocalDriver(config(run_dir), run_dir.dir)
     state = driver.prepare()
     server = start_serving(driver, port=free_port(), serving=state.get("promoted"))
     yield driver, server
@@ -99,7 +110,6 @@ def test_poisoned_round_is_rejected_and_serving_stays(served, run_dir, tmp_path)
     from selflearn.local.driver import LocalDriver
 
     driver, server = served
-    d, store = run_dir
     before = driver.state["promoted"]
     rng = random.Random(0)
     poison = tmp_path / "poison"
@@ -107,7 +117,7 @@ def test_poisoned_round_is_rejected_and_serving_stays(served, run_dir, tmp_path)
     for i in range(3):
         (poison / f"noise{i}.txt").write_text(
             "".join(rng.choice(string.ascii_letters + string.digits + string.punctuation + " ") for _ in range(3000)))
-    bad = LocalDriver(config(store, sources=[{"files": {"paths": [str(poison)]}}], learningRate=3e-3), d,
+    bad = LocalDriver(config(run_dir, sources=[{"files": {"paths": [str(poison)]}}], learningRate=3e-3), run_dir.dir,
                       server=server)
     bad.prepare()
     state = bad.loop(rounds=1, interval=0)
@@ -123,8 +133,7 @@ def test_poisoned_round_is_rejected_and_serving_stays(served, run_dir, tmp_path)
 def test_restart_resumes_without_repeating_articles(run_dir):
     from selflearn.local.driver import LocalDriver
 
-    d, store = run_dir
-    driver = LocalDriver(config(store), d)  # a fresh process's view: only the files on disk
+    driver = LocalDriver(config(run_dir), run_dir.dir)  # a fresh process's view: only the files on disk
     state = driver.prepare()
     assert state["round"] == 3 and driver.next_round() == 4
     parent = state["promoted"]
@@ -149,9 +158,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_sigint_during_a_round_leaves_nothing_half_written(run_dir):
-    d, store = run_dir
+    d, store = run_dir.dir, run_dir.store
     cfg_file = d / "sigint.yaml"
-    cfg_file.write_text(json.dumps(config(store).model_dump(by_alias=True, mode="json", exclude_none=True)))
+    # Epochs enough that no round can end before the signal, even on the tiny model.
+    cfg_file.write_text(json.dumps(config(run_dir, epochs=100).model_dump(by_alias=True, mode="json", exclude_none=True)))
     # Debris of an earlier crash mid-upload: a round directory with weights and no manifest.
     debris = d / "checkpoints" / "local" / "r000005"
     debris.mkdir(parents=True)
@@ -161,17 +171,19 @@ def test_sigint_during_a_round_leaves_nothing_half_written(run_dir):
                              str(d), "--no-serve", "--rounds", "3", "--interval", "0"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline, pid = time.monotonic() + 120, None
+        # Until the trainer reports a phase of its own (loading the model is over): mid-round.
+        deadline, pid = time.monotonic() + 180, None
         while time.monotonic() < deadline and pid is None:
-            time.sleep(0.5)
+            time.sleep(0.2)
             try:
                 st = json.loads((d / "state.json").read_text())
             except (FileNotFoundError, json.JSONDecodeError):
                 continue
-            pid = st.get("trainer_pid") if st.get("phase") == "training" else None
-        assert pid, "the trainer never started"
+            running = st.get("current_round") or {}
+            if st.get("phase") == "training" and (running.get("progress") or {}).get("phase"):
+                pid = st.get("trainer_pid")
+        assert pid, "the trainer never reached a phase of its round"
         assert not debris.exists()  # cleaned on start
-        time.sleep(6)  # well into the round: loading, evaluating or training
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=90)
     finally:

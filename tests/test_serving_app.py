@@ -14,7 +14,6 @@ import pytest
 
 from tests.support.serving import API_KEY, parse_sse
 
-pytestmark = pytest.mark.slow
 EMBEDDED_ID = "base:embedded:smollm2-135m-instruct"
 
 

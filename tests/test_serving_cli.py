@@ -9,7 +9,6 @@ import sys
 import time
 
 import httpx
-import pytest
 
 from conftest import free_port
 
@@ -24,7 +23,6 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path):
         assert words in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.slow
 def test_serve_starts_answers_and_stops(tiny_opt_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

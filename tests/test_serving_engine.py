@@ -7,7 +7,6 @@ file:// store and on moto's S3 server over HTTP, uvicorn on 127.0.0.1.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +21,7 @@ from selflearn.serving.engine import Engine, QueueFull
 from selflearn.serving.sampling import repetition_penalty, sample
 from selflearn.serving.safety import DefaultSafetyFilter, load_filter
 from selflearn.serving.state import Conversations, RateLimiter
+from tests.support.waiting import wait_until
 
 EMBEDDED_ID = "base:embedded:smollm2-135m-instruct"
 
@@ -109,7 +109,6 @@ def engine():
     eng.shutdown()
 
 
-@pytest.mark.slow
 def test_batched_greedy_matches_one_at_a_time(engine):
     """Left padding, cache merging and row removal must not change what a row generates."""
     prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colors."]
@@ -126,7 +125,6 @@ def test_batched_greedy_matches_one_at_a_time(engine):
         assert tokens == events[-1].text  # the stream adds up to the answer
 
 
-@pytest.mark.slow
 def test_stop_length_and_cancel(engine):
     stop = engine.generate(user("What is the capital of France?"),
                            engine.resolve_params(max_new_tokens=12, temperature=0, stop=["Paris"]))
@@ -135,15 +133,11 @@ def test_stop_length_and_cancel(engine):
     assert length.finish_reason == "length" and length.usage["completion_tokens"] == 5
     events, done, ticket = collect(engine, user("Count from 1 to 200."),
                                    engine.resolve_params(max_new_tokens=120, temperature=0))
-    while not any(isinstance(e, Token) for e in events):
-        time.sleep(0.01)
+    wait_until(lambda: any(isinstance(e, Token) for e in events), timeout=60, what="the first token")
     ticket.cancel()
     assert done.wait(30) and events[-1].finish_reason == "cancelled"
     assert events[-1].usage["completion_tokens"] < 120
-    deadline = time.time() + 10
-    while engine.status()["running"] and time.time() < deadline:
-        time.sleep(0.05)
-    assert engine.status()["running"] == 0  # the slot is free again
+    wait_until(lambda: engine.status()["running"] == 0, timeout=10, what="the slot to be free again")
 
 
 # -- tiny OPT: the plain prompt path, trimming, and hot swap on real stores ----------------------------
@@ -174,8 +168,7 @@ def test_plain_prompt_trimming_and_queue(tiny, tiny_opt_dir):
     # One slot, one queue place: a third concurrent request is refused, not parked.
     long = tiny.resolve_params(max_new_tokens=200, temperature=1.0)
     first = collect(tiny, user("a"), long)
-    while not first[0]:
-        time.sleep(0.005)
+    wait_until(lambda: first[0], timeout=30, what="the first request to start", interval=0.005)
     second = collect(tiny, user("b"), long)
     with pytest.raises(QueueFull):
         collect(tiny, user("c"), long)
@@ -189,7 +182,6 @@ def _publish(store_uri: str, run: str, round_: int, src: str, **kw):
     return store.publish(run, round_, Path(src), {"base_model": src})
 
 
-@pytest.mark.slow
 def test_swap_on_s3_and_failures_keep_old_weights(tiny, tiny_opt_dir, s3_server):
     endpoint, make_bucket = s3_server
     bucket = make_bucket("serving-swap")
@@ -228,20 +220,16 @@ def test_swap_on_s3_and_failures_keep_old_weights(tiny, tiny_opt_dir, s3_server)
     assert tiny.status()["checkpoint"] == f"base:{tiny_opt_dir}" and not tiny.status()["degraded"]
 
 
-@pytest.mark.slow
 def test_inflight_request_finishes_on_its_weights(engine, tiny_opt_dir, tmp_path):
     """A request running when new weights land finishes on the old ones; the next starts on the new."""
     ref = _publish(f"file://{tmp_path}", "tiny", 1, tiny_opt_dir)
     old = collect(engine, user("Count from 1 to 200, separated by commas."),
                   engine.resolve_params(max_new_tokens=100, temperature=0, repetition_penalty=1.0))
     events, done, _ = old
-    while not any(isinstance(e, Token) for e in events):
-        time.sleep(0.01)
+    wait_until(lambda: any(isinstance(e, Token) for e in events), timeout=60, what="the first token")
     engine.configure({"checkpoint": ref.uri, "base_model": tiny_opt_dir})  # background load
-    deadline = time.time() + 60
-    while engine.status()["checkpoint"] != "tiny/r000001" and time.time() < deadline:
-        time.sleep(0.02)
-    assert engine.status()["checkpoint"] == "tiny/r000001"
+    wait_until(lambda: engine.status()["checkpoint"] == "tiny/r000001", timeout=60, what="the new weights",
+               interval=0.02)
     new = engine.generate(user("hi"), engine.resolve_params(max_new_tokens=3))
     assert new.checkpoint == "tiny/r000001"
     assert not done.is_set(), "the long request should still be running on the old weights"
@@ -265,8 +253,7 @@ def test_request_timeout_is_504_and_frees_the_slot(tiny, tiny_opt_dir):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        while not server.started:
-            time.sleep(0.05)
+        wait_until(lambda: server.started, timeout=30, what="uvicorn to start")
         url = f"http://127.0.0.1:{port}"
         r = httpx.post(f"{url}/chat", json={"message": "go", "max_length": 200, "temperature": 1.0}, timeout=30)
         assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
@@ -276,10 +263,8 @@ def test_request_timeout_is_504_and_frees_the_slot(tiny, tiny_opt_dir):
             assert "event: error" in body and '"status": 504' in body
         else:
             assert s.status_code == 504
-        deadline = time.time() + 10
-        while (tiny.status()["running"] or tiny.status()["queue_depth"]) and time.time() < deadline:
-            time.sleep(0.05)
-        assert tiny.status()["running"] == 0 and tiny.status()["queue_depth"] == 0
+        wait_until(lambda: tiny.status()["running"] == 0 and tiny.status()["queue_depth"] == 0, timeout=10,
+                   what="the slot and the queue to be free")
     finally:
         server.should_exit = True
         thread.join(10)

@@ -16,8 +16,8 @@ import pytest
 from selflearn.checkpoints import CheckpointStore
 from selflearn.serving.app import APP_NAME, deploy
 from tests.support.serving import parse_sse
+from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.slow
 EMBEDDED = "embedded:smollm2-135m-instruct"
 
 
@@ -38,13 +38,7 @@ def published(srv, tmp_path_factory):
 
 
 def wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_until(pred, timeout=timeout, what=what, interval=0.1)
 
 
 def test_swap_twice_under_load_drops_nothing(srv, published):

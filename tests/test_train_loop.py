@@ -112,7 +112,6 @@ def test_unsupported_families_take_the_models_own_loss(tiny_opt_dir):
     assert causal_lm_loss(model, x).item() == pytest.approx(model(input_ids=x, labels=x).loss.item())
 
 
-@pytest.mark.slow
 def test_compiled_training_learns_what_eager_training_learns(tiny_opt_dir):
     if shutil.which("g++") is None:
         pytest.skip("no C++ compiler for torch.compile on this machine")

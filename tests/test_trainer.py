@@ -37,28 +37,48 @@ def config(tmp_path, model: str, **training) -> RunConfig:
         "training": {**TINY, **training}, "storage": {"uri": f"file://{tmp_path}/store"}}))
 
 
-def test_round_on_embedded_model_learns_and_publishes_to_s3(tmp_path, s3_server, embedded_model_dir):
-    endpoint, make_bucket = s3_server
-    make_bucket("rounds")
-    cfg = RunConfig(name="wiki", spec=parse_spec({
-        "sources": [{"snapshot": {"articlesPerRound": 3}}], "training": {**TINY, "epochs": 2},
-        "storage": {"uri": "s3://rounds/ckpt", "endpoint": endpoint}}))
-    res = run_round(cfg, 1, progress=False)
-    assert res.status == "published" and res.checkpoint == "s3://rounds/ckpt/wiki/r000001"
+def test_a_round_on_the_embedded_model_learns_and_publishes_to_s3(learned_round, tmp_path):
+    res, cfg = learned_round.result, learned_round.config
+    assert res.status == "published" and res.checkpoint == "s3://learned/runs/gate/r000001"
     ppl = res.metrics["ppl"]
     assert ppl["trained"]["after"] < ppl["trained"]["before"], "the round learned its articles"
     assert set(ppl) == {"fresh", "trained", "general"}
-    store = CheckpointStore.from_uri("s3://rounds/ckpt", endpoint=endpoint)
-    manifest = store.download(res.checkpoint, tmp_path / "dl")
+    manifest = learned_round.store.download(res.checkpoint, tmp_path / "dl")
     assert manifest["parent"] is None and manifest["base_model"] == "embedded:smollm2-135m-instruct"
-    assert len(manifest["articles"]) == 3 and all(len(a["sha256"]) == 64 for a in manifest["articles"])
-    assert manifest["hyperparameters"]["learningRate"] == 2.0e-4
+    arts = manifest["articles"]
+    assert len(arts) == cfg.spec.sources[0].snapshot.articles_per_round and all(len(a["sha256"]) == 64 for a in arts)
+    assert manifest["hyperparameters"]["learningRate"] == cfg.spec.training.learning_rate
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
-    # Round 2 starts from round 1 and never sees round 1's articles again.
-    res2 = run_round(cfg, 2, progress=False)
-    m2 = store.manifest(res2.checkpoint)
-    assert m2["parent"] == res.checkpoint
-    assert not {a["sha256"] for a in m2["articles"]} & {a["sha256"] for a in manifest["articles"]}
+    assert {p.name for p in (tmp_path / "dl").iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json"}
+
+
+def next_round_continues(cfg: RunConfig, first, round_: int, store: CheckpointStore):
+    """Round `round_` trained from `first` (downloaded from its store): its parent, no article of
+    `first` again, and the fixed general set measured on `first`'s weights as `first` left them."""
+    res = run_round(cfg, round_, parent=first.checkpoint, progress=False)
+    assert res.status == "published" and res.parent == first.checkpoint
+    m1, m2 = store.manifest(first.checkpoint), store.manifest(res.checkpoint)
+    assert m2["parent"] == first.checkpoint
+    assert not {a["sha256"] for a in m2["articles"]} & {a["sha256"] for a in m1["articles"]}
+    # What round 1 measured after training, not the base model's figure: the weights came through.
+    g1, g2 = first.metrics["ppl"]["general"], res.metrics["ppl"]["general"]
+    assert g1["after"] != pytest.approx(g1["before"], rel=2e-3)
+    assert g2["before"] == pytest.approx(g1["after"], rel=2e-3)
+
+
+def test_the_next_round_on_s3_starts_from_the_last_and_never_repeats_an_article(tmp_path, s3_server, tiny_llama_dir):
+    endpoint, make_bucket = s3_server
+    make_bucket("chain")
+    cfg = config(tmp_path, tiny_llama_dir, learningRate=1.0e-3)
+    cfg.spec.storage.uri, cfg.spec.storage.endpoint = "s3://chain/runs", endpoint
+    store = CheckpointStore.from_uri(cfg.spec.storage.uri, endpoint=endpoint)
+    next_round_continues(cfg, run_round(cfg, 1, progress=False), 2, store)
+
+
+@pytest.mark.full
+def test_the_next_round_on_the_embedded_model_starts_from_the_last(learned_round):
+    """Multi-round learning on the real model, its parent's weights downloaded from S3."""
+    next_round_continues(learned_round.config, learned_round.result, learned_round.next_round(), learned_round.store)
 
 
 def test_opt_path_full_replay_and_lora(tmp_path, tiny_opt_dir):
