@@ -37,6 +37,16 @@ def local_config(data_dir: Path, *, rounds_format: str | None = None):
     return cfg
 
 
+def phases_of(cfg, uri: str | None) -> dict | None:
+    """Where a published round's time went (its manifest's phase_seconds)."""
+    if not uri:
+        return None
+    from selflearn.checkpoints import CheckpointStore
+
+    store = CheckpointStore.from_uri(cfg.spec.storage.uri)
+    return store.manifest(store.ref_for_uri(uri)).get("metrics", {}).get("phase_seconds")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rounds", type=int, default=3)
@@ -65,17 +75,19 @@ def main() -> None:
             drv = LocalDriver(text_cfg, tmp / "text", nice=0)
             drv.prepare()
             t0 = time.time()
-            drv.train(1, None)
+            res = drv.train(1, None)
             out["round_seconds_text_format"] = round(time.time() - t0, 1)
+            out["phase_seconds_text_format"] = phases_of(text_cfg, res.checkpoint)
         cfg = local_config(tmp / "run")
         drv = LocalDriver(cfg, tmp / "run", nice=0)
         drv.prepare()
         t0 = time.time()
-        times = []
+        times, phases = [], []
         for r in range(1, a.rounds + 1):
             t1 = time.time()
             rec = drv.run_round(r)
             times.append(round(time.time() - t1, 1))
+            phases.append(phases_of(cfg, rec.get("checkpoint")))
             print(f"round {r}: {rec['reason']}  ({times[-1]} s)", flush=True)
         loop_s = time.time() - t0
         store = CheckpointStore.from_uri(cfg.spec.storage.uri)
@@ -155,6 +167,7 @@ def main() -> None:
         "ppl_learned_drop": r4(1 - final["ppl_learned"] / base["ppl_learned"]),
         "round_seconds": r4(sum(times) / len(times)),
         "round_seconds_each": times,
+        "phase_seconds_each": phases,
         "round_time_ratio": r4(sum(times) / len(times) / out["round_seconds_text_format"])
         if out.get("round_seconds_text_format") else None,
         "loop_seconds": round(loop_s, 1),
