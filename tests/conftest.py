@@ -31,6 +31,12 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules that run Ray and Serve of their own (`OWNS_RAY = True`) retire the shared instance
+    (tests/support/serving.py): they run last, so that the shared one starts once a session."""
+    items.sort(key=lambda item: bool(getattr(getattr(item, "module", None), "OWNS_RAY", False)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,8 +4,8 @@ tokenizer and chat template (the fast tier: the driver's logic, rounds of second
 embedded model itself (the full tier: the same checks on real learning).
 
 1. two rounds while serving -> promoted, /chat answers with the new checkpoint, dashboard lists both;
-2. a poisoned round (random characters through a files source, higher learning rate) is rejected,
-   serving stays, the reason is recorded;
+2. (the embedded model only) a poisoned round (random characters through a files source, higher
+   learning rate) is rejected, serving stays, the reason is recorded;
 3. a restart resumes at the next round without repeating articles;
 4. SIGINT during a round stops cleanly: no trainer left, no incomplete checkpoint, state consistent.
 """
@@ -30,6 +30,8 @@ from selflearn.spec import RunConfig, parse_spec
 
 from conftest import REPO, free_port
 
+# The driver owns Ray and Serve: this module runs after every test of the shared Serve (conftest).
+OWNS_RAY = True
 TINY = {"epochs": 1, "batchSize": 2, "gradientAccumulation": 1, "learningRate": 1.0e-4, "maxLength": 64,
         "evalArticles": 2, "generalArticles": 2, "chatEval": False}
 
@@ -46,8 +48,10 @@ class Run(NamedTuple):
     model: str
 
 
-@pytest.fixture(scope="module", params=[pytest.param("tiny_llama_dir", id="tiny-llama"),
-                                        pytest.param("embedded_model_dir", id="embedded", marks=pytest.mark.full)])
+EMBEDDED_RUN = pytest.param("embedded_model_dir", id="embedded", marks=pytest.mark.full)
+
+
+@pytest.fixture(scope="module", params=[pytest.param("tiny_llama_dir", id="tiny-llama"), EMBEDDED_RUN])
 def run_dir(request, tmp_path_factory) -> Run:
     model = request.getfixturevalue(request.param)
     d = tmp_path_factory.mktemp("local-run")
@@ -106,6 +110,9 @@ def test_two_rounds_promote_and_serve(served):
     assert page.status_code == 200 and "/api/rounds" in page.text and "innerHTML" not in page.text
 
 
+# On the real model only: a random tiny model's perplexity is no signal a gate can read (noise
+# lowers it as often as it raises it, measured).
+@pytest.mark.parametrize("run_dir", [EMBEDDED_RUN], indirect=True)
 def test_poisoned_round_is_rejected_and_serving_stays(served, run_dir, tmp_path):
     from selflearn.local.driver import LocalDriver
 
@@ -116,7 +123,7 @@ def test_poisoned_round_is_rejected_and_serving_stays(served, run_dir, tmp_path)
     poison.mkdir()
     for i in range(3):
         (poison / f"noise{i}.txt").write_text(
-            "".join(rng.choice(string.ascii_letters + string.digits + string.punctuation + " ") for _ in range(3000)))
+            "".join(rng.choice(string.ascii_letters + string.digits + string.punctuation + " ") for _ in range(1000)))
     bad = LocalDriver(config(run_dir, sources=[{"files": {"paths": [str(poison)]}}], learningRate=3e-3), run_dir.dir,
                       server=server)
     bad.prepare()
@@ -135,14 +142,15 @@ def test_restart_resumes_without_repeating_articles(run_dir):
 
     driver = LocalDriver(config(run_dir), run_dir.dir)  # a fresh process's view: only the files on disk
     state = driver.prepare()
-    assert state["round"] == 3 and driver.next_round() == 4
+    last = state["round"]  # 3 after the poisoned round, else 2
+    assert last == len(state["rounds"]) and driver.next_round() == last + 1
     parent = state["promoted"]
     state = driver.loop(rounds=1, interval=0)
     rec = state["rounds"][-1]
-    assert rec["round"] == 4 and rec["status"] == "published" and rec["parent"] == parent
+    assert rec["round"] == last + 1 and rec["status"] == "published" and rec["parent"] == parent
     earlier = {a["sha256"] for r in state["rounds"][:-1] for a in r["articles"]}
     assert rec["articles"] and not earlier & {a["sha256"] for a in rec["articles"]}
-    assert len({r["round"] for r in state["rounds"]}) == len(state["rounds"]) == 4
+    assert len({r["round"] for r in state["rounds"]}) == len(state["rounds"]) == last + 1
 
 
 def _alive(pid: int) -> bool:
@@ -163,10 +171,10 @@ def test_sigint_during_a_round_leaves_nothing_half_written(run_dir):
     # Epochs enough that no round can end before the signal, even on the tiny model.
     cfg_file.write_text(json.dumps(config(run_dir, epochs=100).model_dump(by_alias=True, mode="json", exclude_none=True)))
     # Debris of an earlier crash mid-upload: a round directory with weights and no manifest.
-    debris = d / "checkpoints" / "local" / "r000005"
+    before = json.loads((d / "state.json").read_text())
+    debris = d / "checkpoints" / "local" / f"r{before['round'] + 1:06d}"
     debris.mkdir(parents=True)
     (debris / "model.safetensors").write_bytes(b"half a model")
-    before = json.loads((d / "state.json").read_text())
     proc = subprocess.Popen([sys.executable, "-m", "selflearn.cli", "local", "--config", str(cfg_file), "--data-dir",
                              str(d), "--no-serve", "--rounds", "3", "--interval", "0"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -194,11 +202,11 @@ def test_sigint_during_a_round_leaves_nothing_half_written(run_dir):
     assert not _alive(pid), "the trainer outlived the driver"
     st = json.loads((d / "state.json").read_text())
     assert st["phase"] == "stopped" and st["current_round"] is None and "trainer_pid" not in st
-    assert st["round"] == before["round"] == 4 and st["promoted"] == before["promoted"]
+    assert st["round"] == before["round"] and st["promoted"] == before["promoted"]
     assert st["rounds"] == before["rounds"]
     store_obj = CheckpointStore.from_uri(store)
     rounds = [r.round for r in store_obj.list("local")]
     on_disk = sorted(p.name for p in (d / "checkpoints" / "local").iterdir() if p.is_dir())
     assert on_disk == [f"r{n:06d}" for n in rounds], "a round directory without a manifest was left"
-    assert max(rounds) == 4 and not (d / "tmp").exists()
-    assert (store_obj.get_json("local/state.json") or {}).get("last_round") == 4
+    assert max(rounds) == before["round"] and not (d / "tmp").exists()
+    assert (store_obj.get_json("local/state.json") or {}).get("last_round") == before["round"]

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -55,8 +56,14 @@ class RayServiceApplier:
                     log.warning("RayService %s: %s", rs["metadata"]["name"], err)
             await asyncio.sleep(interval)
 
-    async def close(self) -> None:
-        for container in self.heads.values():
+    async def close(self, logs_dir: Path | None = None) -> None:
+        """Remove the heads; first, with `logs_dir`, keep each head's output and Serve's own logs there."""
+        for name, container in self.heads.items():
+            if logs_dir is not None:
+                out = await docker("logs", "--tail", "400", container, check=False)
+                (logs_dir / f"{name}-head.log").write_text(out)
+                await docker("cp", f"{container}:/tmp/ray/session_latest/logs/serve", str(logs_dir / f"{name}-serve-logs"),
+                             check=False)
             await docker("rm", "-f", container, check=False)
 
     async def _reconcile(self, rs: dict[str, Any]) -> None:

@@ -87,13 +87,15 @@ class Chatter(threading.Thread):
                 self.total += 1
                 if r.status_code != 200:
                     self.failed += 1
-                    self.errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                    self.errors.append(f"{time.strftime('%H:%M:%S')} HTTP {r.status_code}: {r.text[:200]}")
+                    log.warning("chat failed: %s", self.errors[-1])
                 else:
                     self.seen.append((time.time(), r.json().get("checkpoint")))
             except requests.RequestException as err:
                 self.total += 1
                 self.failed += 1
-                self.errors.append(repr(err)[:200])
+                self.errors.append(f"{time.strftime('%H:%M:%S')} {err!r}"[:200])
+                log.warning("chat failed: %s", self.errors[-1])
             time.sleep(self.pause)
 
     def latest(self) -> str | None:
@@ -119,6 +121,16 @@ def serve_ready(url: str) -> bool:
         return requests.get(f"{url}/readyz", timeout=5).status_code == 200
     except requests.RequestException:
         return False
+
+
+def swap_refused(url: str, checkpoint_id: str, *, since: float) -> str | None:
+    """Serving's own word that loading `checkpoint_id` failed after `since`: /status's last_swap_error."""
+    try:
+        model = requests.get(f"{url}/status", timeout=5).json()["model"]
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+    err, at = model.get("last_swap_error") or "", model.get("last_swap_error_at") or 0
+    return err if checkpoint_id in err and at >= since else None
 
 
 def port_in_use(port: int) -> bool:
@@ -259,7 +271,13 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
                          {"spec": {"promotion": {"pinnedCheckpoint": host_uri}}})
         await wait_for(lambda: _rayservice_serving(api, host_uri), timeout=120,
                        what=f"the RayService asked to serve the pinned, corrupted {host_uri}")
-        await asyncio.sleep(args.corrupt_watch)
+        # Serving tries it and refuses it (a sha256 mismatch), then keeps answering for a few
+        # seconds more: every answer since the pin must come from r000001.
+        host_id = host_uri.rsplit("/", 2)[-2] + "/" + host_uri.rsplit("/", 1)[-1]
+        refused = await wait_for(lambda: swap_refused(url, host_id, since=mark), timeout=args.corrupt_watch,
+                                 what=f"serving to refuse the corrupted {host_id}", interval=1)
+        log.info("serving refused %s: %s", host_id, refused)
+        await asyncio.sleep(5)
         after_pin = [c for t, c in chatter.seen if t > mark]
         check(bool(after_pin) and all(_is(c, f"{run}/r000001") for c in after_pin),
               f"the corrupted {host_uri} never served ({len(after_pin)} answers since, all from {run}/r000001: "
@@ -280,7 +298,14 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         logs = subprocess.run(["docker", "logs", "--tail", "40", operator], capture_output=True, text=True)
         (work / "operator.log").write_text(logs.stdout + logs.stderr)
         subprocess.run(["docker", "rm", "-f", operator], capture_output=True)
-        await applier.close()
+        await applier.close(logs_dir=work)
+        log.info("logs of the operator and the Ray head: %s", work)
+        if chatter.failed:  # CI keeps only the output: the serve side's errors go there
+            for path in sorted(work.glob("*-serve-logs/**/*.log")) + sorted(work.glob("*-head.log")):
+                lines = [ln for ln in path.read_text(errors="replace").splitlines()
+                         if "ERROR" in ln or "Traceback" in ln or "Error:" in ln]
+                if lines:
+                    log.warning("%s:\n%s", path.name, "\n".join(lines[-20:]))
         await kube.close()
         api.stop()
 
@@ -389,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainer-image", default=os.environ.get("TRAINER_IMAGE", "ghcr.io/selflearn/trainer:0.1.0"))
     p.add_argument("--serve-image", default=os.environ.get("SERVE_IMAGE", "ghcr.io/selflearn/serve:0.1.0"))
     p.add_argument("--round-timeout", type=float, default=900)
-    p.add_argument("--corrupt-watch", type=float, default=30, help="seconds to watch after pinning the corrupted one")
+    p.add_argument("--corrupt-watch", type=float, default=180,
+                   help="seconds to wait for serving to refuse the corrupted checkpoint")
     p.add_argument("--host-round", action="store_true", default=os.environ.get("E2E_HOST_ROUND") == "1",
                    help="also train round 1 on the host, for the container/host speed figure (E2E_HOST_ROUND=1)")
     p.add_argument("--figures", default=None, help="a JSON file whose fields are added to the result (image builds)")
