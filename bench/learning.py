@@ -33,9 +33,9 @@ def main() -> None:
                          "format": "text", "chatEval": False},
             "storage": {"uri": f"file://{tmp}/store"}}))
         res = run_round(cfg, 1, progress=False)
-    ppl = res.metrics["ppl"]
+    ppl = {k: v.model_dump() for k, v in res.metrics.ppl.items()}
     out = {
-        "articles": res.metrics["articles"],
+        "articles": res.metrics.articles,
         "ppl_trained_base": round(ppl["trained"]["before"], 3),
         "ppl_trained_after": round(ppl["trained"]["after"], 3),
         "ppl_general_base": round(ppl["general"]["before"], 3),
@@ -44,7 +44,7 @@ def main() -> None:
         "ppl_fresh_after": round(ppl["fresh"]["after"], 3),
         "trained_drop": round(1 - ppl["trained"]["after"] / ppl["trained"]["before"], 3),
         "general_rise": round(ppl["general"]["after"] / ppl["general"]["before"] - 1, 3),
-        "tokens_per_s": res.metrics["tokens_per_s"],
+        "tokens_per_s": res.metrics.tokens_per_s,
     }
     print(json.dumps(out))
 

@@ -8,6 +8,10 @@
       {"status": "empty", "round": 7, "reason": "no new articles"}
       {"status": "failed", "round": 7, "reason": "training.maxLength 4096 exceeds ..."}
 
+- **The round's metrics** (`RoundMetrics`): what the trainer measured, read by the gate
+  (selflearn/policy.py), the operator's status, local mode's state and the dashboard. The trainer
+  builds it, everyone else reads its fields: a renamed field is a type error, not a gate check
+  that silently stops running.
 - **Checkpoint ids**: a round's directory `r000007`, its short id `<run>/r000007` (the
   `X-Selflearn-Checkpoint` header, the dashboard, the manifest), and `base:<model>` for the
   untrained base model.
@@ -20,9 +24,121 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# -- the round's metrics -----------------------------------------------------------------------------
+
+
+class _Metrics(BaseModel):
+    # Frozen: read, never edited. Unknown fields are ignored so that a manifest written by an older
+    # or newer trainer still reads; a field the gate needs and cannot find fails the gate instead.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Pair(_Metrics):
+    """One figure for the parent weights (before) and the candidate (after), measured alike."""
+
+    before: float | None = None
+    after: float | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.before is not None and self.after is not None
+
+
+class KnowledgeMetrics(_Metrics):
+    """Scores in [0, 1] of greedy answers about the learned, held-out and general articles."""
+
+    learned: Pair | None = None
+    held_out: Pair | None = None
+    general: Pair | None = None
+    # Questions asked per set: 0 means there was nothing to ask (no article yielded a question),
+    # which the gate tells apart from a score that went missing.
+    asked: dict[str, int] | None = None
+
+
+class ChatMetrics(_Metrics):
+    """Chat manners on the fixed retention prompts: reference perplexity and format health."""
+
+    ppl: Pair | None = None
+    retention: float | None = None  # parent's reference perplexity over the candidate's
+    format_ok: Pair | None = None  # share of answers that end their turn without looping or drifting
+
+
+class PreferenceMetrics(_Metrics):
+    """How often the weights prefer the users' corrections on phrasings never trained."""
+
+    before: float | None = None
+    after: float | None = None
+    pairs: int = 0
+
+
+class FeedbackMetrics(_Metrics):
+    """What the round did with its users' feedback."""
+
+    corrections: int = 0
+    ratings: int = 0
+    pending: int = 0
+    dropped: dict[str, int] = Field(default_factory=dict)
+    error: str | None = None  # the feedback store could not be read this round
+    pairs: int = 0  # corrections with the answer they replace (preference pairs, held-out checks)
+    judged: int = 0
+    preference: PreferenceMetrics | None = None
+    correction_steps: int | None = None
+    correction_loss: float | None = None
+    preference_steps: int | None = None
+
+
+class RoundMetrics(_Metrics):
+    """Everything a round measured: training, perplexity, answers, feedback, where time went."""
+
+    train_loss: float | None = None
+    losses: list[float] = Field(default_factory=list)  # per step; left out of the result line
+    train_tokens: int | None = None
+    train_seconds: float | None = None
+    tokens_per_s: float | None = None
+    steps: int | None = None
+    ppl: dict[str, Pair] = Field(default_factory=dict)  # fresh | trained | general
+    articles: int | None = None
+    held_out: int | None = None
+    replayed: int | None = None
+    dropped: int | None = None
+    format: str | None = None
+    qa_pairs: int | None = None
+    chat_replayed: int | None = None
+    qa_reviewed: int | None = None
+    text_only: int | None = None
+    examples_too_long: int | None = None
+    knowledge: KnowledgeMetrics | None = None
+    chat: ChatMetrics | None = None
+    probe_seconds: float | None = None
+    parent_probe_reused: bool | None = None
+    feedback: FeedbackMetrics | None = None
+    phase_seconds: dict[str, float] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, doc: Mapping[str, Any] | None, *, what: str = "round metrics") -> RoundMetrics:
+        """The one parser of a metrics document (a result line, a manifest). Raises ResultError."""
+        try:
+            return cls.model_validate(dict(doc or {}))
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise ResultError(f"{what} are malformed: {where}: {first['msg']}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def summary(self) -> RoundMetrics:
+        """Without the per-step losses: what fits a termination message (4 KiB)."""
+        return self.model_copy(update={"losses": []})
+
+    def ppl_pair(self, name: str) -> Pair:
+        return self.ppl.get(name) or Pair()
 
 # -- the round result ------------------------------------------------------------------------------
 
@@ -41,7 +157,7 @@ class RoundResult:
     status: str  # published | empty | failed
     round: int
     checkpoint: str | None = None  # the checkpoint's URI
-    metrics: dict[str, Any] | None = None
+    metrics: RoundMetrics | None = None
     reason: str | None = None  # why a round is empty or failed
     id: str | None = None  # the checkpoint's short id, <run>/r000007
     parent: str | None = None  # the URI it was trained from; None: the base model
@@ -51,7 +167,10 @@ class RoundResult:
             raise ResultError(f"unknown result status {self.status!r}")
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        doc = {"status": self.status, "round": self.round, "checkpoint": self.checkpoint,
+               "metrics": self.metrics.to_json() if self.metrics is not None else None,
+               "reason": self.reason, "id": self.id, "parent": self.parent}
+        return {k: v for k, v in doc.items() if v is not None}
 
     def to_line(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)
@@ -73,7 +192,7 @@ class RoundResult:
                 raise ResultError("a published result has no metrics")
             return cls("published", doc["round"], checkpoint=doc["checkpoint"],
                        id=doc.get("id") or checkpoint_id_of_uri(doc["checkpoint"]), parent=doc.get("parent"),
-                       metrics=doc["metrics"])
+                       metrics=RoundMetrics.parse(doc["metrics"], what="the result's metrics"))
         return cls(status, doc["round"], reason=str(doc.get("reason") or status))
 
     @classmethod
@@ -87,25 +206,6 @@ class RoundResult:
             last = message.strip().splitlines()[-1].strip()
             raise ResultError(f"no result line in the termination message (last line: {last[:200]!r})")
         return cls.from_json(doc, round_=round_)
-
-    # The figures the operator's status and the gate read.
-    @property
-    def general_ppl(self) -> tuple[float | None, float | None]:
-        g = ((self.metrics or {}).get("ppl") or {}).get("general") or {}
-        return g.get("before"), g.get("after")
-
-    @property
-    def knowledge_learned(self) -> tuple[float | None, float | None]:
-        k = ((self.metrics or {}).get("knowledge") or {}).get("learned") or {}
-        return k.get("before"), k.get("after")
-
-    @property
-    def chat(self) -> dict[str, Any]:
-        return (self.metrics or {}).get("chat") or {}
-
-    @property
-    def train_loss(self) -> float | None:
-        return (self.metrics or {}).get("train_loss")
 
 
 def result_line(message: str) -> dict[str, Any] | None:
@@ -200,6 +300,8 @@ class Done:
 class Error:
     status: int  # the HTTP status it maps to: 422 bad request, 503 busy or unavailable, 504 timeout
     message: str
+    code: str | None = None  # the error body's `code`, e.g. context_length_exceeded
+    param: str | None = None  # the request field it is about, in the engine request's terms (`messages`)
 
 
 EngineEvent = Union[Start, Token, Done, Error]

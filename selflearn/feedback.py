@@ -86,6 +86,15 @@ class FeedbackRecord(BaseModel):
     comment: str | None = None
     client: str | None = None
 
+    def free_text(self) -> list[str]:
+        """What people wrote that a round may learn or keep: the question, the correction, the
+        comment, and the reply when it is rated up without a correction (then it is learned as a
+        good answer); the content filter reads each of them."""
+        texts = [self.prompt, self.correction, self.comment]
+        if self.rating == "up" and not self.correction:
+            texts.append(self.reply)
+        return [t for t in texts if t]
+
     @property
     def kind(self) -> str:
         """correction | up | down."""
@@ -135,8 +144,10 @@ def select(records: Iterable[tuple[str, FeedbackRecord]], *, learned_before: set
            content_filter: Callable[[str], str | None] | None = None) -> Selection:
     """Choose what a round learns from (key, record) pairs, oldest first.
 
-    In order: a record with no prompt and answer to learn from is dropped; so is a correction the
-    content filter rejects and one learned in an earlier round (`learned_before`: digests). Each
+    In order: a record the server did not match to an answer it gave (`matched` false: a note on
+    a conversation, or a response id that did not verify) is dropped, and so is one with no prompt
+    and answer to learn from; so is one with any free text the content filter rejects (see
+    `FeedbackRecord.free_text`) and one learned in an earlier round (`learned_before`: digests). Each
     client keeps its first `per_client_cap` items; the rest are dropped, not deferred, so a flood
     cannot steer later rounds either. Then, per question (corrections) or per answer (ratings),
     each client's latest item is its vote, and one item is learned when more than half the votes
@@ -148,10 +159,13 @@ def select(records: Iterable[tuple[str, FeedbackRecord]], *, learned_before: set
     per_client: Counter[str] = Counter()
     kept: list[tuple[str, FeedbackRecord]] = []
     for key, rec in sorted(records, key=lambda kr: kr[0]):
+        if not rec.matched:
+            out.dropped.append((rec.id, "unmatched: not an answer the server gave"))
+            continue
         if not (rec.prompt and rec.prompt.strip()) or (rec.reply is None and not rec.correction):
             out.dropped.append((rec.id, "unmatched: no question and answer to learn from"))
             continue
-        if rec.correction and content_filter and (why := content_filter(rec.correction)):
+        if content_filter and (why := next(filter(None, map(content_filter, rec.free_text())), None)):
             out.dropped.append((rec.id, f"content filter: {why}"))
             continue
         if rec.digest() in learned_before:

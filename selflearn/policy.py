@@ -4,32 +4,68 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from .contracts import Pair, RoundMetrics
 
 if TYPE_CHECKING:
-    from .spec import PromotionSpec
+    from .spec import LearnerRunSpec
+
+
+class Outcome(str, Enum):
+    PROMOTE = "promote"  # the candidate serves from now on
+    PIN = "pin"  # the pinned checkpoint serves (a rollback); the candidate is not promoted
+    KEEP = "keep"  # nothing changes: pinned and already serving it, or no candidate
+    REJECT = "reject"  # the candidate failed a check; what serves stays
 
 
 @dataclass(frozen=True)
 class Decision:
-    promote: bool
-    # What should serve after this decision (the candidate, the pin, or unchanged: None).
+    outcome: Outcome
+    # What should serve after this decision (the candidate, the pin), or None: unchanged.
     serve: str | None
-    reason: str
+    reason: str  # for people: the check that decided, and what passed or was skipped
+
+    @property
+    def promote(self) -> bool:
+        return self.outcome is Outcome.PROMOTE
 
 
-def _pair(metrics: Mapping[str, Any], name: str) -> tuple[float, float] | None:
-    ppl = (metrics.get("ppl") or {}).get(name) or {}
-    before, after = ppl.get("before"), ppl.get("after")
-    if before is None or after is None:
+def switch_to(decision: Decision | None, serving: str | None) -> str | None:
+    """What serving must move to after `decision` (both drivers act on this): the promoted
+    candidate or the pin when it is not what serves already; None: stay."""
+    if decision is None or decision.outcome not in (Outcome.PROMOTE, Outcome.PIN) or not decision.serve:
         return None
-    return float(before), float(after)
+    return decision.serve if decision.serve != serving else None
 
 
-def decide(promotion: PromotionSpec, metrics: Mapping[str, Any] | None, *, candidate: str | None,
+@dataclass(frozen=True)
+class Checks:
+    """Which of the gate's checks a run's spec turns on. A check that is on and finds its input
+    missing from the round's metrics rejects the round; a check that is off is skipped, and the
+    reason says so."""
+
+    chat: bool  # format health, chat retention, knowledge of the learned articles (training.chatEval)
+    fresh: bool  # fresh held-out articles' perplexity (training.evalArticles > 0)
+    preference: bool  # corrections preferred on held-out phrasings (a feedback source)
+
+    @classmethod
+    def of(cls, spec: LearnerRunSpec) -> Checks:
+        t = spec.training
+        return cls(chat=t.chat_eval, fresh=t.eval_articles > 0, preference=spec.feedback is not None)
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decide(spec: LearnerRunSpec, metrics: RoundMetrics | None, *, candidate: str | None,
            serving: str | None = None) -> Decision:
     """Promote `candidate` (the round's checkpoint; `serving`: what serves now) under the limits of
-    a LearnerRun's `promotion` spec when, against the parent weights measured in the same round:
+    the run's `promotion` spec when, against the parent weights measured in the same round:
 
     * its chat format health (greedy answers to the retention prompts that end their turn, do
       not loop, do not drift into an article) is not worse than the parent's;
@@ -42,61 +78,121 @@ def decide(promotion: PromotionSpec, metrics: Mapping[str, Any] | None, *, candi
     * its perplexity does not regress beyond the allowed fractions on the fixed general set and on
       fresh held-out articles.
 
-    The chat checks come first: they are what a user notices. A round without chat metrics (a
-    trainer with chatEval off) is judged on perplexity alone. A pinned checkpoint overrides
-    everything (that is how rollback works). The reason names the check that decided."""
-    pinned = promotion.pinned_checkpoint
-    min_chat_retention, max_knowledge_drop = promotion.min_chat_retention, promotion.max_knowledge_drop
+    The chat checks come first: they are what a user notices. Which checks run is the spec's
+    (`Checks.of`); one whose input is missing rejects. A pinned checkpoint overrides everything
+    (that is how rollback works). The reason names the check that decided."""
+    pinned = spec.promotion.pinned_checkpoint
     if pinned:
         if serving == pinned:
-            return Decision(False, None, f"pinned to {pinned}; not promoting")
-        return Decision(False, pinned, f"pinned to {pinned}")
+            return Decision(Outcome.KEEP, None, f"pinned to {pinned}; not promoting")
+        return Decision(Outcome.PIN, pinned, f"pinned to {pinned}")
     if not candidate or metrics is None:
-        return Decision(False, None, "no candidate checkpoint")
-    notes: list[str] = []  # the chat checks passed
-    chat = metrics.get("chat") or {}
-    fmt = chat.get("format_ok") or {}
-    if fmt.get("after") is not None and fmt.get("before") is not None:
-        if float(fmt["after"]) < float(fmt["before"]):
-            return Decision(False, None, f"rejected: chat format health {fmt['before']:.0%}->{fmt['after']:.0%} "
-                                         "(answers that end their turn without looping or drifting)")
-        notes.append(f"format {fmt['after']:.0%}")
-    kept = chat.get("retention")
-    if kept is not None:
-        if not math.isfinite(float(kept)) or float(kept) < min_chat_retention:
-            return Decision(False, None, f"rejected: chat retention {float(kept):.3f} below {min_chat_retention:.3f}")
-        notes.append(f"chat retention {float(kept):.3f}")
-    pref = (metrics.get("feedback") or {}).get("preference") or {}
-    if pref.get("before") is not None and pref.get("after") is not None:
-        before_p, after_p = float(pref["before"]), float(pref["after"])
-        # More often than the parent; a parent that already always agreed must be matched.
-        if after_p < before_p or (after_p == before_p and before_p < 1.0):
-            return Decision(False, None, f"rejected: the users' corrections preferred on {after_p:.0%} of held-out "
-                                         f"phrasings, the parent {before_p:.0%} (must be more often)")
-        notes.append(f"corrections preferred {before_p:.0%}->{after_p:.0%}")
-    learned = (metrics.get("knowledge") or {}).get("learned") or {}
-    if learned.get("before") is not None and learned.get("after") is not None:
-        before_k, after_k = float(learned["before"]), float(learned["after"])
-        if after_k < before_k - max_knowledge_drop:
-            return Decision(False, None, f"rejected: knowledge of the learned articles {before_k:.3f}->{after_k:.3f} "
-                                         f"(may fall at most {max_knowledge_drop:.3f})")
-        notes.append(f"knowledge {before_k:.3f}->{after_k:.3f}")
-    general = _pair(metrics, "general")
-    if general is None:
-        return Decision(False, None, "rejected: no general-set perplexity in the round's metrics")
-    checks = [("general", general, promotion.max_perplexity_increase)]
-    fresh = _pair(metrics, "fresh")
-    if fresh is not None:
-        checks.append(("fresh", fresh, promotion.max_fresh_perplexity_increase))
-    ppl_notes: list[str] = []
-    for name, (before, after), limit in checks:
+        return Decision(Outcome.KEEP, None, "no candidate checkpoint")
+    checks = Checks.of(spec)
+    passed: list[str] = []  # what passed, in the reason of a promotion or after the rejecting check
+    skipped: list[str] = []
+    try:
+        if checks.chat:
+            passed += _chat(metrics, spec.promotion.min_chat_retention)
+        else:
+            skipped.append("chat and knowledge (training.chatEval is off)")
+        if checks.preference:
+            note, ran = _preference(metrics)
+            (passed if ran else skipped).append(note)
+        if checks.chat:
+            note, ran = _knowledge(metrics, spec.promotion.max_knowledge_drop)
+            (passed if ran else skipped).append(note)
+        passed += _perplexity(metrics, checks, spec, passed, skipped)
+    except _Rejected as err:
+        return Decision(Outcome.REJECT, None, "rejected: " + err.reason)
+    return Decision(Outcome.PROMOTE, candidate, "promoted: " + "; ".join(passed) + _skipped(skipped))
+
+
+def _skipped(skipped: list[str]) -> str:
+    return f"; skipped: {', '.join(skipped)}" if skipped else ""
+
+
+def _missing(what: str, why: str) -> _Rejected:
+    return _Rejected(f"{what} is missing from the round's metrics ({why}); the check cannot pass unmeasured")
+
+
+def _chat(m: RoundMetrics, min_retention: float) -> list[str]:
+    chat = m.chat
+    fmt = chat.format_ok if chat else None
+    if fmt is None or not fmt.known:
+        raise _missing("chat format health", "training.chatEval is on")
+    assert fmt.before is not None and fmt.after is not None
+    if fmt.after < fmt.before:
+        raise _Rejected(f"chat format health {fmt.before:.0%}->{fmt.after:.0%} "
+                        "(answers that end their turn without looping or drifting)")
+    kept = chat.retention if chat else None
+    if kept is None:
+        raise _missing("chat retention", "training.chatEval is on")
+    if not math.isfinite(kept) or kept < min_retention:
+        raise _Rejected(f"chat retention {kept:.3f} below {min_retention:.3f}")
+    return [f"format {fmt.after:.0%}", f"chat retention {kept:.3f}"]
+
+
+def _preference(m: RoundMetrics) -> tuple[str, bool]:
+    """-> (what the reason says, whether the check ran); raises _Rejected."""
+    fb = m.feedback
+    if fb is None:
+        raise _missing("the feedback report", "the run has a feedback source")
+    if not fb.pairs:
+        return "corrections preferred (no correction of an earlier answer this round)", False
+    pref = fb.preference
+    if pref is None or pref.before is None or pref.after is None:
+        raise _missing("the corrections' preference on held-out phrasings",
+                       f"the round learned {fb.pairs} corrections of earlier answers")
+    before, after = pref.before, pref.after
+    # More often than the parent; a parent that already always agreed must be matched.
+    if after < before or (after == before and before < 1.0):
+        raise _Rejected(f"the users' corrections preferred on {after:.0%} of held-out phrasings, the parent "
+                        f"{before:.0%} (must be more often)")
+    return f"corrections preferred {before:.0%}->{after:.0%}", True
+
+
+def _knowledge(m: RoundMetrics, max_drop: float) -> tuple[str, bool]:
+    """-> (what the reason says, whether the check ran); raises _Rejected."""
+    k = m.knowledge
+    if k is None or k.asked is None:
+        raise _missing("knowledge of the learned articles", "training.chatEval is on")
+    if not k.asked.get("learned"):
+        return "knowledge (no question could be asked about this round's articles)", False
+    learned = k.learned or Pair()
+    if not learned.known:
+        raise _missing("knowledge of the learned articles", f"{k.asked['learned']} questions were asked")
+    assert learned.before is not None and learned.after is not None
+    if learned.after < learned.before - max_drop:
+        raise _Rejected(f"knowledge of the learned articles {learned.before:.3f}->{learned.after:.3f} "
+                        f"(may fall at most {max_drop:.3f})")
+    return f"knowledge {learned.before:.3f}->{learned.after:.3f}", True
+
+
+def _perplexity(m: RoundMetrics, checks: Checks, spec: LearnerRunSpec, passed: list[str],
+                skipped: list[str]) -> list[str]:
+    p = spec.promotion
+    general = m.ppl.get("general")
+    if general is None or not general.known:
+        raise _missing("the general set's perplexity", "every round measures it")
+    sets: list[tuple[str, Pair, float]] = [("general", general, p.max_perplexity_increase)]
+    fresh = m.ppl.get("fresh")
+    if not checks.fresh:
+        skipped.append("fresh ppl (training.evalArticles is 0)")
+    elif fresh is not None and fresh.known:
+        sets.append(("fresh", fresh, p.max_fresh_perplexity_increase))
+    elif m.held_out == 0:
+        skipped.append("fresh ppl (no held-out article this round)")
+    else:
+        raise _missing("the fresh articles' perplexity", "training.evalArticles is above 0")
+    notes: list[str] = []
+    for name, pair, limit in sets:
+        before, after = float(pair.before or 0.0), float(pair.after or 0.0)
         if not (math.isfinite(before) and math.isfinite(after)) or before <= 0:
-            return Decision(False, None, f"rejected: {name} perplexity is not finite ({before} -> {after})")
+            raise _Rejected(f"{name} perplexity is not finite ({before} -> {after})")
         rise = after / before - 1.0
-        ppl_notes.append(f"{name} ppl {before:.2f}->{after:.2f} ({rise:+.1%}, limit +{limit:.1%})")
+        notes.append(f"{name} ppl {before:.2f}->{after:.2f} ({rise:+.1%}, limit +{limit:.1%})")
         if rise > limit:
             # The perplexity that decided first, then what passed.
-            passed = f"; passed: {', '.join(notes)}" if notes else ""
-            return Decision(False, None, "rejected: " + "; ".join(ppl_notes) + passed)
-    return Decision(True, candidate, "promoted: " + "; ".join(notes + ppl_notes))
-
+            raise _Rejected("; ".join(notes) + (f"; passed: {', '.join(passed)}" if passed else ""))
+    return notes

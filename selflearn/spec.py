@@ -6,20 +6,39 @@ Unknown fields are rejected so that a typo in a manifest is an error, not a sile
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .basemodel import EMBEDDED_MODEL  # noqa: F401 - re-exported: the spec names the bundled model
 from .validation import one_line
+from .yaml_input import load_yaml_file
 
 RUN_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
 # A Kubernetes object name (DNS-1123 subdomain): what a Secret or a PersistentVolumeClaim may be called.
 OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+# A store: file:// with a path, or s3:// with a bucket. The CRD carries it as the field's pattern;
+# `store_uri_problem` says the same in words (and decides first, so users read its message).
+STORE_URI_PATTERN = r"^(file://\S.*|s3://[^/\s].*)$"
+# A run config as JSON (aliases expanded, defaults filled in) stays well under the 1 MiB a trainer
+# reads back (yaml_input.MAX_BYTES) once a driver writes it out as block YAML.
+MAX_RUN_CONFIG_JSON = 256 * 1024
+
+
+def store_uri_problem(uri: str) -> str | None:
+    """Why `uri` names no store (None when it does): `file://` alone would be the current directory."""
+    if re.fullmatch(STORE_URI_PATTERN, uri):
+        return None
+    if uri.startswith("file://"):
+        return (f"{uri!r} has no path (file:// alone is the current directory): write file:///absolute/dir "
+                "or file://./relative/dir")
+    if uri.startswith("s3://"):
+        return f"{uri!r} has no bucket: write s3://bucket or s3://bucket/prefix"
+    return f"{uri!r} must start with file:// or s3://"
 
 
 class _Spec(BaseModel):
@@ -53,7 +72,7 @@ class FeedbackSource(_Spec):
     """What the chat's users said through `/feedback`: corrections and thumbs up/down."""
 
     # Where `/feedback` writes; default: the run's own store, `<storage.uri>/<run>/feedback`.
-    uri: str | None = None
+    uri: str | None = Field(None, pattern=STORE_URI_PATTERN)
     # One client (API key or address) adds at most this many items a round; the rest are dropped.
     per_client_cap: int = Field(5, ge=1, le=10_000)
     # Items learned in one round; the rest wait for the next.
@@ -77,11 +96,11 @@ class FeedbackSource(_Spec):
     # Records newer than this wait for the next round (a write may still be landing).
     grace_seconds: float = Field(5, ge=0, le=86_400)
 
-    @field_validator("uri")
+    @field_validator("uri", mode="before")
     @classmethod
-    def _uri(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("file://", "s3://")):
-            raise ValueError("a feedback uri must start with file:// or s3://")
+    def _uri(cls, v: Any) -> Any:
+        if isinstance(v, str) and (problem := store_uri_problem(v)):
+            raise ValueError(problem)
         return v
 
 
@@ -169,20 +188,19 @@ class ScheduleSpec(_Spec):
 
 
 class StorageSpec(_Spec):
-    uri: str = "file://./.selflearn/checkpoints"
+    uri: str = Field("file://./.selflearn/checkpoints", pattern=STORE_URI_PATTERN)
     endpoint: str | None = None
     region: str | None = None
     credentials_secret: str | None = None
     keep_checkpoints: int = Field(5, ge=1, le=1000)
     delete_on_removal: bool = False
 
-    @field_validator("uri")
+    # Before the pattern above, so that a bad uri reads as a sentence, not as the regex.
+    @field_validator("uri", mode="before")
     @classmethod
-    def _scheme(cls, v: str) -> str:
-        if not (v.startswith("file://") or v.startswith("s3://")):
-            raise ValueError(f"storage.uri must start with file:// or s3://, got {v!r}")
-        if v.startswith("s3://") and len(v) <= len("s3://"):
-            raise ValueError("storage.uri s3:// needs a bucket name")
+    def _scheme(cls, v: Any) -> Any:
+        if isinstance(v, str) and (problem := store_uri_problem(v)):
+            raise ValueError(problem)
         return v
 
 
@@ -289,14 +307,12 @@ def parse_spec(data: dict[str, Any]) -> LearnerRunSpec:
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    """Read a run config: a LearnerRun manifest, a bare spec, or {name, spec}."""
+    """Read a run config: a LearnerRun manifest, a bare spec, or {name, spec}.
+
+    The file is read within yaml_input's limits (size, alias expansion, nesting, no duplicate
+    keys); every problem is a ValueError of one line naming the file."""
     p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"run config {p} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"run config {p} is not valid YAML: {err}") from None
+    doc = load_yaml_file(p, what="run config")
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -306,6 +322,13 @@ def load_run_config(path: str | Path) -> RunConfig:
     elif "spec" not in doc:
         doc = {"name": doc.pop("name", "local"), "spec": doc}
     try:
-        return RunConfig.model_validate(doc)
+        config = RunConfig.model_validate(doc)
     except ValidationError as err:
         raise ValueError(f"invalid run config {p}: {format_validation_error(err)}") from None
+    # Free-form blocks (trainer.resources, tolerations) are written out again by both drivers (the
+    # local run.yaml the trainer reads back, the operator's ConfigMap): bound what they carry.
+    size = len(json.dumps(config.model_dump(by_alias=True, mode="json", exclude_none=True)))
+    if size > MAX_RUN_CONFIG_JSON:
+        raise ValueError(f"run config {p} holds {size / 1024:.0f} KiB as JSON (aliases expanded, defaults filled "
+                         f"in); the limit is {MAX_RUN_CONFIG_JSON // 1024} KiB")
+    return config

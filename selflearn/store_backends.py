@@ -20,6 +20,7 @@ class CheckpointError(RuntimeError):
 class Backend(Protocol):
     def put_file(self, key: str, src: Path) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_if_absent(self, key: str, data: bytes) -> bool: ...
     def get_bytes(self, key: str) -> bytes | None: ...
     def get_file(self, key: str, dest: Path) -> None: ...
     def list_dirs(self, prefix: str) -> list[str]: ...
@@ -52,6 +53,23 @@ class FileBackend:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dst)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write `key` unless it exists; False when it did (someone else's write won)."""
+        dst = self._p(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, dst)  # atomic, and refuses an existing name: a reader never sees half of it
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
 
     def get_bytes(self, key: str) -> bytes | None:
         try:
@@ -119,6 +137,24 @@ class S3Backend:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (`If-None-Match: *`); False when the key exists (412) or another
+        conditional write of it is in flight (409). A store without conditional writes (one that
+        ignores the header, or answers 501) overwrites: callers read the key back and use that."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (409, 412):
+                return False
+            if status != 501:
+                raise
+        self.put_bytes(key, data)
+        return True
 
     def get_bytes(self, key: str) -> bytes | None:
         try:

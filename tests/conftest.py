@@ -10,6 +10,7 @@ and the container end to end.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -127,6 +128,28 @@ def learned_round(tmp_path_factory, s3_server, embedded_model_dir):
     make_bucket("learned")
     return rounds.learn_one_round(uri="s3://learned/runs", endpoint=endpoint,
                                   workdir=tmp_path_factory.mktemp("learned-round"))
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def page(tmp_path):
+    """A page in real headless Chromium (Debian's, driven by playwright), in a fresh profile."""
+    if not shutil.which("chromium") and not os.path.exists(CHROMIUM):
+        pytest.skip("Debian chromium is not installed (bash hack/test-deps.sh)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # A persistent context is how playwright takes a fresh --user-data-dir of our choosing.
+        ctx = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
+                                                   headless=True, args=CHROMIUM_FLAGS)
+        try:
+            yield ctx.pages[0] if ctx.pages else ctx.new_page()
+        finally:
+            ctx.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,31 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
-import pytest
-
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture
-def page(tmp_path):
-    if not shutil.which("chromium") and not shutil.os.path.exists(CHROMIUM):
-        pytest.skip("Debian chromium is not installed (bash hack/test-deps.sh)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        # A persistent context is how playwright takes a fresh --user-data-dir of our choosing.
-        ctx = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
-                                                   headless=True, args=FLAGS)
-        try:
-            yield ctx.pages[0] if ctx.pages else ctx.new_page()
-        finally:
-            ctx.close()
 
 
 def test_typed_message_streams_an_answer_with_its_checkpoint(srv, page):
@@ -89,6 +66,7 @@ def test_dashboard_shows_knowledge_chat_health_examples_and_the_live_round(page,
     from playwright.sync_api import expect
 
     from selflearn.local.serving import web_dir
+    from selflearn.serving.http.chat_routes import WEB
 
     state = {
         "run": "local", "phase": "training", "serving_id": "local/r000001", "rounds": [{
@@ -107,6 +85,7 @@ def test_dashboard_shows_knowledge_chat_health_examples_and_the_live_round(page,
     root = tmp_path / "site"
     (root / "api").mkdir(parents=True)
     (root / "dashboard").symlink_to(web_dir())
+    (root / "static").symlink_to(WEB)  # the chat page's scripts (key.js), which the same server serves
     (root / "api" / "rounds").write_text(json.dumps(state))
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -62,14 +62,14 @@ def test_corrections_from_the_chat_are_learned_by_the_next_round(http, srv, tmp_
         "storage": {"uri": f"file://{tmp_path}/store"}}))
     res = run_round(cfg, 1, parent="base", progress=False)
     assert res.status == "published", res.reason
-    decision = decide(cfg.spec.promotion, res.metrics, candidate=res.checkpoint)
+    decision = decide(cfg.spec, res.metrics, candidate=res.checkpoint)
     assert decision.promote and "corrections preferred" in decision.reason, decision.reason
     store = CheckpointStore.from_uri(cfg.spec.storage.uri)
     manifest = store.manifest(res.checkpoint)
     learned = {f["id"]: f for f in manifest["feedback"]}
     assert set(ids) <= set(learned) and all(learned[i]["kind"] == "correction" for i in ids)
     assert all(len(learned[i]["sha256"]) == 64 and learned[i]["client"] for i in ids)
-    assert res.metrics["feedback"]["corrections"] >= len(ids)
+    assert res.metrics.feedback.corrections >= len(ids)
 
     model = load_checkpoint_model(tmp_path / "cand", store.download(res.checkpoint, tmp_path / "cand"))
     tok = basemodel.load_tokenizer(str(tmp_path / "cand"))

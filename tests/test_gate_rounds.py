@@ -12,6 +12,7 @@ import random
 
 import pytest
 
+from selflearn.contracts import ChatMetrics, Pair
 from selflearn.policy import decide
 from selflearn.trainer.qa import QAPair, make_pairs
 
@@ -33,10 +34,10 @@ def poisoned(article):
 
 def test_a_normal_round_is_promoted_and_knows_more(learned_round):
     res, d = learned_round.result, learned_round.decision
-    k, chat = res.metrics["knowledge"], res.metrics["chat"]
+    k, chat = res.metrics.knowledge.learned, res.metrics.chat.format_ok
     assert d.promote, d.reason
-    assert k["learned"]["after"] > k["learned"]["before"], "it answers better about what it learned"
-    assert chat["format_ok"]["after"] >= chat["format_ok"]["before"]
+    assert k.after > k.before, "it answers better about what it learned"
+    assert chat.after >= chat.before
     assert "chat retention" in d.reason and "knowledge" in d.reason and d.reason.startswith("promoted")
 
 
@@ -47,7 +48,7 @@ def test_raw_text_at_an_absurd_learning_rate_breaks_the_chat_and_is_rejected(lea
     res, d = judge(gate_config(learned_round.storage, format="text", learningRate=3.0e-3), learned_round.next_round())
     assert not d.promote and d.serve is None
     assert d.reason.startswith("rejected: chat"), d.reason
-    assert res.metrics["chat"]["retention"] < 0.95
+    assert res.metrics.chat.retention < 0.95
 
 
 @pytest.mark.full
@@ -56,11 +57,12 @@ def test_a_poisoned_round_is_rejected_on_knowledge(learned_round):
                          pairGenerator="test_gate_rounds:poisoned")
     res, d = judge(config, learned_round.next_round())
     assert not d.promote and d.reason.startswith("rejected"), d.reason
-    k = res.metrics["knowledge"]["learned"]
-    assert k["after"] < k["before"], "it now answers worse about the very articles it trained on"
+    k = res.metrics.knowledge.learned
+    assert k.after < k.before, "it now answers worse about the very articles it trained on"
     # Even a poisoning that kept every chat manner intact is caught: the knowledge check alone.
-    chat_kept = {key: v for key, v in res.metrics.items() if key != "chat"}
-    alone = decide(config.spec.promotion, chat_kept, candidate=res.checkpoint)
+    chat_kept = res.metrics.model_copy(update={"chat": ChatMetrics(format_ok=Pair(before=1.0, after=1.0),
+                                                                   retention=1.0)})
+    alone = decide(config.spec, chat_kept, candidate=res.checkpoint)
     assert not alone.promote and alone.reason.startswith("rejected: knowledge of the learned articles"), alone.reason
 
 

@@ -14,12 +14,17 @@ from selflearn.local.state import apply_result, new_state, next_round, startup_s
 from selflearn.local.state import short_id as checkpoint_id
 from selflearn.local.state_file import load_state, save_state
 from selflearn.local.status import format_table
-from selflearn.spec import PromotionSpec, RunConfig, parse_spec
+from selflearn.spec import RunConfig, parse_spec
 
 
 def cfg(tmp_path, **promotion):
     return RunConfig(name="local", spec=parse_spec({"storage": {"uri": f"file://{tmp_path}/store"},
-                                                   "promotion": promotion}))
+                                                   "training": {"chatEval": False}, "promotion": promotion}))
+
+
+def run_spec(**promotion):
+    """The spec the gate reads: these rounds measure perplexity only (chatEval off)."""
+    return parse_spec({"training": {"chatEval": False}, "promotion": promotion})
 
 
 def published(round_, general=(20.0, 19.0), fresh=(30.0, 29.0)):
@@ -35,7 +40,7 @@ MANIFEST = {"metrics": {"losses": [3.0, 2.8, 2.5]}, "published_at": 100.0,
 
 def test_promoted_round_moves_serving_and_counter(tmp_path):
     st = new_state(cfg(tmp_path))
-    st2, action = apply_result(st, published(1), MANIFEST, PromotionSpec())
+    st2, action = apply_result(st, published(1), MANIFEST, run_spec())
     assert st["round"] == 0 and st["rounds"] == []  # pure: the input is untouched
     assert st2["round"] == 1 and st2["promoted"] == "file:///s/local/r000001" and st2["promoted_id"] == "local/r000001"
     assert action.serve == "file:///s/local/r000001" and action.promote
@@ -44,9 +49,9 @@ def test_promoted_round_moves_serving_and_counter(tmp_path):
 
 
 def test_rejected_round_keeps_serving_and_records_reason(tmp_path):
-    st, _ = apply_result(new_state(cfg(tmp_path)), published(1), MANIFEST, PromotionSpec())
+    st, _ = apply_result(new_state(cfg(tmp_path)), published(1), MANIFEST, run_spec())
     st["serving"] = st["promoted"]
-    st2, action = apply_result(st, published(2, general=(20.0, 40.0)), MANIFEST, PromotionSpec())
+    st2, action = apply_result(st, published(2, general=(20.0, 40.0)), MANIFEST, run_spec())
     assert action.serve is None and not action.promote
     assert st2["promoted"] == "file:///s/local/r000001" and st2["round"] == 2
     assert not st2["rounds"][-1]["promoted"] and st2["rounds"][-1]["reason"].startswith("rejected: general")
@@ -55,25 +60,25 @@ def test_rejected_round_keeps_serving_and_records_reason(tmp_path):
 def test_failed_round_is_retried_under_the_same_number(tmp_path):
     st = new_state(cfg(tmp_path))
     st, action = apply_result(st, {"status": "failed", "round": 1, "reason": "trainer exited with 1"}, None,
-                              PromotionSpec())
+                              run_spec())
     assert st["round"] == 0 and action.serve is None and next_round(st) == 1
-    st, _ = apply_result(st, published(1), MANIFEST, PromotionSpec())
+    st, _ = apply_result(st, published(1), MANIFEST, run_spec())
     assert [r["status"] for r in st["rounds"]] == ["published"]  # the failed attempt is superseded
 
 
 def test_empty_round_advances(tmp_path):
     st, action = apply_result(new_state(cfg(tmp_path)), {"status": "empty", "round": 1, "reason": "empty round"},
-                              None, PromotionSpec())
+                              None, run_spec())
     assert st["round"] == 1 and action.serve is None and st["rounds"][0]["reason"] == "empty round"
 
 
 def test_pin_serves_the_pin(tmp_path):
     pin = "file:///s/local/r000001"
     st = {**new_state(cfg(tmp_path)), "serving": "file:///s/local/r000002"}
-    st, action = apply_result(st, published(3), MANIFEST, PromotionSpec(pinned_checkpoint=pin))
-    assert action.serve == pin and st["promoted"] == pin and "pinned" in st["rounds"][-1]["reason"]
-    assert startup_serving(st, PromotionSpec(pinned_checkpoint=pin), "file:///s/local/r000002") == pin
-    assert startup_serving(st, PromotionSpec(), "file:///s/local/r000002") == "file:///s/local/r000002"
+    st, action = apply_result(st, published(3), MANIFEST, run_spec(pinnedCheckpoint=pin))
+    assert action.serve == pin and st["promoted"] == pin and st["rounds"][-1]["outcome"] == "pin"
+    assert startup_serving(st, run_spec(pinnedCheckpoint=pin).promotion, "file:///s/local/r000002") == pin
+    assert startup_serving(st, run_spec().promotion, "file:///s/local/r000002") == "file:///s/local/r000002"
 
 
 def test_next_round_takes_the_furthest_evidence(tmp_path):
@@ -109,15 +114,15 @@ def test_reconcile_records_checkpoints_published_after_the_last_record(tmp_path)
     ref = store.publish("local", 1, src, m)
     (tmp_path / "store" / "local" / "r000002").mkdir()
     (tmp_path / "store" / "local" / "r000002" / "model.safetensors").write_bytes(b"half")
-    st, action = reconcile(new_state(c), store, c.spec.promotion)
+    st, action = reconcile(new_state(c), store, c.spec)
     assert st["round"] == 1 and st["rounds"][0]["id"] == ref.id and action.serve == ref.uri
-    assert reconcile(st, store, c.spec.promotion)[1] is None  # idempotent
+    assert reconcile(st, store, c.spec)[1] is None  # idempotent
     assert remove_incomplete(store, "local") == ["r000002"]
     assert [r.round for r in store.list("local")] == [1]
 
 
 def test_status_table_is_plain_text(tmp_path):
-    st, _ = apply_result(new_state(cfg(tmp_path)), published(1), MANIFEST, PromotionSpec())
+    st, _ = apply_result(new_state(cfg(tmp_path)), published(1), MANIFEST, run_spec())
     st["rounds"][0]["reason"] = "evil\x1b[2Jreason"
     out = format_table(st, articles=True)
     assert "promoted" in out and "20.00->19.00" in out and "local/r000001" in out
@@ -152,7 +157,7 @@ def test_cli_flags_build_a_network_free_config(tmp_path):
 def test_status_cli_reads_the_state(tmp_path, capsys):
     from selflearn.cli import main
 
-    st, _ = apply_result(new_state(cfg(tmp_path)), published(1), MANIFEST, PromotionSpec())
+    st, _ = apply_result(new_state(cfg(tmp_path)), published(1), MANIFEST, run_spec())
     save_state(tmp_path / "state.json", st)
     assert main(["status", "--data-dir", str(tmp_path)]) == 0
     assert "local/r000001" in capsys.readouterr().out
@@ -169,7 +174,7 @@ def test_a_round_record_carries_knowledge_chat_health_and_examples(tmp_path):
     manifest = {**MANIFEST, "probe": {"examples": [{"question": "What is Chard?", "parent": "A mushroom.",
                                                     "candidate": "A leafy vegetable.", "parent_score": 0.0,
                                                     "candidate_score": 1.0}]}}
-    st, _ = apply_result(new_state(cfg(tmp_path)), res, manifest, PromotionSpec())
+    st, _ = apply_result(new_state(cfg(tmp_path)), res, manifest, run_spec())
     rec = st["rounds"][0]
     assert rec["promoted"] and rec["knowledge"]["learned"]["after"] == 0.4 and rec["chat"]["retention"] == 0.97
     out = format_table(st)
@@ -181,16 +186,16 @@ def test_a_round_record_says_which_feedback_it_learned(tmp_path):
     res = published(1)
     res["metrics"]["feedback"] = {"corrections": 2, "ratings": 8, "pending": 0, "dropped": {"duplicate": 1}}
     manifest = {**MANIFEST, "feedback": [{"id": "ab12", "kind": "correction"}, {"id": "cd34", "kind": "up"}]}
-    st, _ = apply_result(new_state(cfg(tmp_path)), res, manifest, PromotionSpec())
+    st, _ = apply_result(new_state(cfg(tmp_path)), res, manifest, run_spec())
     assert st["rounds"][0]["feedback"]["ids"] == ["ab12", "cd34"]
     assert "2 fix, 8 rated" in format_table(st)
     res2 = published(2)
     res2["metrics"]["feedback"] = {"error": "feedback store unavailable: EndpointConnectionError",
                                    "corrections": 0, "ratings": 0}
-    st, _ = apply_result(st, res2, MANIFEST, PromotionSpec())
+    st, _ = apply_result(st, res2, MANIFEST, run_spec())
     assert "unavailable" in format_table(st)
     res3 = published(3)  # a run without a feedback source
-    st, _ = apply_result(st, res3, MANIFEST, PromotionSpec())
+    st, _ = apply_result(st, res3, MANIFEST, run_spec())
     assert st["rounds"][-1]["feedback"] is None
 
 

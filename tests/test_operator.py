@@ -151,7 +151,7 @@ def test_a_good_round_is_promoted_to_the_rayservice_and_recorded():
             (row,) = st["history"]
             assert (row["round"], row["result"], row["promoted"], row["checkpoint"]) == (1, "promoted", True, uri)
             assert (row["perplexityBefore"], row["perplexityAfter"], row["trainLoss"]) == (20.0, 19.0, 2.5)
-            assert row["reason"].startswith("promoted: general ppl 20.00->19.00")
+            assert row["reason"].startswith("promoted: format 100%") and "general ppl 20.00->19.00" in row["reason"]
             # The next round trains from what is served now.
             r2 = await eventually(lambda: c.jobs("wiki").get("wiki-r2"))
             assert parent_of(r2) == uri

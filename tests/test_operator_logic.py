@@ -61,7 +61,9 @@ def test_history_keeps_the_newest_rows_only():
 def test_the_result_line_is_found_in_a_noisy_termination_message():
     message = "INFO selflearn.trainer: published\n" + json.dumps(RESULT) + "\n"
     result = parse_result(message, round_=3)
-    assert (result.status, result.checkpoint, result.general_ppl) == ("published", RESULT["checkpoint"], (20.0, 19.5))
+    general = result.metrics.ppl_pair("general")
+    assert (result.status, result.checkpoint, general.before, general.after) == ("published", RESULT["checkpoint"],
+                                                                                  20.0, 19.5)
     assert parse_result(json.dumps({"status": "empty", "round": 3, "reason": "no new articles"}), round_=3).reason \
         == "no new articles"
 
@@ -70,6 +72,9 @@ def test_the_result_line_is_found_in_a_noisy_termination_message():
     ("", "no termination message"),
     (json.dumps(RESULT), "for round 3, expected 4"),  # a stale result must not be promoted as round 4
     (json.dumps({**RESULT, "round": 4, "metrics": None}), "no metrics"),
+    # Figures of the wrong type are refused where they are read, not when the gate divides by them.
+    (json.dumps({**RESULT, "round": 4, "metrics": {"ppl": {"general": {"before": "twenty", "after": 19.0}}}}),
+     r"metrics are malformed: ppl.general.before"),
     ("Killed", "last line: 'Killed'"),
 ])
 def test_an_unusable_result_says_what_is_wrong(message: str, why: str):
@@ -110,27 +115,29 @@ def test_a_published_rounds_result_is_rebuilt_from_its_manifest_when_the_pod_is_
     store.publish("wiki", 3, tmp_path / "src", {"metrics": RESULT["metrics"]})
     spec = parse_spec({"storage": {"uri": f"file://{tmp_path}"}})
     result = asyncio.run(storage.manifest_result(None, spec=spec, run="wiki", namespace="default", round_=3))
-    assert (result.checkpoint, result.general_ppl) == (f"file://{tmp_path}/wiki/r000003", (20.0, 19.5))
+    general = result.metrics.ppl_pair("general")
+    assert (result.checkpoint, general.before, general.after) == (f"file://{tmp_path}/wiki/r000003", 20.0, 19.5)
     with pytest.raises(ResultError, match="no manifest for round 4"):
         asyncio.run(storage.manifest_result(None, spec=spec, run="wiki", namespace="default", round_=4))
 
 
 def test_history_shows_what_a_chat_user_would_notice():
+    from selflearn.contracts import RoundMetrics
     from selflearn.operator.results import RoundResult
     from selflearn.policy import decide
-    from selflearn.spec import PromotionSpec
 
-    metrics = {"ppl": {"general": {"before": 20.0, "after": 19.0}},
-               "knowledge": {"learned": {"before": 0.2, "after": 0.4}},
-               "chat": {"retention": 0.97, "format_ok": {"before": 1.0, "after": 1.0}}}
+    metrics = RoundMetrics.parse({"ppl": {"general": {"before": 20.0, "after": 19.0}}, "held_out": 0,
+                                  "knowledge": {"learned": {"before": 0.2, "after": 0.4}, "asked": {"learned": 3}},
+                                  "chat": {"retention": 0.97, "format_ok": {"before": 1.0, "after": 1.0}}})
     result = RoundResult("published", 3, "s3://b/p/run/r000003", metrics)
-    decision = decide(PromotionSpec(), metrics, candidate=result.checkpoint)
+    decision = decide(parse_spec({}), metrics, candidate=result.checkpoint)
     entry = sched.history_entry(round_=3, attempt=1, job="run-r000003", now=datetime(2026, 12, 1, tzinfo=timezone.utc),
                                 result=result, decision=decision)
     assert entry["result"] == "promoted" and entry["knowledgeBefore"] == 0.2 and entry["knowledgeAfter"] == 0.4
     assert entry["chatRetention"] == 0.97 and entry["formatHealth"] == 1.0
     # A round without chat metrics (chatEval off) has none of those fields, rather than nulls.
     plain = sched.history_entry(round_=4, attempt=1, job="run-r000004", now=datetime(2026, 12, 1, tzinfo=timezone.utc),
-                                result=RoundResult("published", 4, "s3://b/p/run/r000004", {"ppl": metrics["ppl"]}),
+                                result=RoundResult("published", 4, "s3://b/p/run/r000004",
+                                                   RoundMetrics(ppl=metrics.ppl)),
                                 decision=decision)
     assert "chatRetention" not in plain and "knowledgeAfter" not in plain

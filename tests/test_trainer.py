@@ -40,8 +40,8 @@ def config(tmp_path, model: str, **training) -> RunConfig:
 def test_a_round_on_the_embedded_model_learns_and_publishes_to_s3(learned_round, tmp_path):
     res, cfg = learned_round.result, learned_round.config
     assert res.status == "published" and res.checkpoint == "s3://learned/runs/gate/r000001"
-    ppl = res.metrics["ppl"]
-    assert ppl["trained"]["after"] < ppl["trained"]["before"], "the round learned its articles"
+    ppl = res.metrics.ppl
+    assert ppl["trained"].after < ppl["trained"].before, "the round learned its articles"
     assert set(ppl) == {"fresh", "trained", "general"}
     manifest = learned_round.store.download(res.checkpoint, tmp_path / "dl")
     assert manifest["parent"] is None and manifest["base_model"] == "embedded:smollm2-135m-instruct"
@@ -61,9 +61,9 @@ def next_round_continues(cfg: RunConfig, first, round_: int, store: CheckpointSt
     assert m2["parent"] == first.checkpoint
     assert not {a["sha256"] for a in m2["articles"]} & {a["sha256"] for a in m1["articles"]}
     # What round 1 measured after training, not the base model's figure: the weights came through.
-    g1, g2 = first.metrics["ppl"]["general"], res.metrics["ppl"]["general"]
-    assert g1["after"] != pytest.approx(g1["before"], rel=2e-3)
-    assert g2["before"] == pytest.approx(g1["after"], rel=2e-3)
+    g1, g2 = first.metrics.ppl["general"], res.metrics.ppl["general"]
+    assert g1.after != pytest.approx(g1.before, rel=2e-3)
+    assert g2.before == pytest.approx(g1.after, rel=2e-3)
 
 
 def test_the_next_round_on_s3_starts_from_the_last_and_never_repeats_an_article(tmp_path, s3_server, tiny_llama_dir):
@@ -84,10 +84,10 @@ def test_the_next_round_on_the_embedded_model_starts_from_the_last(learned_round
 def test_opt_path_full_replay_and_lora(tmp_path, tiny_opt_dir):
     res = run_round(config(tmp_path, tiny_opt_dir), 1, progress=False)
     assert res.status == "published"
-    assert res.metrics["ppl"]["trained"]["after"] < res.metrics["ppl"]["trained"]["before"]
+    assert res.metrics.ppl["trained"].after < res.metrics.ppl["trained"].before
     # Replay mixes round 1's articles back into round 2.
     res2 = run_round(config(tmp_path, tiny_opt_dir, replayFraction=0.5), 2, progress=False)
-    assert res2.metrics["replayed"] >= 1 and res2.parent == res.checkpoint
+    assert res2.metrics.replayed >= 1 and res2.parent == res.checkpoint
     lora = config(tmp_path, tiny_opt_dir, method="lora", lora={"r": 4, "alpha": 8, "merge": False})
     lora.name = "lora"
     res = run_round(lora, 1, progress=False)

@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the chat page and API (default 8000)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--no-serve", action="store_true", help="learn only; start no Ray Serve (headless)")
+    p.add_argument("--allow-degraded", action="store_true",
+                   help="if the promoted checkpoint fails verification or loading, serve the base model and say so "
+                        "(default: refuse to start)")
     p.add_argument("--no-feedback", action="store_true",
                    help="do not learn from the chat's 👍/👎 and corrections (learned by default)")
     p.add_argument("--nice", type=int, default=10, help="niceness of the trainer subprocess (default 10)")
@@ -129,7 +132,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     from .driver import LocalDriver
-    from .serving import start_serving, stop_serving
+    from .serving import served_line, start_serving, stop_serving
 
     config = build_config(args)
     data_dir = Path(args.data_dir).expanduser().resolve()
@@ -158,9 +161,10 @@ def run(args: argparse.Namespace) -> int:
     server = None
     try:
         if not args.no_serve:
-            server = start_serving(driver, port=args.port, host=args.host, serving=state.get("promoted"))
+            server = start_serving(driver, port=args.port, host=args.host, serving=state.get("promoted"),
+                                   allow_degraded=args.allow_degraded)
             print(f"selflearn local: chat on {server.url}/   dashboard {server.url}/dashboard/   "
-                  f"serving {driver.state.get('serving_id')}", flush=True)
+                  f"serving {served_line(server)}", flush=True)
         print(f"selflearn local: run {config.name!r}, next round {driver.next_round()}, store "
               f"{config.spec.storage.uri}, state {driver.state_path}", flush=True)
         driver.loop(rounds=rounds, interval=interval)

@@ -76,7 +76,7 @@ class LocalDriver:
         if gone:
             log.info("removed incomplete checkpoint directories of an interrupted round: %s", gone)
         shutil.rmtree(self.data_dir / "tmp", ignore_errors=True)
-        self.state, _ = reconcile(self.state, self.store, self.config.spec.promotion)
+        self.state, _ = reconcile(self.state, self.store, self.config.spec)
         store_promoted = self.store.promoted(run)
         want = startup_serving(self.state, self.config.spec.promotion, store_promoted.uri if store_promoted else None)
         if want and (store_promoted is None or store_promoted.uri != want):
@@ -175,7 +175,7 @@ class LocalDriver:
         self.on_event("training", {"round": round_, "parent": parent})
         result, manifest = self._published_manifest(self.train(round_, parent))
         self.state["phase"] = "evaluating"
-        self.state, action = apply_result(self.state, result, manifest, self.config.spec.promotion)
+        self.state, action = apply_result(self.state, result, manifest, self.config.spec)
         rec = self.state["rounds"][-1]
         if action.promote and action.serve:
             self.store.set_promoted(self.store.ref_for_uri(action.serve))

@@ -4,15 +4,18 @@ and a round directory it left half-uploaded is removed."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..checkpoints import CheckpointError, CheckpointStore
-from ..contracts import RoundResult
-from ..spec import PromotionSpec
+from ..contracts import ResultError, RoundMetrics, RoundResult
+from ..spec import LearnerRunSpec
 from .state import Action, apply_result
 
+log = logging.getLogger(__name__)
 
-def reconcile(state: dict[str, Any], store: CheckpointStore, promotion: PromotionSpec) -> tuple[dict[str, Any], Action | None]:
+
+def reconcile(state: dict[str, Any], store: CheckpointStore, spec: LearnerRunSpec) -> tuple[dict[str, Any], Action | None]:
     """Record checkpoints the store holds but the state does not (the driver died between publish
     and record), deciding on each from its manifest's metrics, oldest first."""
     known = {r.get("round") for r in state["rounds"] if r.get("status") == "published"}
@@ -24,11 +27,15 @@ def reconcile(state: dict[str, Any], store: CheckpointStore, promotion: Promotio
             manifest = store.manifest(ref)
         except CheckpointError:
             continue
+        try:
+            metrics = RoundMetrics.parse(manifest.get("metrics"), what=f"the metrics in {ref.id}'s manifest")
+        except ResultError as err:
+            log.warning("not recording %s: %s", ref.id, err)
+            continue
         # What the trainer's result line would have carried: no loss curve (round_record reads it from the manifest).
-        metrics = {k: v for k, v in (manifest.get("metrics") or {}).items() if k != "losses"}
         result = RoundResult("published", ref.round, checkpoint=ref.uri, id=ref.id, parent=manifest.get("parent"),
-                             metrics=metrics)
-        state, action = apply_result(state, result, manifest, promotion)
+                             metrics=metrics.summary())
+        state, action = apply_result(state, result, manifest, spec)
         last = action if action.serve else last
     return state, last
 

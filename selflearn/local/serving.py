@@ -53,9 +53,28 @@ class ServedDriver(Protocol):
     def save(self) -> None: ...
 
 
+def check_startup(user_config: dict[str, Any], args: dict[str, Any], *, allow_degraded: bool) -> None:
+    """Refuse (ValueError, one line) before Ray starts: a checkpoint that fails the loader's own
+    verification (unless `allow_degraded`: then the replica serves the base model, marked degraded),
+    or an API key variable that is set but empty."""
+    import os
+
+    from ..serving.config import api_key_of, parse_model_config, parse_settings
+    from ..serving.loader import verify_checkpoint
+
+    settings = parse_settings(args)
+    api_key_of(settings, os.environ)
+    reason = verify_checkpoint(parse_model_config(user_config), settings.engine)
+    if reason and not allow_degraded:
+        raise ValueError(f"{reason} (--allow-degraded serves the base model instead, marked degraded)")
+
+
 def start_serving(driver: ServedDriver, *, port: int, host: str = "127.0.0.1", serving: str | None = None,
-                  app_args: dict[str, Any] | None = None) -> LocalServe:
-    """Start Ray Serve with the chat app on `serving` (None: the base model), the dashboard beside it."""
+                  app_args: dict[str, Any] | None = None, allow_degraded: bool = False) -> LocalServe:
+    """Start Ray Serve with the chat app on `serving` (None: the base model), the dashboard beside it.
+
+    ValueError (one line) when `serving` fails verification, unless `allow_degraded`, or when the
+    replica has nothing to serve."""
     from ..serving.app import start_local
 
     args = {"state_file": str(driver.state_path), "dashboard_dir": str(web_dir()), **(app_args or {})}
@@ -63,12 +82,33 @@ def start_serving(driver: ServedDriver, *, port: int, host: str = "127.0.0.1", s
     if fb is not None:
         # /feedback writes where the run's feedback source reads.
         args.setdefault("feedback_uri", fb.uri or feedback_uri(driver.config.spec.storage.uri, driver.config.name))
-    server = start_local(port=port, host=host, user_config=serve_user_config(driver.config, serving), args=args)
+    if allow_degraded:
+        args["engine"] = {**(args.get("engine") or {}), "allow_base_fallback": True}
+    user_config = serve_user_config(driver.config, serving)
+    check_startup(user_config, args, allow_degraded=allow_degraded)
+    server = start_local(port=port, host=host, user_config=user_config, args=args)
     driver.server = server
     st = server.status()
-    driver.state["serving"], driver.state["serving_id"] = serving, short_id(serving) or st.get("checkpoint")
+    if not st.get("ready"):
+        raise ValueError(f"nothing to serve: {st.get('degraded_reason') or st.get('last_swap_error')}")
+    if st.get("degraded"):  # serving the base model in its stead: the next promotion must swap
+        driver.state["serving"], driver.state["serving_id"] = None, st.get("checkpoint")
+    else:
+        driver.state["serving"], driver.state["serving_id"] = serving, short_id(serving) or st.get("checkpoint")
     driver.save()
     return server
+
+
+def served_line(server: LocalServe) -> str:
+    """What serves, degraded and why, and whether auth is on, for the start-up line."""
+    import os
+
+    from ..serving.cli import serving_note
+    from ..serving.config import api_key_of, parse_settings
+    from ..serving.deployment import APP_NAME
+
+    args = next(a for a in server.config["applications"] if a["name"] == APP_NAME)["args"]
+    return serving_note(server.status(), auth=api_key_of(parse_settings(args), os.environ) is not None)
 
 
 def stop_serving(server: LocalServe | None) -> None:

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-from ..contracts import RoundResult, checkpoint_id_of_uri
-from ..policy import Decision, decide
-from ..spec import PromotionSpec, RunConfig
+from ..contracts import RoundMetrics, RoundResult, checkpoint_id_of_uri
+from ..policy import Decision, Outcome, decide, switch_to
+from ..spec import LearnerRunSpec, PromotionSpec, RunConfig
 
 STATE_VERSION = 1
 MAX_LOSS_POINTS = 400  # per round, in the state file (the manifest keeps all of them)
@@ -52,7 +52,13 @@ def round_record(result: RoundResult, manifest: dict[str, Any] | None,
                  decision: Decision | None) -> dict[str, Any]:
     """What the dashboard and `selflearn status` show about one round."""
     manifest = manifest or {}
-    metrics = {**(manifest.get("metrics") or {}), **(result.metrics or {})}
+    # The result line leaves the per-step losses out: the manifest has them.
+    m = result.metrics or RoundMetrics()
+    losses = m.losses or (RoundMetrics.parse(manifest.get("metrics")).losses if manifest.get("metrics") else [])
+
+    def doc(part: Any) -> Any:
+        return part.model_dump(mode="json", exclude_none=True) if part is not None else {}
+
     return {
         "round": result.round,
         "status": result.status,
@@ -60,25 +66,26 @@ def round_record(result: RoundResult, manifest: dict[str, Any] | None,
         "id": result.id or short_id(result.checkpoint),
         "parent": result.parent or manifest.get("parent"),
         "promoted": bool(decision and decision.promote),
+        "outcome": decision.outcome.value if decision else None,
         "reason": decision.reason if decision else result.reason,
-        "train_loss": metrics.get("train_loss"),
-        "losses": downsample(list(metrics.get("losses") or []), MAX_LOSS_POINTS),
-        "ppl": metrics.get("ppl") or {},
-        "steps": metrics.get("steps"),
-        "train_seconds": metrics.get("train_seconds"),
-        "tokens_per_s": metrics.get("tokens_per_s"),
+        "train_loss": m.train_loss,
+        "losses": downsample(list(losses), MAX_LOSS_POINTS),
+        "ppl": {k: doc(v) for k, v in m.ppl.items()},
+        "steps": m.steps,
+        "train_seconds": m.train_seconds,
+        "tokens_per_s": m.tokens_per_s,
         "articles": [{"title": a.get("title"), "url": a.get("url"), "sha256": a.get("sha256")}
                      for a in manifest.get("articles") or []],
-        "held_out": metrics.get("held_out"),
-        "dropped": metrics.get("dropped"),
+        "held_out": m.held_out,
+        "dropped": m.dropped,
         # What a chat user notices: answers about the learned and held-out articles, chat manners.
-        "knowledge": metrics.get("knowledge") or {},
-        "chat": metrics.get("chat") or {},
-        "format": metrics.get("format"),
-        "qa_pairs": metrics.get("qa_pairs"),
+        "knowledge": doc(m.knowledge),
+        "chat": doc(m.chat),
+        "format": m.format,
+        "qa_pairs": m.qa_pairs,
         # What users said that this round learned (ids as /feedback answered them).
-        "feedback": {**(metrics.get("feedback") or {}),
-                     "ids": [f.get("id") for f in manifest.get("feedback") or []]} if "feedback" in metrics else None,
+        "feedback": {**doc(m.feedback), "ids": [f.get("id") for f in manifest.get("feedback") or []]}
+        if m.feedback is not None else None,
         "examples": (manifest.get("probe") or {}).get("examples") or [],  # a few, chosen by the trainer
         "published_at": manifest.get("published_at"),
         "finished_at": time.time(),
@@ -90,18 +97,18 @@ class Action:
     """What the driver must do after a round: point serving (and the store's pointer) at `serve`."""
 
     serve: str | None
-    promote: bool
+    promote: bool  # move the store's promoted pointer to `serve` (a promotion or a pin)
     decision: Decision | None
 
 
-def decide_round(state: dict[str, Any], result: RoundResult, promotion: PromotionSpec) -> Decision | None:
+def decide_round(state: dict[str, Any], result: RoundResult, spec: LearnerRunSpec) -> Decision | None:
     if result.status != "published":
         return None
-    return decide(promotion, result.metrics, candidate=result.checkpoint, serving=state.get("serving"))
+    return decide(spec, result.metrics, candidate=result.checkpoint, serving=state.get("serving"))
 
 
 def apply_result(state: dict[str, Any], result: AnyResult, manifest: dict[str, Any] | None,
-                 promotion: PromotionSpec) -> tuple[dict[str, Any], Action]:
+                 spec: LearnerRunSpec) -> tuple[dict[str, Any], Action]:
     """Given a round's result and its manifest: the new state and the action.
 
     A published or empty round advances the round counter; a failed one does not (it is retried
@@ -109,19 +116,19 @@ def apply_result(state: dict[str, Any], result: AnyResult, manifest: dict[str, A
     """
     result = as_round_result(result)
     state = copy.deepcopy(state)
-    decision = decide_round(state, result, promotion)
+    decision = decide_round(state, result, spec)
     rec = round_record(result, manifest, decision)
     state["rounds"] = [r for r in state["rounds"] if not (r.get("round") == rec["round"] and r.get("status") == "failed")]
     state["rounds"].append(rec)
     state["current_round"] = None
     if rec["status"] in ("published", "empty"):
         state["round"] = max(int(state.get("round") or 0), int(rec["round"]))
-    serve = None
-    if decision is not None and decision.serve and decision.serve != state.get("serving"):
-        serve = decision.serve
-    if decision is not None and decision.serve:
+    serve = switch_to(decision, state.get("serving"))
+    # The promoted pointer follows a promotion or a pin even when serving needs no move.
+    moves = decision is not None and decision.outcome in (Outcome.PROMOTE, Outcome.PIN) and bool(decision.serve)
+    if moves:
         state["promoted"], state["promoted_id"] = decision.serve, short_id(decision.serve)
-    return state, Action(serve=serve, promote=bool(decision and decision.serve), decision=decision)
+    return state, Action(serve=serve, promote=moves, decision=decision)
 
 
 def startup_serving(state: dict[str, Any], promotion: PromotionSpec, store_promoted: str | None) -> str | None:

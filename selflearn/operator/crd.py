@@ -110,7 +110,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "rule": "(has(self.paths) && size(self.paths) > 0) || (has(self.urls) && size(self.urls) > 0)",
         "message": "a files source needs at least one path or url",
     }]},
-    "storage.uri": {"pattern": r"^(file://.*|s3://.+)$"},
     "trainer.resources": RESOURCES_SCHEMA,
     "serving.resources": RESOURCES_SCHEMA,
     "trainer.tolerations": {"type": "array", "items": TOLERATION_SCHEMA},

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import kopf
 
 from ..contracts import ResultError, RoundResult
-from ..policy import decide
+from ..policy import decide, switch_to
 from ..spec import LearnerRunSpec
 from . import resources as res
 from . import scheduling as sched
@@ -122,7 +122,7 @@ class Reconciliation:
         pin = self.spec.promotion.pinned_checkpoint
         current = self.writer.get("servingCheckpoint")
         if pin and pin != current:
-            decision = decide(self.spec.promotion, None, candidate=None, serving=current)
+            decision = decide(self.spec, None, candidate=None, serving=current)
             await self.serve(decision.serve)
             self.writer.set("servingCheckpoint", decision.serve)
             normal_event(self.body, "Pinned", f"serving the pinned checkpoint {pin}")
@@ -177,18 +177,15 @@ class Reconciliation:
     async def round_succeeded(self, job: JobView, result: RoundResult) -> None:
         now, serving, decision = utcnow(), self.writer.get("servingCheckpoint"), None
         if result.status == "published":
-            p = self.spec.promotion
-            decision = decide(p, result.metrics, candidate=result.checkpoint, serving=serving)
-            if decision.serve and decision.serve != serving:
-                await self.serve(decision.serve)
-                serving = decision.serve
+            decision = decide(self.spec, result.metrics, candidate=result.checkpoint, serving=serving)
+            if (target := switch_to(decision, serving)) is not None:
+                await self.serve(target)
+                serving = target
         entry = sched.history_entry(round_=job.round, attempt=job.attempt, job=job.name, now=now,
                                     result=result, decision=decision)
         self.writer.update(sched.after_round(spec=self.spec, now=now, result=result, serving=serving))
         self.writer.set("history", sched.append_history(self.writer.get("history"), entry, self.config.history_limit))
-        reason = {"promoted": "Promoted", "rejected": "NotPromoted", "pinned": "NotPromoted",
-                  "empty": "EmptyRound"}[entry["result"]]
-        normal_event(self.body, reason, f"round {job.round}: {entry['reason']}")
+        normal_event(self.body, sched.EVENT_REASON[entry["result"]], f"round {job.round}: {entry['reason']}")
 
     async def round_failed(self, job: str, round_: int, attempt: int, reason: str) -> None:
         now = utcnow()

@@ -223,7 +223,7 @@ def serve_args(*, spec: LearnerRunSpec, run: str) -> dict[str, Any]:
 def serve_config(*, spec: LearnerRunSpec, checkpoint: str | None, run: str) -> dict[str, Any]:
     """The Ray Serve config (serveConfigV2): one application, the model and the HTTP ingress."""
     replicas = spec.serving.replicas
-    return {"applications": [deployment.application(
+    return {"controller_options": deployment.controller_options(), "applications": [deployment.application(
         user_config=deployment.run_user_config(spec, checkpoint), args=serve_args(spec=spec, run=run),
         model_replicas=replicas, model_gpus=_gpus(spec.serving.resources),
         ingress_replicas=1 if replicas <= 1 else 2)]}

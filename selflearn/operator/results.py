@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from ..contracts import ResultError, RoundResult, checkpoint_id_of_uri, result_line
+from ..contracts import ResultError, RoundMetrics, RoundResult, checkpoint_id_of_uri, result_line
 from .resources import LABEL_ATTEMPT, LABEL_ROUND, TRAINER_CONTAINER
 
 ACTIVE, SUCCEEDED, FAILED = "active", "succeeded", "failed"
@@ -116,7 +116,8 @@ def result_from_manifest(manifest: Mapping[str, Any], *, round_: int, checkpoint
     metrics = manifest.get("metrics")
     if not isinstance(metrics, dict):
         raise ResultError(f"the manifest of {checkpoint} has no metrics")
-    return RoundResult("published", round_, checkpoint=checkpoint, metrics=metrics,
+    return RoundResult("published", round_, checkpoint=checkpoint,
+                       metrics=RoundMetrics.parse(metrics, what=f"the metrics in {checkpoint}'s manifest").summary(),
                        id=checkpoint_id_of_uri(checkpoint), parent=manifest.get("parent"))
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
-from ..policy import Decision
+from ..policy import Decision, Outcome
 from ..spec import LearnerRunSpec
 from .results import RoundResult
 
@@ -93,6 +93,11 @@ def backoff_seconds(failures: int, *, base: float, cap: float) -> float:
 
 
 # -- status after a round --------------------------------------------------------------------------
+# A round's `result` in the status history, and the Event it raises, by the gate's outcome.
+HISTORY_RESULT = {Outcome.PROMOTE: "promoted", Outcome.PIN: "pinned", Outcome.KEEP: "pinned",
+                  Outcome.REJECT: "rejected"}
+EVENT_REASON = {"promoted": "Promoted", "rejected": "NotPromoted", "pinned": "NotPromoted", "empty": "EmptyRound"}
+
 def history_entry(*, round_: int, attempt: int, job: str, now: datetime, result: RoundResult | None,
                   decision: Decision | None, failure: str | None = None) -> dict[str, Any]:
     """One history row. `result` is None for a failed Job (then `failure` says why)."""
@@ -102,20 +107,17 @@ def history_entry(*, round_: int, attempt: int, job: str, now: datetime, result:
                         "reason": failure or (result.reason if result else None) or "the trainer failed"}
     if result.status == "empty":
         return entry | {"result": "empty", "promoted": False, "reason": result.reason or "no new articles"}
-    before, after = result.general_ppl
-    assert decision is not None
-    if decision.promote:
-        outcome = "promoted"
-    elif decision.reason.startswith("pinned"):
-        outcome = "pinned"
-    else:
-        outcome = "rejected"
-    k_before, k_after = result.knowledge_learned
-    chat = {"knowledgeBefore": k_before, "knowledgeAfter": k_after, "chatRetention": result.chat.get("retention"),
-            "formatHealth": (result.chat.get("format_ok") or {}).get("after")}
-    return entry | {"result": outcome, "promoted": decision.promote, "checkpoint": result.checkpoint,
-                    "trainLoss": result.train_loss, "perplexityBefore": before, "perplexityAfter": after,
-                    **{k: v for k, v in chat.items() if v is not None}, "reason": decision.reason}
+    assert decision is not None and result.metrics is not None
+    m = result.metrics
+    general = m.ppl_pair("general")
+    learned = m.knowledge.learned if m.knowledge and m.knowledge.learned else None
+    chat = {"knowledgeBefore": learned.before if learned else None, "knowledgeAfter": learned.after if learned else None,
+            "chatRetention": m.chat.retention if m.chat else None,
+            "formatHealth": m.chat.format_ok.after if m.chat and m.chat.format_ok else None}
+    return entry | {"result": HISTORY_RESULT[decision.outcome], "promoted": decision.promote,
+                    "checkpoint": result.checkpoint, "trainLoss": m.train_loss, "perplexityBefore": general.before,
+                    "perplexityAfter": general.after, **{k: v for k, v in chat.items() if v is not None},
+                    "reason": decision.reason}
 
 
 def append_history(history: list[Mapping[str, Any]] | None, entry: Mapping[str, Any], limit: int) -> list[dict]:
@@ -127,8 +129,9 @@ def after_round(*, spec: LearnerRunSpec, now: datetime, result: RoundResult, ser
     """Status fields once a round's Job succeeded (published or empty)."""
     fields: dict[str, Any] = {"activeJob": None, "failures": 0, "servingCheckpoint": serving,
                               "nextRoundAt": iso(now + timedelta(seconds=spec.schedule.interval_seconds))}
-    if result.status == "published" and result.general_ppl[1] is not None:
-        fields["lastPerplexity"] = result.general_ppl[1]
+    general = result.metrics.ppl_pair("general") if result.metrics else None
+    if result.status == "published" and general and general.after is not None:
+        fields["lastPerplexity"] = general.after
     return fields
 
 

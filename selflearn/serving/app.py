@@ -68,9 +68,11 @@ class ChatModel:
     async def reconfigure(self, user_config: dict | None) -> None:
         """Serve calls this at start and on every user_config change.
 
-        A bad config or a failed load never raises: it is recorded (status, /metrics) and the
-        replica keeps the weights it has; at start it falls back to the base model. Only a
-        replica that can load nothing at all fails to start.
+        A bad config or a failed load never raises: it is recorded (status, /metrics: degraded,
+        with the reason) and the replica keeps the weights it has. At start it has none: it stays
+        up and unready (/readyz 503) and retries, or with `engine.allow_base_fallback` serves the
+        base model, still degraded. Raising here would fail the replica's start, and Serve would
+        start another that fails the same way.
 
         The first call loads synchronously (the replica is not routed to yet). Later calls return
         at once: Serve takes a replica out of routing while reconfigure runs, so the new weights
@@ -103,6 +105,8 @@ class ChatModel:
         return self.engine.status()
 
     async def check_health(self) -> None:
+        """Serve replaces a replica whose health check raises: only faults a restart mends raise
+        (a dead scheduler, a stuck step). Weights that failed to load do not; see Engine.check_health."""
         if not self._configured:  # deployed without a user_config: load the defaults now
             await self.reconfigure({})
         self.engine.check_health()
@@ -179,7 +183,7 @@ def app_builder(args: dict[str, Any] | None = None):
 def serve_config(*, port: int, host: str = "127.0.0.1", user_config: dict | None = None,
                  args: dict | None = None, app_name: str = APP_NAME, route_prefix: str = "/") -> dict:
     """A declarative Serve config (the shape of a RayService's serveConfigV2) for one application."""
-    return {"http_options": {"host": host, "port": port},
+    return {"http_options": {"host": host, "port": port}, "controller_options": deployment.controller_options(),
             "applications": [application(user_config=user_config, args=args, app_name=app_name,
                                          route_prefix=route_prefix)]}
 
@@ -244,7 +248,8 @@ def deploy(config: dict, *, timeout: float = 600) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
-    client = serve_private.serve_start(http_options=config.get("http_options") or {})
+    client = serve_private.serve_start(http_options=config.get("http_options") or {},
+                                       controller_options=config.get("controller_options"))
     client.deploy_apps(schema, _blocking=False)
     names = [a["name"] for a in config["applications"]]
     deadline = time.monotonic() + timeout

@@ -55,9 +55,9 @@ class Ticket:
         except Exception:  # a consumer that went away must not take the scheduler down
             log.debug("sink of request %s failed", self.id, exc_info=True)
 
-    def fail(self, status: int, message: str) -> None:
+    def fail(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
         self.done = True
-        self._emit(Error(status, message))
+        self._emit(Error(status, message, code=code, param=param))
 
     def start(self, lm: loader_mod.LoadedModel, prompt_len: int, dropped: int) -> None:
         self.lm, self.prompt_len = lm, prompt_len

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 
@@ -25,8 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
                         help="YAML with app args (rate limits, CORS, caps, feedback_uri...; see docs/serving.md)")
     parser.add_argument("--api-key-env", metavar="VAR", default=None,
-                        help="require the API key held in this environment variable (default SELFLEARN_API_KEY "
-                             "if set)")
+                        help="require the API key held in this environment variable, which must be set "
+                             "(default: SELFLEARN_API_KEY if set; else auth is off)")
+    parser.add_argument("--allow-degraded", action="store_true",
+                        help="if the checkpoint fails verification or loading, serve the base model and say so "
+                             "(default: refuse to start)")
     parser.add_argument("--rate-limit", type=float, metavar="PER_MIN", help="requests per minute per client")
     parser.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allowed CORS origin (repeatable)")
     parser.add_argument("--feedback-uri", metavar="URI", help="file:// or s3:// prefix for feedback")
@@ -36,19 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> tuple[dict, dict]:
     """(user_config, app args) from the command line; ValueError with one line when they are bad."""
-    import yaml
-
-    from .config import parse_model_config, parse_settings
+    from ..yaml_input import load_yaml_file
+    from .config import api_key_of, parse_model_config, parse_settings
+    from .loader import verify_checkpoint
 
     app_args: dict = {}
     if args.config:
-        try:
-            with open(args.config) as f:
-                app_args = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ValueError(f"config file {args.config} does not exist") from None
-        except yaml.YAMLError as err:
-            raise ValueError(f"config file {args.config} is not valid YAML: {err}") from None
+        app_args = load_yaml_file(args.config, what="config file") or {}
         if not isinstance(app_args, dict):
             raise ValueError(f"config file {args.config} must be a mapping")
     user_config = dict(app_args.pop("user_config", None) or {})
@@ -63,6 +61,8 @@ def build(args: argparse.Namespace) -> tuple[dict, dict]:
     engine = dict(app_args.get("engine") or {})
     if args.dtype:
         engine["dtype"] = args.dtype
+    if args.allow_degraded:
+        engine["allow_base_fallback"] = True
     if engine:
         app_args["engine"] = engine
     for flag, key in (("api_key_env", "api_key_env"), ("rate_limit", "rate_limit_per_minute"),
@@ -71,19 +71,27 @@ def build(args: argparse.Namespace) -> tuple[dict, dict]:
         if getattr(args, flag) is not None:
             app_args[key] = getattr(args, flag)
     cfg = parse_model_config(user_config)
-    parse_settings(app_args)
-    if cfg.checkpoint:  # fail now, not as a fallback to the base model inside the replica
-        from ..checkpoints import CheckpointError, CheckpointStore
-
-        store, run, round_ = CheckpointStore.for_checkpoint(cfg.checkpoint, endpoint=cfg.storage_endpoint,
-                                                            region=cfg.storage_region)
-        try:
-            store.manifest(store.ref(run, round_))
-        except CheckpointError as err:
-            raise ValueError(str(err)) from None
-        except Exception as err:
-            raise ValueError(f"cannot read checkpoint {cfg.checkpoint}: {type(err).__name__}: {err}") from None
+    settings = parse_settings(app_args)
+    api_key_of(settings, os.environ, option="--api-key-env" if args.api_key_env else "api_key_env")
+    # Fail now, before Ray, rather than serve something else: the loader's own download and checks,
+    # into the cache the replica loads from.
+    reason = verify_checkpoint(cfg, settings.engine)
+    if reason and not settings.engine.allow_base_fallback:
+        raise ValueError(f"{reason} (--allow-degraded serves the base model instead, marked degraded)")
     return user_config, app_args
+
+
+def serving_note(status: dict, *, auth: bool) -> str:
+    """The served id, degraded and why, and whether auth is on: the tail of a start-up line."""
+    served = status.get("checkpoint")
+    if status.get("degraded"):
+        served = f"{served} DEGRADED: {status.get('degraded_reason')}"
+    return f"{served}; {'API key required' if auth else 'auth off: no API key, open to whoever reaches it'}"
+
+
+def startup_line(url: str, status: dict, *, auth: bool) -> str:
+    """What `selflearn serve` prints once it answers."""
+    return f"selflearn serve: {url}/ (chat page), {url}/v1 (OpenAI API); serving {serving_note(status, auth=auth)}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from .app import shutdown, start_local
+    from .config import api_key_of, parse_settings
 
     # Handlers first: Ctrl-C while Ray and the model start up must still end in a clean shutdown.
     stop = threading.Event()
@@ -104,9 +113,10 @@ def run(args: argparse.Namespace) -> int:
         server = start_local(port=args.port, host=args.host, user_config=user_config, args=app_args)
         signal.signal(signal.SIGTERM, on_signal)  # ray.init installs its own SIGTERM handler
         st = server.status()
-        degraded = f" [degraded: {st.get('last_swap_error')}]" if st.get("degraded") else ""
-        print(f"selflearn serve: {server.url}/ (chat page), {server.url}/v1 (OpenAI API); "
-              f"serving {st['checkpoint']}{degraded}", flush=True)
+        if not st.get("ready"):  # the checkpoint passed, but loading it (or the base model) did not
+            raise ValueError(f"nothing to serve: {st.get('degraded_reason') or st.get('last_swap_error')}")
+        auth = api_key_of(parse_settings(app_args), os.environ) is not None
+        print(startup_line(server.url, st, auth=auth), flush=True)
         stop.wait()
     finally:
         shutdown()

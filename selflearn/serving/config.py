@@ -13,12 +13,13 @@ never a silent default:
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import ipaddress
+from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..contracts import CHECKPOINT_URI_RE
-from ..feedback import MAX_PROMPT_CHARS, Correction
+from ..feedback import Correction
 from ..spec import EMBEDDED_MODEL
 from ..validation import field_path, one_line
 
@@ -40,7 +41,7 @@ class GenerationDefaults(_Strict):
 
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int = Field(50, ge=0)
+    top_k: int = Field(50, ge=0, le=100_000)  # as a request's: a value past int64 failed every batch
     max_length: int = Field(128, ge=1)
     repetition_penalty: float = Field(1.1, gt=0, le=10)
     stop: list[str] = Field(default_factory=list, max_length=8)
@@ -108,6 +109,10 @@ class EngineOptions(_Strict):
     max_context_tokens: int = Field(2048, ge=64)
     max_new_tokens_cap: int = Field(512, ge=1)
     cache_dir: str | None = None
+    # A replica whose configured weights fail to load and that has nothing loaded serves the base
+    # model (then the embedded one) and says it is degraded. Off: it stays unready instead, so a
+    # bad checkpoint never passes for the promoted one (`selflearn serve --allow-degraded` sets it).
+    allow_base_fallback: bool = False
 
 
 class ServeSettings(_Strict):
@@ -128,10 +133,15 @@ class ServeSettings(_Strict):
     model_num_cpus: float = Field(0, ge=0)
     # Security and limits.
     api_key: str | None = None
-    api_key_env: str = "SELFLEARN_API_KEY"
+    # None: SELFLEARN_API_KEY if it is set. A variable named here must hold the key (see `api_key_of`).
+    api_key_env: str | None = None
     rate_limit_per_minute: float = Field(0, ge=0)  # 0: off
     rate_limit_burst: int | None = Field(None, ge=1)
+    # Who the client is: the connection's peer, unless the peer is one of `trusted_proxies` (IPs or
+    # CIDRs): then the nearest untrusted address in its X-Forwarded-For. `trust_forwarded_for` believes
+    # the header from every peer (only right behind a proxy that overwrites it; kept for compatibility).
     trust_forwarded_for: bool = False
+    trusted_proxies: list[str] = Field(default_factory=list)
     max_message_chars: int = Field(4000, ge=1, le=1_000_000)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_inflight: int = Field(64, ge=1)
@@ -145,23 +155,74 @@ class ServeSettings(_Strict):
     # Durable feedback: a file:// or s3:// prefix.
     feedback_uri: str | None = None
     # The secret that signs response ids, so that any ingress replica can check an answer a
-    # client sends back with its feedback (one replica's memory does not reach another's). All
-    # replicas must share it; unset, it is derived from the API key and the feedback uri.
+    # client sends back with its feedback (one replica's memory does not reach another's). The
+    # variable (a Kubernetes Secret) wins; unset, the feedback store keeps a random one that every
+    # replica and restart shares. Never derived from anything a client can see.
     feedback_secret_env: str = "SELFLEARN_FEEDBACK_SECRET"
+    # /feedback's own limits (docs/serving.md, "POST /feedback"), apart from chat's. Rates per
+    # minute (0: off); the daily caps count per ingress replica, per UTC day.
+    feedback_rate_limit_per_minute: float = Field(30, ge=0)  # per client address
+    feedback_rate_limit_burst: int | None = Field(10, ge=1)
+    feedback_key_rate_limit_per_minute: float = Field(300, ge=0)  # per API key, when one is required
+    feedback_max_items_per_client_per_day: int = Field(100, ge=1)
+    feedback_max_bytes_per_day: int = Field(64 * 1024 * 1024, ge=64 * 1024)
+    feedback_retention_days: int = Field(30, ge=0)  # days of feedback kept in the store; 0: all
     # Extension points for the one-machine driver.
     dashboard_dir: str | None = None
     state_file: str | None = None
     extra_routes: str | None = None  # "module:function(app, settings)"
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        out = []
+        for item in v:
+            try:
+                out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network (e.g. 10.0.0.0/8 or "
+                                 "192.168.1.7)") from None
+        return out
+
     @model_validator(mode="after")
     def _check(self) -> "ServeSettings":
         if self.feedback_uri and not self.feedback_uri.startswith(("file://", "s3://")):
             raise ValueError("feedback_uri must start with file:// or s3://")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty; give the key, or leave api_key out to run with auth off")
+        if self.api_key_env is not None and not self.api_key_env.strip():
+            raise ValueError("api_key_env is empty; name the environment variable that holds the API key")
         for name in ("safety_filter", "extra_routes"):
             v = getattr(self, name)
             if v and ":" not in v:
                 raise ValueError(f"{name} must be an import path 'module:attribute', got {v!r}")
         return self
+
+
+DEFAULT_API_KEY_ENV = "SELFLEARN_API_KEY"
+
+
+def api_key_of(settings: ServeSettings, environ: Mapping[str, str], *, option: str = "api_key_env") -> str | None:
+    """The API key the settings ask for (None: auth off). ValueError naming the variable when one is
+    named but holds no key, so a missing Secret never turns authentication off in silence.
+
+    `api_key` wins; else the variable `api_key_env` names, which must be set and not blank; else
+    SELFLEARN_API_KEY when it is set (set but blank is refused the same way). `option` is how the
+    user named the variable, for the message (`--api-key-env` on the command line)."""
+    if settings.api_key:
+        return settings.api_key
+    named = settings.api_key_env
+    var = named or DEFAULT_API_KEY_ENV
+    value = environ.get(var)
+    if value is not None and value.strip():
+        return value.strip()  # a key read from a file often ends in a newline no client sends
+    if value is None and named is None:
+        return None  # nothing configured: auth off, and the start-up line says so
+    if named is None:
+        raise ValueError(f"{var} is set but empty: set it to the API key, or unset it to run with auth off")
+    state = "not set" if value is None else "empty"
+    raise ValueError(f"{option} {var}: the variable {var} is {state}; set it to the API key, or leave "
+                     f"{option} out to run with auth off")
 
 
 def initial_user_config(settings: ServeSettings) -> dict[str, Any]:
@@ -185,17 +246,28 @@ def _not_blank(v: str) -> str:
     return v
 
 
-class FeedbackRequest(_Strict):
-    rating: Literal["up", "down"]
-    response_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    conversation_id: str | None = Field(None, pattern=CONVERSATION_ID_RE)
-    correction: Correction | None = None
-    comment: str | None = Field(None, max_length=2_000)
-    # The answer as the client received it, for a response this replica does not remember (the
-    # response id signs them, so they are checked, not trusted).
-    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    reply: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    checkpoint: str | None = Field(None, max_length=2_000)
+# The longest reply, in characters, that `max_new_tokens_cap` tokens can decode to: a generous
+# bound (an English token is about 4 characters; only runs of spaces or symbols reach 32).
+REPLY_CHARS_PER_TOKEN = 32
+
+
+def feedback_request(max_prompt_chars: int, max_reply_chars: int) -> type[BaseModel]:
+    """POST /feedback's body: the prompt and reply it sends back are capped like an answer the
+    server can have given (a message of chat's cap, a reply of the new-token cap)."""
+
+    class FeedbackRequest(_Strict):
+        rating: Literal["up", "down"]
+        response_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+        conversation_id: str | None = Field(None, pattern=CONVERSATION_ID_RE)
+        correction: Correction | None = None
+        comment: str | None = Field(None, max_length=2_000)
+        # The answer as the client received it, for a response this replica does not remember (the
+        # response id signs them, so they are checked, not trusted).
+        prompt: str | None = Field(None, max_length=max_prompt_chars)
+        reply: str | None = Field(None, max_length=max_reply_chars)
+        checkpoint: str | None = Field(None, max_length=2_000)
+
+    return FeedbackRequest
 
 
 
@@ -208,6 +280,8 @@ class RequestModels:
         Stop = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=4)]
 
         class Sampling(_Strict):
+            # Any value these admit is safe for the batch it joins, also those float32 turns into 0
+            # or infinity (top_p 1e-300, temperature 1e-40): sampling.py says how each is handled.
             temperature: float | None = Field(None, ge=0, le=2)
             top_p: float | None = Field(None, gt=0, le=1)
             top_k: int | None = Field(None, ge=0, le=100_000)
@@ -273,4 +347,4 @@ class RequestModels:
 
         self.ChatRequest = ChatRequest
         self.ChatCompletionRequest = ChatCompletionRequest
-        self.FeedbackRequest = FeedbackRequest
+        self.FeedbackRequest = feedback_request(max_message_chars, max_new_tokens_cap * REPLY_CHARS_PER_TOKEN)

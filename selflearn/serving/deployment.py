@@ -19,6 +19,21 @@ IMPORT_PATH = "selflearn.serving.app:app_builder"
 MODEL_DEPLOYMENT = "ChatModel"
 INGRESS_DEPLOYMENT = "ChatIngress"
 
+# Serve's HTTP proxy runs uvicorn, which by default believes X-Forwarded-For from 127.0.0.1 and
+# rewrites the client address with it before any app sees the request (uvicorn's
+# `forwarded_allow_ips`, read from FORWARDED_ALLOW_IPS in the proxy's process): whoever reaches the
+# proxy from its own machine could name a new client per request, past the rate limit and the
+# per-client feedback cap. So the proxy trusts no one and the ingress decides from the raw peer
+# and its own `trusted_proxies` (serving/http/guard.py: ProxyTrust). The proxy actors inherit the
+# Serve controller's environment, which a serve config sets in `controller_options` (Ray applies it
+# when the controller is created: a RayService's first deploy, or `start_local` on a fresh Serve).
+PROXY_ENV = {"FORWARDED_ALLOW_IPS": ""}
+
+
+def controller_options() -> dict[str, Any]:
+    """The serve config's `controller_options`: the proxies' environment (`PROXY_ENV`)."""
+    return {"runtime_env": {"env_vars": dict(PROXY_ENV)}}
+
 
 def model_user_config(*, base_model: str, checkpoint: str | None, storage_endpoint: str | None = None,
                       storage_region: str | None = None) -> dict[str, Any]:

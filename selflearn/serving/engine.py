@@ -5,11 +5,11 @@ the newcomers, merged into the running batch), then runs one decode step for eve
 so sixteen users share each forward pass instead of queueing behind each other, and a newcomer
 waits at most one step to start. Rows leave the batch as soon as they finish.
 
-Hot swap: `configure(user_config)` loads new weights on a loader thread while the old ones keep
-answering; installing them is a single assignment under the lock. Running rows stay in the batch
-of the weights they started on (a batch is bound to one `LoadedModel`), so in-flight requests
-finish on their own weights and new ones start on the new weights. A failed load leaves the old
-weights in place and is reported by `status()`.
+Hot swap (swap.py: `HotSwap`, which the engine is): `configure(user_config)` loads new weights
+on a loader thread while the old ones keep answering; installing them is a single assignment under
+the lock. Running rows stay in the batch of the weights they started on (a batch is bound to one
+`LoadedModel`), so in-flight requests finish on their own weights and new ones start on the new
+weights. A failed load leaves the old weights in place and is reported by `status()`.
 
 The engine knows nothing about Ray or HTTP: tests and benchmarks construct it directly.
 """
@@ -22,11 +22,12 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from ..contracts import END_EVENTS, Done, EngineEvent, Error, base_id
+from ..contracts import END_EVENTS, Done, EngineEvent, Error
 from . import loader as loader_mod
 from .batch import Batch, Sink, Ticket
-from .config import EngineOptions, GenerationDefaults, ModelConfig, parse_model_config
+from .config import EngineOptions
 from .sampling import SamplingParams
+from .swap import HotSwap
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +54,22 @@ def available_cpus() -> int:
     return max(1, n)
 
 
-class Engine:
+def context_error(prompt_tokens: int, new_tokens: int, context: int) -> str:
+    """The message of a prompt that cannot fit, naming the context in effect: the model's own,
+    capped by `max_context_tokens`."""
+    return (f"the prompt is {prompt_tokens} tokens and {new_tokens} new tokens were asked for: more than "
+            f"the {context}-token context; shorten the message or ask for fewer new tokens")
+
+
+class Engine(HotSwap):
     """Continuous-batching generator with hot-swappable weights. Thread-safe public methods."""
 
     def __init__(self, options: EngineOptions | None = None, load: Callable = loader_mod.load):
         self.options = options or EngineOptions()
-        self._load = load
         self._cv = threading.Condition()
-        self._swap_lock = threading.Lock()
         self._waiting: deque[Ticket] = deque()
         self._batches: list[Batch] = []
-        self.current: loader_mod.LoadedModel | None = None
-        self._config: ModelConfig | None = None
-        self._desired: ModelConfig | None = None
-        self.defaults = GenerationDefaults()
-        self._loading: str | None = None
-        self._loader_thread: threading.Thread | None = None
+        self._init_weights(load)
         self._stop = False
         self._heartbeat = time.monotonic()
         self.stats: dict[str, Any] = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "swaps": 0,
@@ -81,83 +82,6 @@ class Engine:
         torch.set_num_threads(self.options.torch_threads or available_cpus())
         self._thread = threading.Thread(target=self._run, name="selflearn-engine", daemon=True)
         self._thread.start()
-
-    # -- weights ---------------------------------------------------------------------------------
-    def configure(self, user_config: Any, *, wait: bool = False) -> bool:
-        """Adopt a user_config. Never raises for a bad config or a failed load: the old weights stay.
-
-        With wait=True the load runs in this thread (first load of a replica); otherwise on a
-        loader thread while the current weights keep answering. Returns False if the config was
-        rejected outright.
-        """
-        try:
-            cfg = parse_model_config(user_config)
-        except ValueError as err:
-            self._record_failure(str(err))
-            if self.current is None and wait:
-                self._desired = ModelConfig()
-                self._load_desired(fallback=True)
-            return False
-        self.defaults = cfg.generation
-        with self._cv:
-            self._desired = cfg
-        if wait:
-            self._load_desired(fallback=self.current is None)
-        elif self._loader_thread is None or not self._loader_thread.is_alive():
-            self._loader_thread = threading.Thread(target=self._load_desired, name="selflearn-loader", daemon=True)
-            self._loader_thread.start()
-        return True
-
-    def _load_desired(self, fallback: bool = False) -> None:
-        with self._swap_lock:  # one load at a time; the newest desired config wins
-            while True:
-                cfg = self._desired
-                if cfg is None or (self._config is not None and cfg.weights_key == self._config.weights_key):
-                    return
-                self._loading = cfg.checkpoint or base_id(cfg.base_model)
-                t0 = time.monotonic()
-                try:
-                    lm = self._load(cfg, self.options)
-                except Exception as err:  # bad checksum, missing files, unreachable store, bad model id
-                    self._record_failure(f"loading {self._loading} failed: {type(err).__name__}: {err}")
-                    with self._cv:
-                        if self._desired is cfg:
-                            self._desired = None
-                    self._loading = None
-                    if fallback and self.current is None:
-                        self._desired = self._fallback_config(cfg)
-                        if self._desired is not None:
-                            continue
-                        raise
-                    return
-                finally:
-                    self._loading = None
-                lm.loaded_at = time.time()
-                with self._cv:
-                    self.current, self._config = lm, cfg
-                    self.stats["swaps"] += 1
-                    self.stats["last_swap_seconds"] = round(time.monotonic() - t0, 3)
-                    self._cv.notify_all()
-                log.info("now serving %s", lm.checkpoint_id)
-
-    @staticmethod
-    def _fallback_config(failed: ModelConfig) -> ModelConfig | None:
-        """A replica with nothing loaded falls back to the base model, then the embedded one."""
-        if failed.checkpoint:
-            return failed.model_copy(update={"checkpoint": None})
-        default = ModelConfig()
-        return default if failed.base_model != default.base_model else None
-
-    def _record_failure(self, message: str) -> None:
-        log.error("%s", message)
-        self.stats["swap_failures"] += 1
-        self.stats["last_swap_error"] = message
-        self.stats["last_swap_error_at"] = time.time()
-
-    def wait_idle_loader(self, timeout: float | None = None) -> None:
-        t = self._loader_thread
-        if t is not None:
-            t.join(timeout)
 
     # -- requests --------------------------------------------------------------------------------
     def resolve_params(self, *, max_new_tokens: int | None = None, temperature: float | None = None,
@@ -182,7 +106,8 @@ class Engine:
         ticket.engine = self
         with self._cv:
             if self.current is None:
-                raise NotReady("the model is still loading")
+                raise NotReady("no model is loaded: its weights failed to load (see /readyz)" if self._failure
+                               else "the model is still loading")
             if params.seed is not None and params.temperature > 0:
                 import torch
 
@@ -278,7 +203,8 @@ class Engine:
             try:
                 ids, dropped = lm.encode(t.messages, context - t.params.max_new_tokens)
             except loader_mod.PromptTooLong as err:
-                t.fail(422, str(err))
+                t.fail(422, context_error(err.prompt_tokens, t.params.max_new_tokens, context),
+                       code="context_length_exceeded", param="messages")
                 continue
             t.start(lm, len(ids), dropped)
             rows.append(t)
@@ -331,22 +257,8 @@ class Engine:
 
     # -- introspection ---------------------------------------------------------------------------
     def status(self) -> dict:
-        cur = self.current
-        desired = self._desired
-        failed_at = self.stats["last_swap_error_at"]
         return {
-            "ready": cur is not None,
-            "checkpoint": cur.checkpoint_id if cur else None,
-            "checkpoint_uri": cur.uri if cur else None,
-            "base_model": cur.base_model if cur else None,
-            "dtype": cur.dtype if cur else None,
-            "chat_template": cur.chat_template if cur else None,
-            "loaded_at": cur.loaded_at if cur else None,
-            "load_seconds": round(cur.load_seconds, 3) if cur else None,
-            "loading": self._loading,
-            "desired": (desired.checkpoint or base_id(desired.base_model)) if desired else None,
-            # The newest swap attempt failed and nothing has loaded since: serving older weights.
-            "degraded": failed_at is not None and (cur is None or failed_at > cur.loaded_at),
+            **self.weights_status(),
             "queue_depth": len(self._waiting),
             "running": self._running_rows(),
             "batches": [{"checkpoint": b.lm.checkpoint_id, "rows": len(b.rows)} for b in list(self._batches)],
@@ -355,11 +267,14 @@ class Engine:
         }
 
     def check_health(self, stall_seconds: float = 120.0) -> None:
-        """Raise if the replica cannot answer: no weights, dead scheduler, or a stuck step."""
+        """Raise if a restart would mend the replica: a dead scheduler, a stuck step (or no weights
+        and none asked for). Weights that failed to load are not such a case (see `_weights_fault`):
+        that replica stays up and unready (/readyz 503, degraded with the reason), retries the load
+        with backoff, and takes the next user_config in place."""
         if not self._thread.is_alive():
             raise RuntimeError("the scheduler thread died")
-        if self.current is None:
-            raise RuntimeError("no model loaded")
+        if (fault := self._weights_fault()) is not None:
+            raise RuntimeError(fault)
         busy = bool(self._waiting) or bool(self._batches)
         if busy and time.monotonic() - self._heartbeat > stall_seconds:
             raise RuntimeError(f"the scheduler made no progress for {stall_seconds:.0f}s")

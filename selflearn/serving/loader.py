@@ -25,7 +25,13 @@ log = logging.getLogger(__name__)
 
 
 class PromptTooLong(ValueError):
-    """The newest message alone does not fit the context next to the requested new tokens."""
+    """The newest message alone does not fit the context next to the requested new tokens.
+
+    Carries the figures; the engine, which knows the effective context, words the error."""
+
+    def __init__(self, prompt_tokens: int, budget: int):
+        super().__init__(f"the prompt is {prompt_tokens} tokens, over the {budget} tokens left for it")
+        self.prompt_tokens, self.budget = prompt_tokens, budget
 
 
 def pick_dtype(name: str):
@@ -84,9 +90,7 @@ class LoadedModel:
             cut = next((i for i in range(1, len(rest)) if rest[i]["role"] == "user"), len(rest) - 1)
             rest, dropped = rest[cut:], dropped + cut
         if len(ids) > budget:
-            raise PromptTooLong(f"the prompt is {len(ids)} tokens, over the {budget} tokens left in the "
-                                f"{self.context_length}-token context after the new tokens; shorten the message "
-                                "or lower max_length")
+            raise PromptTooLong(len(ids), budget)
         return ids, dropped
 
     def decode(self, ids: list[int]) -> str:
@@ -114,6 +118,24 @@ def fetch_checkpoint(cfg: ModelConfig, options: EngineOptions) -> tuple[Path, di
         manifest = store.download(ref, dest)
     _prune(root, keep={dest.name})
     return dest, manifest, ref.id
+
+
+def verify_checkpoint(cfg: ModelConfig, options: EngineOptions) -> str | None:
+    """Why `cfg.checkpoint` cannot be served, in one line (None: it can, or there is none).
+
+    The very download and checks `load` does (every file's sha256 and size, safe file names),
+    into the same cache: a start-up that checks first leaves the replica a verified copy to load."""
+    if not cfg.checkpoint:
+        return None
+    from ..checkpoints import CheckpointError
+
+    try:
+        fetch_checkpoint(cfg, options)
+    except CheckpointError as err:
+        return f"checkpoint failed verification: {err}"  # the message names the checkpoint
+    except Exception as err:  # unreachable store, credentials, a full disk
+        return f"cannot read checkpoint {cfg.checkpoint}: {type(err).__name__}: {err}"
+    return None
 
 
 def _prune(root: Path, keep: set[str], max_dirs: int = 4, min_age_s: float = 3600) -> None:
@@ -215,3 +237,21 @@ def _warm_up(lm: LoadedModel) -> None:
         out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{lm.cache_kw: cache})
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         lm.model(input_ids=nxt, use_cache=True, **{lm.cache_kw: cache})
+
+
+def release_freed_memory() -> None:
+    """Hand the memory Python and torch have freed back to the OS (glibc's `malloc_trim`).
+
+    A swap frees a whole model and its loading's temporaries, and glibc keeps freed heap pages
+    mapped. Measured on the embedded model (bf16): a replica's RSS grew 680 -> 1,160 MB over five
+    swaps, peaking at 1.8 GB while loading, and stayed near 700 MB (peak 1.5 GB) when trimmed after
+    each. Under the example's 3 GiB serving limit the difference let Ray's memory monitor kill the
+    Serve controller and the ingress in a loop during a rollback (requests answered 500)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim this way
+        pass

@@ -3,6 +3,19 @@
 All tensors are (B, V) logits or (B,) per-row parameters; rows with temperature 0 are greedy.
 The rules follow transformers' processors (repetition penalty as in CTRL, then temperature, top-k,
 top-p) so a request behaves the same here as through `model.generate`.
+
+Every value the request validation accepts must be safe here, because one row's failure would
+fail every row of its batch. In float32 a valid parameter can still become 0 or infinite
+(top_p 1e-300 is 0, logits / 1e-40 overflow), so:
+
+* a temperature below `GREEDY_BELOW` (vLLM's epsilon) is greedy, as 0 is;
+* the first top-p candidate always survives, however small top_p (transformers keeps at least one);
+* a repetition penalty below `PENALTY_FLOOR` is floored, and a logit it would still push past
+  float32's range is clamped to it;
+* a row whose probabilities still come out not finite, or summing to zero, takes its greedy token,
+  alone: the other rows sample as usual.
+
+For ordinary values none of these changes a result.
 """
 
 from __future__ import annotations
@@ -10,6 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# vLLM's _SAMPLING_EPS: below it, logits / temperature overflows for ordinary logits anyway.
+GREEDY_BELOW = 1e-5
+# A smaller repetition penalty would divide a model's logits (|x| < 1e4) past float32's max, tying
+# every seen token there; floored, they keep their order (a penalty this small already gives the
+# most likely seen token all the probability).
+PENALTY_FLOOR = 1e-34
 
 
 @dataclass(frozen=True)
@@ -24,19 +44,28 @@ class SamplingParams:
 
 
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """Push down every token already in the row's prompt or output (seen: (B, V) bool)."""
+    """Push down every token already in the row's prompt or output (seen: (B, V) bool).
+
+    A penalty near 0 (or one that float32 rounds to 0) would divide a positive logit to infinity:
+    it is floored at `PENALTY_FLOOR`, and finite logits stay finite whatever they are (clamped to
+    float32's range); infinite ones keep what they were."""
     if not bool((penalty != 1).any()):
         return logits
-    p = penalty[:, None]
+    p = penalty.clamp(min=PENALTY_FLOOR)[:, None]
     penalised = torch.where(logits > 0, logits / p, logits * p)
+    big = torch.finfo(logits.dtype).max
+    penalised = torch.where(logits.isfinite(), penalised.nan_to_num(nan=0.0, posinf=big, neginf=-big), logits)
     return torch.where(seen, penalised, logits)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row: argmax where temperature is 0, else top-k/top-p sampling. Returns (B,) long."""
+    """One token per row: argmax where temperature is (nearly) 0, else top-k/top-p sampling.
+
+    Returns (B,) long. Never raises for a row's parameters: a row whose distribution is not a
+    distribution (not finite, or zero mass) gets its greedy token instead."""
     out = logits.argmax(-1)
-    rows = (temperature > 0).nonzero().flatten()
+    rows = (temperature >= GREEDY_BELOW).nonzero().flatten()
     if rows.numel() == 0:
         return out
     scaled = logits[rows] / temperature[rows, None]
@@ -49,14 +78,20 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     ranks = torch.arange(kmax, device=vals.device)
     vals = vals.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
     probs = vals.softmax(-1)
-    # Nucleus: drop a candidate once the mass before it already reaches top_p (the first always stays).
+    # Nucleus: drop a candidate once the mass before it already reaches top_p; the first always
+    # stays, also when top_p is 0 in float32 (a valid 1e-300 is).
     before = probs.cumsum(-1) - probs
-    vals = vals.masked_fill(before >= top_p[rows, None], float("-inf"))
+    vals = vals.masked_fill((before >= top_p[rows, None]) & (ranks[None, :] > 0), float("-inf"))
     probs = vals.softmax(-1)
+    ok = probs.isfinite().all(-1) & (probs.sum(-1) > 0)
+    if not bool(ok.all()):
+        # A one-hot row keeps multinomial from raising for the whole batch (and draws as much
+        # randomness as any row, so the other rows' draws do not move); the greedy token replaces it.
+        probs = torch.where(ok[:, None], probs, (ranks == 0).to(probs.dtype)[None, :])
     gens = [generators[int(r)] for r in rows]
     if any(g is not None for g in gens):
         choice = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)])
     else:
         choice = torch.multinomial(probs, 1).flatten()
-    out[rows] = idx.gather(-1, choice[:, None]).flatten()
+    out[rows] = torch.where(ok, idx.gather(-1, choice[:, None]).flatten(), out[rows])
     return out

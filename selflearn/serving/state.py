@@ -1,14 +1,20 @@
-"""Ingress-side state: rate limiting, conversation memory, answers awaiting feedback, feedback store,
-and Prometheus metrics. All of it lives in one ingress replica's event loop (no locks needed);
-with several ingress replicas, memory and limits are per replica (route sticky or keep it at one).
+"""Ingress-side state: rate limiting, conversation memory, answers awaiting feedback, the feedback
+store and its daily quota, and Prometheus metrics. All of it lives in one ingress replica's event
+loop (no locks needed); with several ingress replicas, memory and limits are per replica (route
+sticky or keep it at one). The feedback store's secret is the exception: the store holds it, so
+every replica shares it.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import secrets
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -82,7 +88,10 @@ class Conversations:
 
 
 class FeedbackStore:
-    """One JSON object per piece of feedback under a file:// or s3:// prefix (write-then-rename)."""
+    """One JSON object per piece of feedback under a file:// or s3:// prefix (write-then-rename),
+    and beside them the secret that signs response ids (`answer_secret`)."""
+
+    SECRET_KEY = "answer-secret"  # not a record key: readers skip it, rotation never deletes it
 
     def __init__(self, uri: str, endpoint: str | None = None, region: str | None = None):
         from ..checkpoints import CheckpointStore
@@ -90,12 +99,102 @@ class FeedbackStore:
         self.uri = uri.rstrip("/")
         self.store = CheckpointStore.from_uri(self.uri, endpoint=endpoint, region=region)
 
+    @staticmethod
+    def encode(doc: dict) -> bytes:
+        return json.dumps(doc, indent=2, sort_keys=True).encode()
+
     def put(self, doc: dict) -> str:
         from ..feedback import record_key
 
         key = record_key(doc["at"], doc["id"])
-        self.store.put_json(key, doc)
+        self.store.backend.put_bytes(key, self.encode(doc))
         return f"{self.uri}/{key}"
+
+    def answer_secret(self) -> bytes:
+        """32 random bytes, created by the first ingress replica that asks and kept in the store, so
+        every replica and every restart signs with the same key and no client can derive it. Two
+        replicas creating it at once: the first write wins (create-if-absent: a hard link on a
+        file system, `If-None-Match: *` on S3) and both read back and use what is stored."""
+        backend = self.store.backend
+        raw = backend.get_bytes(self.SECRET_KEY)
+        if raw is None:
+            backend.put_if_absent(self.SECRET_KEY, secrets.token_hex(32).encode() + b"\n")
+            for _ in range(10):  # read back what won (after S3's 409 the winning write may still be landing)
+                if (raw := backend.get_bytes(self.SECRET_KEY)) is not None:
+                    break
+                time.sleep(0.2)
+        try:
+            key = bytes.fromhex((raw or b"").decode().strip())
+        except (ValueError, UnicodeDecodeError):
+            key = b""
+        if len(key) < 32:
+            raise ValueError(f"{self.uri}/{self.SECRET_KEY} does not hold a secret (64 hex digits); delete it and "
+                             "the next ingress replica to start makes a new one")
+        return key
+
+    def rotate(self, now: float, keep_days: int) -> list[str]:
+        """Delete the days of feedback older than `keep_days` (0: none); the days deleted."""
+        if keep_days <= 0:
+            return []
+        oldest = time.strftime("%Y-%m-%d", time.gmtime(now - (keep_days - 1) * 86400))
+        gone = [d for d in self.store.backend.list_dirs("") if _DAY.match(d) and d < oldest]
+        for day in gone:
+            self.store.backend.delete_prefix(day)
+        return gone
+
+
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    code: str
+    message: str
+    retry_after: int
+
+
+class FeedbackQuota:
+    """What one ingress replica lets into the feedback store per UTC day: at most `per_client`
+    items from one client and `max_bytes` in all, and one copy of a piece of feedback sent again
+    (`seen`: what was stored for it). Decisions only; the route writes."""
+
+    def __init__(self, per_client: int, max_bytes: int, *, max_clients: int = 100_000, remember: int = 10_000):
+        self.per_client, self.max_bytes, self.max_clients = per_client, max_bytes, max_clients
+        self.day, self.bytes = "", 0
+        self.items: OrderedDict[str, int] = OrderedDict()
+        self.seen = LRU(remember)
+
+    def new_day(self, now: float) -> bool:
+        """Start counting afresh on a new UTC day (also the first call); True when one began."""
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        if day == self.day:
+            return False
+        self.day, self.bytes = day, 0
+        self.items.clear()
+        return True
+
+    def take(self, client: str, size: int, now: float) -> Refusal | None:
+        """Count an item of `size` bytes from `client` in, or say why not (nothing counted)."""
+        self.new_day(now)
+        retry = int(86400 - now % 86400) + 1  # until the next UTC day
+        if self.items.get(client, 0) >= self.per_client:
+            return Refusal(429, "feedback_quota", f"feedback from this client is capped at {self.per_client} items a "
+                           "day (UTC); retry tomorrow", retry)
+        if self.bytes + size > self.max_bytes:
+            return Refusal(503, "feedback_store_full", f"the feedback store took its {self.max_bytes} bytes for "
+                           "today (UTC); retry tomorrow", retry)
+        self.items[client] = self.items.pop(client, 0) + 1
+        while len(self.items) > self.max_clients:
+            self.items.popitem(last=False)
+        self.bytes += size
+        return None
+
+    def give_back(self, client: str, size: int) -> None:
+        """Undo a `take` whose write failed."""
+        if self.items.get(client):
+            self.items[client] -= 1
+        self.bytes = max(0, self.bytes - size)
 
 
 class _EngineCollector:

@@ -116,8 +116,8 @@ def collect(source: Any, run_store: CheckpointStore, run: str, cursor: dict[str,
     rejected candidate learned, with how often; offered once more. A store that cannot be read
     makes a round without feedback, which says why; the cursor then stays put."""
     from ..feedback import select
-    from .base import Article
-    from .pipeline import DEFAULT_BLOCKLIST, BlocklistFilter
+    from ..serving.safety import text_filter
+    from .pipeline import DEFAULT_BLOCKLIST
 
     try:
         reader = FeedbackReader.for_run(source.uri, run_store, run, endpoint=endpoint, region=region)
@@ -128,10 +128,11 @@ def collect(source: Any, run_store: CheckpointStore, run: str, cursor: dict[str,
         why = f"feedback store unavailable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         log.warning("%s; this round learns no feedback", why)
         return FeedbackRound(error=why.strip().rstrip(":"))
-    blocked = BlocklistFilter(list(DEFAULT_BLOCKLIST) + list(blocklist))
+    # Again, whatever /feedback checked: the round's blocklist may differ from serving's, and the
+    # same rules (control tokens, injection phrases, whitespace and Unicode folded) on every text.
     sel = select(read.records, learned_before=learned_before, per_client_cap=source.per_client_cap,
                  max_items=source.max_items, min_ratings=source.min_ratings,
-                 content_filter=lambda text: blocked(Article(title="", text=text, source="feedback")))
+                 content_filter=text_filter(list(DEFAULT_BLOCKLIST) + list(blocklist)))
     out = FeedbackRound(corrections=sel.corrections, ratings=sel.ratings, pending=len(sel.pending),
                         dropped=[(k, f"invalid: {why}") for k, why in read.invalid] + sel.dropped,
                         cursor=FeedbackReader.next_cursor(read, sel.pending),

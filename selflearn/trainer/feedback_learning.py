@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from ..contracts import FeedbackMetrics, PreferenceMetrics
 from ..sources.feedback import FeedbackRound
 from ..spec import RunConfig
 from . import data, knowledge, loop, preference
@@ -57,18 +58,19 @@ def learn(model: Any, tok: Any, config: RunConfig, round_: int, fb: preference.F
 
 
 def metrics(fb_round: FeedbackRound, fb: preference.FeedbackData | None, refs_fb: preference.References | None,
-            stats: dict[str, Any], model: Any, tok: Any, precision: str) -> dict[str, Any]:
+            stats: dict[str, Any], model: Any, tok: Any, precision: str) -> FeedbackMetrics:
     """What the round reports about feedback; `preference` (held-out phrasings, parent -> candidate)
     is what the gate reads."""
-    out = fb_round.summary()
+    out = FeedbackMetrics.model_validate(fb_round.summary())
     if fb is None:
         return out
-    out["pairs"], out["judged"] = len(fb.pairs), len(fb.judged)
-    if fb.held_out:
-        out["preference"] = {"before": refs_fb.held_out_rate, "pairs": len(fb.held_out),
-                             "after": preference.preference_rate(model, tok, fb.held_out, precision=precision)}
-    if stats.get("corrections"):
-        out["correction_steps"], out["correction_loss"] = stats["corrections"].steps, stats["corrections"].final_loss
-    if stats.get("preference"):
-        out["preference_steps"] = stats["preference"]["steps"]
-    return out
+    pref = None
+    if fb.held_out and refs_fb is not None:
+        pref = PreferenceMetrics(before=refs_fb.held_out_rate, pairs=len(fb.held_out),
+                                 after=preference.preference_rate(model, tok, fb.held_out, precision=precision))
+    corrections, prefs = stats.get("corrections"), stats.get("preference")
+    return out.model_copy(update={
+        "pairs": len(fb.pairs), "judged": len(fb.judged), "preference": pref,
+        "correction_steps": corrections.steps if corrections else None,
+        "correction_loss": corrections.final_loss if corrections else None,
+        "preference_steps": prefs["steps"] if prefs else None})

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from ..contracts import ChatMetrics, KnowledgeMetrics, Pair
 from ..prompting import render_example
 from ..sources.base import Article
 from . import probe
@@ -189,21 +190,22 @@ def measure(model: Any, tokenizer: Any, sets: ProbeSets, *, block: int, precisio
     return report
 
 
-def compare(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def compare(before: dict[str, Any], after: dict[str, Any]) -> tuple[ProbeMetrics, dict[str, Any]]:
     """-> (metrics for the gate and the dashboard, what the manifest keeps for people to read)."""
-    def pair(a, b):
-        return {"before": None if a is None else round(a, 4), "after": None if b is None else round(b, 4)}
+    def pair(a, b) -> Pair:
+        return Pair(before=None if a is None else round(a, 4), after=None if b is None else round(b, 4))
 
-    metrics = {
-        "knowledge": {k: pair(before["knowledge"].get(k), after["knowledge"].get(k))
-                      for k in ("learned", "held_out", "general") if after["knowledge"].get(k) is not None},
-        "chat": {"ppl": pair(before["chat_ppl"], after["chat_ppl"]),
-                 "retention": None if probe.retention(before["chat_ppl"], after["chat_ppl"]) is None
-                 else round(probe.retention(before["chat_ppl"], after["chat_ppl"]), 4),
-                 "format_ok": pair(before["format_ok"], after["format_ok"])},
-        "probe_seconds": round(before.get("seconds", 0) + after.get("seconds", 0), 1),
-        "parent_probe_reused": bool(before.get("reused")),
-    }
+    retention = probe.retention(before["chat_ppl"], after["chat_ppl"])
+    metrics = ProbeMetrics(
+        knowledge=KnowledgeMetrics(
+            **{k: pair(before["knowledge"].get(k), after["knowledge"].get(k))
+               for k in ("learned", "held_out", "general") if after["knowledge"].get(k) is not None},
+            asked={k: len(after["answers"].get(k) or []) for k in ("learned", "held_out", "general")}),
+        chat=ChatMetrics(ppl=pair(before["chat_ppl"], after["chat_ppl"]),
+                         retention=None if retention is None else round(retention, 4),
+                         format_ok=pair(before["format_ok"], after["format_ok"])),
+        probe_seconds=round(before.get("seconds", 0) + after.get("seconds", 0), 1),
+        parent_probe_reused=bool(before.get("reused")))
     examples = []
     for b, a in zip(before["answers"].get("learned", []), after["answers"].get("learned", [])):
         examples.append({"question": a["question"], "parent": b["answer"], "candidate": a["answer"],
@@ -231,8 +233,17 @@ def load_generator(path: str | None) -> PairGenerator | None:
     return hook
 
 
-def summary_line(metrics: dict[str, Any]) -> str:
-    k = metrics.get("knowledge", {})
-    c = metrics.get("chat", {})
-    return json.dumps({"event": "probed", "knowledge": k, "chat_retention": c.get("retention"),
-                       "format_ok": c.get("format_ok")})
+def summary_line(metrics: ProbeMetrics) -> str:
+    return json.dumps({"event": "probed", "knowledge": metrics.knowledge.model_dump(mode="json", exclude_none=True),
+                       "chat_retention": metrics.chat.retention,
+                       "format_ok": metrics.chat.format_ok.model_dump(mode="json") if metrics.chat.format_ok else None})
+
+
+@dataclass(frozen=True)
+class ProbeMetrics:
+    """What the probes measured of parent and candidate, as the round's metrics carry it."""
+
+    knowledge: KnowledgeMetrics
+    chat: ChatMetrics
+    probe_seconds: float
+    parent_probe_reused: bool

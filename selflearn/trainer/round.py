@@ -24,7 +24,7 @@ import torch
 
 from .. import basemodel
 from ..checkpoints import CheckpointRef, CheckpointStore
-from ..contracts import RoundResult
+from ..contracts import FeedbackMetrics, Pair, RoundMetrics, RoundResult
 from ..sources.base import Article
 from ..sources.factory import general_language
 from ..sources.snapshot import general_set
@@ -125,7 +125,7 @@ def _probe_parent(store: CheckpointStore, run: str, parent: CheckpointRef | None
 
 
 def _probe_candidate(model: Any, tok: Any, probes: knowledge.ProbeSets, before: dict[str, Any], block: int,
-                     precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
+                     precision: str) -> tuple[knowledge.ProbeMetrics, dict[str, Any]]:
     """-> (the metrics the gate reads, what the manifest shows): the candidate against its parent."""
     after = knowledge.measure(model, tok, probes, block=block, precision=precision)
     after["reusable"] = knowledge.reusable(after, knowledge.fingerprint(probes, precision))
@@ -207,9 +207,9 @@ class _Measured:
     stats: loop.LoopStats
     ppl_before: dict[str, float | None]
     ppl_after: dict[str, float | None]
-    chat_metrics: dict[str, Any]
+    probe: knowledge.ProbeMetrics | None  # None: training.chatEval off
     shown: dict[str, Any] | None  # the example answers, parent vs candidate, for the manifest
-    fb_metrics: dict[str, Any] | None
+    fb_metrics: FeedbackMetrics | None
 
 
 def _train_and_measure(config: RunConfig, round_: int, store: CheckpointStore, parent_ref: CheckpointRef | None,
@@ -234,11 +234,11 @@ def _train_and_measure(config: RunConfig, round_: int, store: CheckpointStore, p
                                        progress=progress, phase=phase, prefer=prefer) if fb_data else {}
     phase("evaluating the candidate")
     ppl_after = {k: loop.perplexity(model, v, precision) for k, v in prep.sets.items()}
-    chat_metrics, shown = ({}, None) if not prep.probes else \
+    probed, shown = (None, None) if not prep.probes else \
         _probe_candidate(model, tok, prep.probes, report_before, t.max_length, precision)
     fb_metrics = feedback_learning.metrics(inputs.feedback, fb_data, fb_refs, fb_stats, model, tok, precision) \
         if inputs.feedback is not None else None
-    return _Measured(stats, ppl_before, ppl_after, chat_metrics, shown, fb_metrics)
+    return _Measured(stats, ppl_before, ppl_after, probed, shown, fb_metrics)
 
 
 def _save(model: Any, tok: Any, spec: Any, out: Path, master: Any, articles: list[Article]) -> None:
@@ -253,32 +253,37 @@ def _save(model: Any, tok: Any, spec: Any, out: Path, master: Any, articles: lis
                                 "extra": a.extra}, default=str) + "\n")
 
 
-def _metrics(spec: Any, inputs: RoundInputs, prep: _Prepared, m: _Measured, phase: _Phases) -> dict[str, Any]:
-    stats, chat = m.stats, prep.chat
-    return {
-        "train_loss": stats.final_loss,
-        "losses": [round(x, 4) for x in stats.losses],
-        "train_tokens": stats.tokens,
-        "train_seconds": round(stats.seconds, 2),
-        "tokens_per_s": round(stats.tokens_per_s, 1),
-        "steps": stats.steps,
-        "ppl": {k: {"before": m.ppl_before[k], "after": m.ppl_after[k]} for k in prep.sets
-                if m.ppl_before[k] is not None},
-        "articles": len(inputs.train),
-        "held_out": len(inputs.held),
-        "replayed": len(prep.replay_docs),
-        "dropped": len(inputs.dropped),
-        "format": spec.training.format,
-        **({"qa_pairs": len(chat.pairs), "chat_replayed": chat.replayed, "qa_reviewed": chat.reviewed,
-            "text_only": len(chat.text_only), "examples_too_long": prep.too_long} if chat else {}),
-        **m.chat_metrics,
-        **({"feedback": m.fb_metrics} if m.fb_metrics is not None else {}),
-        "phase_seconds": phase.seconds(),
-    }
+def _metrics(spec: Any, inputs: RoundInputs, prep: _Prepared, m: _Measured, phase: _Phases) -> RoundMetrics:
+    stats, chat, probed = m.stats, prep.chat, m.probe
+    return RoundMetrics(
+        train_loss=stats.final_loss,
+        losses=[round(x, 4) for x in stats.losses],
+        train_tokens=stats.tokens,
+        train_seconds=round(stats.seconds, 2),
+        tokens_per_s=round(stats.tokens_per_s, 1),
+        steps=stats.steps,
+        ppl={k: Pair(before=m.ppl_before[k], after=m.ppl_after[k]) for k in prep.sets if m.ppl_before[k] is not None},
+        articles=len(inputs.train),
+        held_out=len(inputs.held),
+        replayed=len(prep.replay_docs),
+        dropped=len(inputs.dropped),
+        format=spec.training.format,
+        qa_pairs=len(chat.pairs) if chat else None,
+        chat_replayed=chat.replayed if chat else None,
+        qa_reviewed=chat.reviewed if chat else None,
+        text_only=len(chat.text_only) if chat else None,
+        examples_too_long=prep.too_long if chat else None,
+        knowledge=probed.knowledge if probed else None,
+        chat=probed.chat if probed else None,
+        probe_seconds=probed.probe_seconds if probed else None,
+        parent_probe_reused=probed.parent_probe_reused if probed else None,
+        feedback=m.fb_metrics,
+        phase_seconds=phase.seconds(),
+    )
 
 
 def _manifest(spec: Any, parent_ref: CheckpointRef | None, device: torch.device, precision: str,
-              inputs: RoundInputs, prep: _Prepared, m: _Measured, metrics: dict[str, Any],
+              inputs: RoundInputs, prep: _Prepared, m: _Measured, metrics: RoundMetrics,
               t_start: float) -> dict[str, Any]:
     chat, fb = prep.chat, inputs.feedback
     return {
@@ -289,7 +294,7 @@ def _manifest(spec: Any, parent_ref: CheckpointRef | None, device: torch.device,
         "precision": precision,
         "device": device.type,
         "hyperparameters": spec.training.model_dump(by_alias=True, mode="json"),
-        "metrics": metrics,
+        "metrics": metrics.to_json(),
         "articles": [a.provenance() for a in inputs.train],
         "held_out_articles": [a.provenance() for a in inputs.held],
         "dropped_articles": [{"title": t, "reason": r} for t, r in inputs.dropped],
@@ -351,6 +356,5 @@ def run_round(
     store.put_json(f"{run}/{STATE_KEY}", {**inputs.state, "cursors": inputs.cursors, "last_round": round_})
     store.retain(run, spec.storage.keep_checkpoints, protect=[parent_ref.uri] if parent_ref else [])
     log.info(json.dumps({"event": "published", "checkpoint": ref.uri, "seconds": round(time.time() - t_start, 1)}))
-    summary = {k: v for k, v in metrics.items() if k != "losses"}
-    return RoundResult("published", round_, checkpoint=ref.uri, metrics=summary, id=ref.id,
+    return RoundResult("published", round_, checkpoint=ref.uri, metrics=metrics.summary(), id=ref.id,
                        parent=parent_ref.uri if parent_ref else None)

@@ -289,12 +289,17 @@ class Cluster:
 
 def published(run: str, round_: int, *, before: float = 20.0, after: float = 19.0,
               fresh: tuple[float, float] | None = None, storage: str = "s3://ckpt/runs") -> dict[str, Any]:
-    """The trainer's result line for a published round (the contract in results.py)."""
+    """The trainer's result line for a published round (contracts.RoundResult), with the metrics a
+    round of the default spec measures (chatEval on): chat manners kept, knowledge up, and the
+    fresh articles' perplexity only when `fresh` is given (else no article was held out)."""
     ppl: dict[str, Any] = {"general": {"before": before, "after": after}}
     if fresh:
         ppl["fresh"] = {"before": fresh[0], "after": fresh[1]}
+    metrics = {"train_loss": 2.5, "ppl": ppl, "held_out": 2 if fresh else 0,
+               "chat": {"format_ok": {"before": 1.0, "after": 1.0}, "retention": 1.0},
+               "knowledge": {"learned": {"before": 0.2, "after": 0.3}, "asked": {"learned": 3}}}
     return {"status": "published", "round": round_, "checkpoint": f"{storage}/{run}/r{round_:06d}",
-            "id": f"{run}/r{round_:06d}", "parent": None, "metrics": {"train_loss": 2.5, "ppl": ppl}}
+            "id": f"{run}/r{round_:06d}", "parent": None, "metrics": metrics}
 
 
 async def eventually(probe: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05,

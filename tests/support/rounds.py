@@ -38,7 +38,7 @@ def judge(config: RunConfig, round_: int, *, parent: str = "base") -> tuple[Roun
     """Train round `round_` of `config` from `parent`, and the one promotion policy's verdict on it."""
     res = run_round(config, round_, parent=parent, progress=False)
     assert res.status == "published", res.reason
-    return res, decide(config.spec.promotion, res.metrics, candidate=res.checkpoint)
+    return res, decide(config.spec, res.metrics, candidate=res.checkpoint)
 
 
 @dataclass(frozen=True)

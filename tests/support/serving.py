@@ -60,6 +60,9 @@ def shared_server(*, tiny_model_dir: str, workdir: Path, port: int) -> SharedSer
                  "max_message_chars": 2000, "history_turns": 4, "max_body_bytes": 65536,
                  "dashboard_dir": str(workdir / "dashboard"), "state_file": str(workdir / "state.json"),
                  "extra_routes": "tests.support.serving:extra_routes",
+                 # Every module's feedback comes from 127.0.0.1 here: /feedback's default limit (30 a
+                 # minute per client) has its own tests (tests/test_feedback_guard.py).
+                 "feedback_rate_limit_per_minute": 0,
                  "engine": {"max_new_tokens_cap": 256, "torch_threads": 2}}
     secure_args = {"api_key": API_KEY, "rate_limit_per_minute": 30, "rate_limit_burst": 3,
                    "trust_forwarded_for": True, "blocklist": ["forbiddenword"], "max_inflight": 3,

@@ -24,6 +24,10 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
+# The engine request's `messages` is, here, the body's one `message` (plus the remembered turns).
+FIELDS = {"messages": "message"}
+
+
 def router(svc: ChatService) -> APIRouter:
     r = APIRouter()
     _page_routes(r)
@@ -76,7 +80,7 @@ def _chat_routes(r: APIRouter, svc: ChatService) -> None:
     async def chat(body: M.ChatRequest, request: Request):
         svc.admit(request)
         turn = _Turn.of(svc, body)
-        start, done = await svc.collect(turn.request)
+        start, done = await svc.collect(turn.request, FIELDS)
         rid = svc.remember(done, turn.messages, turn.cid)
         ckpt = done.checkpoint or start.checkpoint
         return JSONResponse(turn.answered(svc, done, ckpt, rid),
@@ -87,7 +91,7 @@ def _chat_routes(r: APIRouter, svc: ChatService) -> None:
         svc.admit(request)
         turn = _Turn.of(svc, body)
         events = svc.events(turn.request)
-        start = await svc.first(events)
+        start = await svc.first(events, FIELDS)
         # Named before the answer exists (start event, header); the end gives the id that signs it.
         rid = new_nonce()
         return StreamingResponse(_chat_stream(svc, turn, events, start, rid), media_type=SSE_MEDIA_TYPE,

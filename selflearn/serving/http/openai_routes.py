@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ...contracts import Done, EngineEvent, Error, base_id
-from .responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, ApiError, sse
+from .responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, ApiError, engine_error, sse
 from .service import ChatService, engine_params
 
 
@@ -98,9 +98,10 @@ class _Chunks:
                                                  "logprobs": None}]})
 
     def end(self, ev: Done | Error, include_usage: bool) -> bytes:
-        """The last chunk: the finish reason (and the usage when asked for), or the error."""
+        """The last chunk: the finish reason (and the usage when asked for), or the error (the
+        shape of every error body: type, param and code as a JSON answer would have them)."""
         if isinstance(ev, Error):
-            return sse({"error": {"message": ev.message, "type": "server_error", "code": str(ev.status)}})
+            return sse(engine_error(ev).body())
         out = self.delta({}, ev.finish_reason)
         if include_usage and ev.usage:
             out += sse({**self._head(), "choices": [], "usage": ev.usage})

@@ -28,7 +28,8 @@ def router(svc: ChatService) -> APIRouter:
         except Exception as err:  # the model deployment is down or not reachable
             return JSONResponse({"ready": False, "reason": f"model unavailable: {type(err).__name__}"}, 503)
         body = {"ready": bool(st.get("ready")), "checkpoint": st.get("checkpoint"),
-                "degraded": bool(st.get("degraded")), "loading": st.get("loading")}
+                "degraded": bool(st.get("degraded")), "degraded_reason": st.get("degraded_reason"),
+                "loading": st.get("loading")}
         headers = {"X-Model-Checkpoint": st["checkpoint"]} if st.get("checkpoint") else None
         return JSONResponse(body, 200 if body["ready"] else 503, headers=headers)
 

@@ -8,7 +8,7 @@ engine `Error` event.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,24 +30,32 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
+    def body(self) -> dict:
+        return error_body(self.status, self.message, self.type, self.param, self.code)
+
 
 def error_body(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code or str(status)}}
 
 
 def json_error(err: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(err.status, err.message, err.type, err.param, err.code), err.status,
-                        headers=err.headers)
+    return JSONResponse(err.body(), err.status, headers=err.headers)
 
 
 # The error type a client sees for the status an engine Error event carries.
 _ENGINE_ERROR_TYPES = {422: "invalid_request_error", 503: "server_busy", 504: "timeout"}
 
 
-def engine_error(ev: Error) -> ApiError:
-    """An engine `Error` event as the HTTP error that answers the request (busy: retry in a second)."""
+def engine_error(ev: Error, fields: Mapping[str, str] | None = None) -> ApiError:
+    """An engine `Error` event as the HTTP error that answers the request (busy: retry in a second).
+
+    The event names the field it is about in the engine request's terms (`messages`); `fields`
+    renames it to the route's own body field (`/chat` takes one `message`)."""
     headers = {"Retry-After": "1"} if ev.status == 503 else None
-    return ApiError(ev.status, ev.message, _ENGINE_ERROR_TYPES.get(ev.status, "server_error"), headers=headers)
+    param = (fields or {}).get(ev.param, ev.param) if ev.param else None
+    code = ev.code or ("timeout" if ev.status == 504 else None)
+    return ApiError(ev.status, ev.message, _ENGINE_ERROR_TYPES.get(ev.status, "server_error"), param=param,
+                    code=code, headers=headers)
 
 
 def sse(data: Any, event: str | None = None) -> bytes:

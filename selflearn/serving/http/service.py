@@ -15,18 +15,20 @@ import hashlib
 import hmac
 import logging
 import os
+import secrets
 import time
 import uuid
-from typing import AsyncIterator, Callable, Iterator, Protocol, TypedDict, TypeVar
+from typing import AsyncIterator, Callable, Iterator, Mapping, Protocol, TypedDict, TypeVar
 
 from fastapi import Request
 
 from ...basemodel import cache_root
 from ...contracts import END_EVENTS, Done, EngineEvent, Error, Start, Token
-from ...feedback import answer_mac
-from ..config import RequestModels, ServeSettings
+from ...feedback import answer_mac, client_hash
+from ..config import RequestModels, ServeSettings, api_key_of
 from ..safety import load_filter
-from ..state import LRU, Conversations, FeedbackStore, Metrics, RateLimiter
+from ..state import LRU, Conversations, FeedbackQuota, FeedbackStore, Metrics, RateLimiter
+from .guard import proxy_trust
 from .responses import ApiError, engine_error
 
 log = logging.getLogger(__name__)
@@ -70,17 +72,24 @@ class ChatService:
         self._status: tuple[float, dict] = (0.0, {})
         feedback_uri = settings.feedback_uri or f"file://{cache_root() / 'feedback'}"
         self.feedback = FeedbackStore(feedback_uri, endpoint=settings.storage_endpoint, region=settings.storage_region)
-        self.api_key = settings.api_key or os.environ.get(settings.api_key_env) or None
-        # Every ingress replica derives the same secret from the same settings.
-        secret = os.environ.get(settings.feedback_secret_env) or f"{self.api_key or ''}\0{feedback_uri}"
-        self.answer_secret = hashlib.sha256(b"selflearn-answers\0" + secret.encode()).digest()
+        # A named variable without a key refuses to start (ValueError) rather than run open.
+        self.api_key = api_key_of(settings, os.environ)
+        if self.api_key is None:
+            log.warning("auth off: no API key configured (api_key, api_key_env or SELFLEARN_API_KEY); "
+                        "every route is open to whoever reaches this server")
+        self.feedback_limiter = RateLimiter(settings.feedback_rate_limit_per_minute, settings.feedback_rate_limit_burst)
+        self.feedback_key_limiter = RateLimiter(settings.feedback_key_rate_limit_per_minute)
+        self.feedback_quota = FeedbackQuota(settings.feedback_max_items_per_client_per_day,
+                                            settings.feedback_max_bytes_per_day)
+        self._secret_read_at = 0.0
+        self.answer_secret = self._answer_secret()
 
     # -- admission -------------------------------------------------------------------------------
     def client(self, request: Request) -> str:
-        """Who is asking, for rate limits and the feedback record (behind a proxy: X-Forwarded-For)."""
-        if self.settings.trust_forwarded_for and (fwd := request.headers.get("x-forwarded-for")):
-            return fwd.split(",")[0].strip()
-        return request.client.host if request.client else "unknown"
+        """Who is asking, for rate limits and the feedback record: the connection's peer, or the client
+        a trusted proxy names in X-Forwarded-For (`guard.ProxyTrust`)."""
+        peer = request.client.host if request.client else None
+        return proxy_trust(self.settings).client(peer, ",".join(request.headers.getlist("x-forwarded-for")))
 
     def admit(self, request: Request) -> None:
         """Raise 429 over the client's rate limit, 503 when this replica has its fill of requests."""
@@ -162,15 +171,16 @@ class ChatService:
             await agen.aclose()
 
     @staticmethod
-    async def first(events: AsyncIterator[EngineEvent]) -> Start:
-        """The stream's `Start` event, before any response is sent: an `Error` is raised instead."""
+    async def first(events: AsyncIterator[EngineEvent], fields: Mapping[str, str] | None = None) -> Start:
+        """The stream's `Start` event, before any response is sent: an `Error` is raised instead
+        (`fields`: the route's names for the engine request's fields, see `engine_error`)."""
         ev = await events.__anext__()
         if isinstance(ev, Error):
             await events.aclose()
-            raise engine_error(ev)
+            raise engine_error(ev, fields)
         return ev
 
-    async def collect(self, req: dict) -> tuple[Start | None, Done]:
+    async def collect(self, req: dict, fields: Mapping[str, str] | None = None) -> tuple[Start | None, Done]:
         """Run a request to the end without streaming: its Start and Done events, output filtered.
         Raises ApiError for an Error event, a timeout (504) or an unreachable model (503)."""
         with self._in_flight():
@@ -182,7 +192,7 @@ class ChatService:
                 raise ApiError(503, self._unavailable(err), "server_busy", headers={"Retry-After": "1"}) from None
         done = res["end"]
         if isinstance(done, Error):
-            raise engine_error(done)
+            raise engine_error(done, fields)
         self.metrics.observe_done(done)
         if not self.safety.check_output(done.text).allowed:
             done = dataclasses.replace(done, text="", finish_reason="content_filter")
@@ -206,6 +216,36 @@ class ChatService:
                     yield on_end(ev)
 
     # -- answers, for feedback -------------------------------------------------------------------
+    def _answer_secret(self) -> bytes:
+        """The key response ids are signed with, never derived from anything a client can see: the
+        one `feedback_secret_env` names (a Kubernetes Secret), else the feedback store's own (random,
+        made once per store, shared by every replica and restart). A store this replica cannot read
+        leaves it a key of its own (its answers take feedback here only) until `verified_answer`
+        reads the store's."""
+        if given := os.environ.get(self.settings.feedback_secret_env):
+            return hashlib.sha256(b"selflearn-answers\0" + given.encode()).digest()
+        self._secret_read_at = time.monotonic()
+        try:
+            return self.feedback.answer_secret()
+        except Exception as err:  # unreachable, denied, a bad object: chat goes on, feedback stays local
+            log.warning("cannot read the feedback secret from %s (%s: %s); answers from this replica take "
+                        "feedback here only until it can", self.feedback.uri, type(err).__name__, err)
+            return secrets.token_bytes(32)
+
+    def admit_feedback(self, request: Request) -> None:
+        """Raise 429 over /feedback's rate limits, kept apart from chat's: per client address, and
+        per API key when one is required (a key shared by many clients still has a ceiling)."""
+        buckets = [(self.feedback_limiter, self.client(request), "this client")]
+        if self.api_key:  # the guard let the request in: it carries this key
+            buckets.append((self.feedback_key_limiter, "key:" + client_hash(self.api_key), "this API key"))
+        for limiter, who, name in buckets:
+            wait = limiter.take(who)
+            if wait > 0:
+                self.metrics.rejected.labels("feedback_rate_limit").inc()
+                raise ApiError(429, f"feedback rate limit of {limiter.rate * 60:g} a minute for {name} exceeded; "
+                               f"retry in {wait:.1f}s", "rate_limit_error", code="rate_limited",
+                               headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+
     def remember(self, done: Done, messages: list[dict], cid: str | None, nonce: str | None = None) -> str:
         """A response id that signs the answer: feedback can name it to any replica, later. A
         stream names its answer before it exists: by `nonce` alone, which this replica also
@@ -231,3 +271,24 @@ class ChatService:
         if not hmac.compare_digest(mac, answer_mac(self.answer_secret, nonce, checkpoint, prompt, reply)):
             return None
         return {"checkpoint": checkpoint, "prompt": prompt, "reply": reply}
+
+    async def verified_answer(self, response_id: str, prompt: str | None, reply: str | None,
+                              checkpoint: str | None) -> dict | None:
+        """`answer_for`, tried once more with the store's secret read again (at most once a minute)
+        when the id does not verify: a replica that started while the store was unreachable, or
+        lost the race to create the secret on a store without conditional writes, catches up."""
+        if (answer := self.answer_for(response_id, prompt, reply, checkpoint)) is not None:
+            return answer
+        if (prompt is None or reply is None or os.environ.get(self.settings.feedback_secret_env)
+                or time.monotonic() - self._secret_read_at < 60):
+            return None
+        self._secret_read_at = time.monotonic()
+        try:
+            secret = await asyncio.to_thread(self.feedback.answer_secret)
+        except Exception:
+            return None
+        if secret == self.answer_secret:
+            return None
+        log.warning("the feedback store's secret differs from the one this replica signed with: using the store's")
+        self.answer_secret = secret
+        return self.answer_for(response_id, prompt, reply, checkpoint)

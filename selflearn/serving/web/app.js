@@ -6,10 +6,7 @@ const $ = (id) => document.getElementById(id);
 const state = { conversationId: null, busy: false };
 
 function headers() {
-  const h = { "Content-Type": "application/json" };
-  const key = $("api-key").value.trim();
-  if (key) h["X-API-Key"] = key;
-  return h;
+  return selflearnKey.headers({ "Content-Type": "application/json" });  // key.js
 }
 
 function showError(text) {
@@ -181,8 +178,7 @@ async function send(message) {
 }
 
 function init() {
-  $("api-key").value = localStorage.getItem("selflearn-api-key") || "";
-  $("api-key").addEventListener("change", () => localStorage.setItem("selflearn-api-key", $("api-key").value));
+  selflearnKey.bind($("api-key"));
   for (const id of ["temperature", "top_p"]) {
     $(id).addEventListener("input", () => { $(`${id}-value`).textContent = $(id).value; });
   }
