@@ -12,6 +12,9 @@
   (selflearn/policy.py), the operator's status, local mode's state and the dashboard. The trainer
   builds it, everyone else reads its fields: a renamed field is a type error, not a gate check
   that silently stops running.
+- **A running round's progress**: the trainer's typed events (`PhaseStarted`, `StepDone`) to its
+  listeners in process, and `RoundProgress`, the small JSON document the trainer keeps in its
+  `--progress-file` for local mode's dashboard and terminal.
 - **Checkpoint ids**: a round's directory `r000007`, its short id `<run>/r000007` (the
   `X-Selflearn-Checkpoint` header, the dashboard, the manifest), and `base:<model>` for the
   untrained base model.
@@ -231,6 +234,52 @@ def write_termination_log(line: str) -> None:
             Path(path).write_text(line[:TERMINATION_MESSAGE_LIMIT])
         except OSError:
             pass
+
+
+# -- a running round's progress ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhaseStarted:
+    """The round entered a phase: loading, evaluating the parent, training, learning corrections, ..."""
+    phase: str
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """One optimizer step of a training phase (`kind`: train | corrections | preference)."""
+    step: int
+    of: int
+    loss: float
+    kind: str = "train"
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+
+
+ProgressEvent = Union[PhaseStarted, StepDone]
+
+
+class RoundProgress(BaseModel):
+    """The progress file's document (`selflearn train --progress-file`): the newest phase and step."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    phase: str = "starting"
+    step: int | None = None
+    of: int | None = None
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    started_at: float | None = None
+    updated_at: float | None = None
+
+    def after(self, event: ProgressEvent, now: float) -> RoundProgress:
+        """This document once `event` happened (a new one: documents are never edited)."""
+        if isinstance(event, PhaseStarted):
+            return self.model_copy(update={"phase": event.phase, "updated_at": now})
+        return self.model_copy(update={"step": event.step, "of": event.of, "loss": event.loss,
+                                       "tokens_per_s": event.tokens_per_s, "eta_s": event.eta_s, "updated_at": now})
 
 
 # -- checkpoint ids --------------------------------------------------------------------------------
