@@ -54,6 +54,7 @@ def main() -> None:
     from selflearn.checkpoints import CheckpointStore
     from selflearn.feedback import client_hash, feedback_uri
     from selflearn.local.driver import LocalDriver
+    from selflearn.local.trainer_process import TrainerOptions
     from selflearn.serving.state import FeedbackStore
     from selflearn.trainer import probe
     from selflearn.trainer.model_io import load_checkpoint_model
@@ -65,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-feedback-") as tmp:
         tmp = Path(tmp)
         if not a.skip_baseline_round:
-            drv = LocalDriver(local_config(tmp / "plain", "--no-feedback"), tmp / "plain", nice=0)
+            drv = LocalDriver(local_config(tmp / "plain", "--no-feedback"), tmp / "plain", trainer=TrainerOptions(nice=0))
             drv.prepare()
             t0 = time.time()
             drv.train(1, None)
@@ -94,12 +95,12 @@ def main() -> None:
                     "response_id": f"r{i}", "prompt": f["question"], "reply": reply, "checkpoint": None,
                     "correction": f["correction"], "client": client_hash(f"10.0.0.{i % a.clients}")})
 
-        drv = LocalDriver(cfg, tmp / "run", nice=0)
+        drv = LocalDriver(cfg, tmp / "run", trainer=TrainerOptions(nice=0))
         drv.prepare()
         t0 = time.time()
         rec = drv.run_round(1)
         out["round_seconds"] = round(time.time() - t0, 1)
-        print(f"round 1: {rec['reason']}", flush=True)
+        print(f"round 1: {rec.reason}", flush=True)
         store = CheckpointStore.from_uri(cfg.spec.storage.uri)
         ref = store.ref(cfg.name, 1)
         manifest = store.manifest(ref)
@@ -115,8 +116,8 @@ def main() -> None:
                              ensure_ascii=False), flush=True)
         general = m["ppl"]["general"]
         out.update({
-            "promoted": bool(rec.get("promoted")),
-            "reason": rec.get("reason"),
+            "promoted": rec.promoted,
+            "reason": rec.reason,
             "feedback_learned": len(manifest.get("feedback", [])),
             "base_recall": recall(base_q, keys),
             "base_recall_paraphrase": recall(base_p, keys),

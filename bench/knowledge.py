@@ -42,9 +42,10 @@ def phases_of(cfg, uri: str | None) -> dict | None:
     if not uri:
         return None
     from selflearn.checkpoints import CheckpointStore
+    from selflearn.local.records import RoundManifest
 
     store = CheckpointStore.from_uri(cfg.spec.storage.uri)
-    return store.manifest(store.ref_for_uri(uri)).get("metrics", {}).get("phase_seconds")
+    return RoundManifest.parse(store.manifest(store.ref_for_uri(uri))).metrics.phase_seconds
 
 
 def main() -> None:
@@ -61,6 +62,7 @@ def main() -> None:
     from selflearn import basemodel
     from selflearn.checkpoints import CheckpointStore
     from selflearn.local.driver import LocalDriver
+    from selflearn.local.trainer_process import TrainerOptions
     from selflearn.sources.base import Article
     from selflearn.sources.snapshot import load_snapshot
     from selflearn.trainer import data, knowledge, loop, probe
@@ -72,14 +74,14 @@ def main() -> None:
         if not a.skip_text_round:
             text_cfg = local_config(tmp / "text", rounds_format="text")
             text_cfg.spec.training.chat_eval = False
-            drv = LocalDriver(text_cfg, tmp / "text", nice=0)
+            drv = LocalDriver(text_cfg, tmp / "text", trainer=TrainerOptions(nice=0))
             drv.prepare()
             t0 = time.time()
             res = drv.train(1, None)
             out["round_seconds_text_format"] = round(time.time() - t0, 1)
             out["phase_seconds_text_format"] = phases_of(text_cfg, res.checkpoint)
         cfg = local_config(tmp / "run")
-        drv = LocalDriver(cfg, tmp / "run", nice=0)
+        drv = LocalDriver(cfg, tmp / "run", trainer=TrainerOptions(nice=0))
         drv.prepare()
         t0 = time.time()
         times, phases = [], []
@@ -87,11 +89,11 @@ def main() -> None:
             t1 = time.time()
             rec = drv.run_round(r)
             times.append(round(time.time() - t1, 1))
-            phases.append(phases_of(cfg, rec.get("checkpoint")))
-            print(f"round {r}: {rec['reason']}  ({times[-1]} s)", flush=True)
+            phases.append(phases_of(cfg, rec.checkpoint))
+            print(f"round {r}: {rec.reason}  ({times[-1]} s)", flush=True)
         loop_s = time.time() - t0
         store = CheckpointStore.from_uri(cfg.spec.storage.uri)
-        final_uri = drv.state.get("promoted")
+        final_uri = drv.state.promoted
         # What the final checkpoint learned: the articles of its own lineage (a rejected round's
         # articles were not learned by the rounds after it, which start from the promoted parent).
         learned: list[Article] = []
@@ -115,8 +117,9 @@ def main() -> None:
             model = model.to(torch.bfloat16).eval()
             rep = knowledge.measure(model, tok, sets, block=L, precision="bf16")
             docs = data.batches(data.pack(data.tokenize(tok, [x.text for x in learned]), L, tok.eos_token_id), 4)
-            rep["ppl_learned"] = loop.perplexity(model, docs, "bf16")
-            return rep
+            return {"answers": rep.answers, "knowledge": rep.knowledge, "chat_ppl": rep.chat_ppl,
+                    "format_ok": rep.format_ok, "format_failures": rep.format_failures,
+                    "ppl_learned": loop.perplexity(model, docs, "bf16")}
 
         base = evaluate(basemodel.load_model(cfg.spec.base_model))
         if final_uri:
@@ -146,9 +149,9 @@ def main() -> None:
 
     out.update({
         "rounds": a.rounds,
-        "promoted": [r.get("promoted") for r in drv.state["rounds"]],
-        "reasons": [r.get("reason") for r in drv.state["rounds"]],
-        "final_checkpoint": drv.state.get("promoted_id"),
+        "promoted": [r.promoted for r in drv.state.rounds],
+        "reasons": [r.reason for r in drv.state.rounds],
+        "final_checkpoint": drv.state.promoted_id,
         "articles_learned": len(learned),
         "held_out_articles": len(held),
         "knowledge_learned_base": r4(base["knowledge"]["learned"]),

@@ -32,7 +32,7 @@ def main() -> None:
                          # The language-model view of learning; bench/knowledge.py measures answers.
                          "format": "text", "chatEval": False},
             "storage": {"uri": f"file://{tmp}/store"}}))
-        res = run_round(cfg, 1, progress=False)
+        res = run_round(cfg, 1)
     ppl = {k: v.model_dump() for k, v in res.metrics.ppl.items()}
     out = {
         "articles": res.metrics.articles,

@@ -105,6 +105,7 @@ def main() -> None:
 
     from selflearn.local.cli import LOCAL_TRAINING
     from selflearn.local.driver import LocalDriver
+    from selflearn.local.events import LocalEvent, RoundRecorded
     from selflearn.local.serving import start_serving, stop_serving
     from selflearn.sources.snapshot import general_set
     from selflearn.spec import RunConfig, parse_spec
@@ -120,10 +121,11 @@ def main() -> None:
         "training": training, "storage": {"uri": f"file://{d / 'checkpoints'}"},
         "promotion": {"maxPerplexityIncrease": 0.02}}))
 
-    def event(kind, doc):
-        if kind == "round":
-            print(f"round {doc['round']}: {doc.get('reason')} (publish->serve {doc.get('publish_to_serve_s')}s)",
-                  file=sys.stderr, flush=True)
+    def event(ev: LocalEvent) -> None:
+        if isinstance(ev, RoundRecorded):
+            rec = ev.record
+            print(f"round {rec.round}: {rec.reason} (publish->serve {rec.publish_to_serve_s}s)", file=sys.stderr,
+                  flush=True)
 
     driver = LocalDriver(config, d, on_event=event)
     driver.prepare()
@@ -144,22 +146,22 @@ def main() -> None:
     first_answer = {}
     for t, ck in load.answers:
         first_answer.setdefault(ck, t)
-    for rec in state["rounds"]:
-        if rec.get("promoted") and rec.get("published_at") and rec["id"] in first_answer:
-            publish_to_serve.append(first_answer[rec["id"]] - rec["published_at"])
+    for rec in state.rounds:
+        if rec.promoted and rec.published_at and rec.id in first_answer:
+            publish_to_serve.append(first_answer[rec.id] - rec.published_at)
 
     store = driver.store
     learned: list[str] = []
-    for rec in state["rounds"]:
-        if rec.get("status") != "published" or not rec.get("checkpoint"):
+    for rec in state.rounds:
+        if rec.status != "published" or not rec.checkpoint:
             continue
-        ref = store.ref_for_uri(rec["checkpoint"])
+        ref = store.ref_for_uri(rec.checkpoint)
         raw = store.checkpoint_file(ref, "articles.jsonl") or b""
         learned += [json.loads(x)["text"] for x in raw.decode().splitlines() if x.strip()]
     general = [x.text for x in general_set("en", config.spec.training.general_articles)]
     texts = {"learned": learned, "general": general}
     base = perplexities(config, store, None, texts)
-    final = perplexities(config, store, state["promoted"], texts) if state["promoted"] else base
+    final = perplexities(config, store, state.promoted, texts) if state.promoted else base
     out = {
         "failed_requests": len(load.failures),
         "total_requests": len(load.answers) + len(load.failures),
@@ -169,8 +171,8 @@ def main() -> None:
         "ppl_general_rise": round(final["general"] / base["general"] - 1, 4),
         "ppl_learned_base": round(base["learned"], 3), "ppl_learned_final": round(final["learned"], 3),
         "ppl_general_base": round(base["general"], 3), "ppl_general_final": round(final["general"], 3),
-        "rounds": len(state["rounds"]), "promoted_rounds": [r["round"] for r in state["rounds"] if r.get("promoted")],
-        "final_checkpoint": state.get("promoted_id"), "articles_learned": len(learned),
+        "rounds": len(state.rounds), "promoted_rounds": [r.round for r in state.rounds if r.promoted],
+        "final_checkpoint": state.promoted_id, "articles_learned": len(learned),
         "failures_sample": load.failures[:3], "wall_s": round(time.time() - t0, 1),
     }
     tmp.cleanup()

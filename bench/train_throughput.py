@@ -69,7 +69,7 @@ def ours(model_dir, texts, lr, batch, accum, epochs):
     master = loop.MasterWeights.for_cpu_bf16(model) if precision == "bf16" and device.type == "cpu" else None
     cfg = loop.LoopConfig(epochs=epochs, gradient_accumulation=accum, learning_rate=lr, weight_decay=0.01,
                           precision=precision)
-    stats = loop.train(model, batches, cfg, master=master, progress=False)
+    stats = loop.train(model, batches, cfg, master=master)
     if master:
         master.restore_fp32(model)
     return {"useful_tokens": useful, "trained_tokens": stats.tokens, "seconds": stats.seconds,

@@ -12,6 +12,8 @@ and size against it, so a crash mid-upload or a flipped byte can never reach a m
 
 from __future__ import annotations
 
+import builtins  # `list` below is also CheckpointStore.list: the builtin by its full name in annotations
+
 import hashlib
 import json
 import os
@@ -133,7 +135,7 @@ class CheckpointStore:
         refs = self.list(run)
         return refs[-1] if refs else None
 
-    def runs(self) -> list[str]:
+    def runs(self) -> builtins.list[str]:
         return [d for d in self.backend.list_dirs("") if not d.startswith(".")]
 
     def manifest(self, ref: CheckpointRef | str) -> dict[str, Any]:
@@ -206,7 +208,7 @@ class CheckpointStore:
         self.backend.put_bytes(f"{ref.run}/{PROMOTED}", json.dumps(doc).encode())
 
     # -- retention ------------------------------------------------------------------------------
-    def retain(self, run: str, keep: int, protect: Iterable[str] = ()) -> list[CheckpointRef]:
+    def retain(self, run: str, keep: int, protect: Iterable[str] = ()) -> builtins.list[CheckpointRef]:
         """Delete all but the newest `keep` checkpoints; never the promoted or `protect`ed ones.
 
         Incomplete directories (no manifest) older than the newest complete one are debris from a
@@ -231,7 +233,7 @@ class CheckpointStore:
                 self.backend.delete_prefix(f"{run}/{d}")
         return deleted
 
-    def remove_incomplete(self, run: str) -> list[str]:
+    def remove_incomplete(self, run: str) -> builtins.list[str]:
         """Delete `run`'s round directories without a manifest (interrupted uploads); their names."""
         gone = [d for d in self.backend.list_dirs(run)
                 if d.startswith("r") and d[1:].isdigit() and self.backend.get_bytes(f"{run}/{d}/{MANIFEST}") is None]

@@ -19,7 +19,10 @@
   `X-Selflearn-Checkpoint` header, the dashboard, the manifest), and `base:<model>` for the
   untrained base model.
 - **Engine events**: what one generation streams from the engine to the HTTP layer (possibly
-  through Ray): one `Start`, `Token`s, then `Done` or `Error`.
+  through Ray): one `Start`, `Token`s, then `Done` or `Error` (`Completion`: the whole answer).
+- **The engine's request and status**: what the ingress asks the model replica for
+  (`EngineRequest`: messages and `RequestParams`) and what the replica says about itself
+  (`EngineStatus`: its weights, queue and counters; `/status` and `/readyz` show it).
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 # -- the round's metrics -----------------------------------------------------------------------------
 
@@ -275,11 +278,17 @@ class RoundProgress(BaseModel):
     updated_at: float | None = None
 
     def after(self, event: ProgressEvent, now: float) -> RoundProgress:
-        """This document once `event` happened (a new one: documents are never edited)."""
+        """This document once `event` happened (a new one: documents are never edited). A new phase
+        has taken no step yet: the previous phase's step, loss and ETA are not its own."""
         if isinstance(event, PhaseStarted):
-            return self.model_copy(update={"phase": event.phase, "updated_at": now})
+            return self.model_copy(update={"phase": event.phase, "step": None, "of": None, "loss": None,
+                                           "tokens_per_s": None, "eta_s": None, "updated_at": now})
         return self.model_copy(update={"step": event.step, "of": event.of, "loss": event.loss,
                                        "tokens_per_s": event.tokens_per_s, "eta_s": event.eta_s, "updated_at": now})
+
+    def to_json(self) -> dict[str, Any]:
+        """The progress file's document: the fields known so far (an unknown one is left out)."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 # -- checkpoint ids --------------------------------------------------------------------------------
@@ -356,3 +365,115 @@ class Error:
 EngineEvent = Union[Start, Token, Done, Error]
 END_EVENTS = (Done, Error)
 
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole answer: the `Start` event (None if the request never got a batch slot) and its end."""
+    start: Start | None
+    end: Done | Error
+
+
+# -- the engine's request and status -----------------------------------------------------------------
+# Both cross Ray between the ingress and the model replica (pickled), so they are frozen dataclasses
+# of plain values. The engine builds the status; `/status` shows `EngineStatus.to_json()` as is.
+
+Message = dict[str, str]  # {"role": system | developer | user | assistant, "content": ...}: the chat template's
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    """What one request asks of the sampler; None takes the deployment's default (`generation` in the
+    ChatModel's user_config). `max_new_tokens` is capped by `engine.max_new_tokens_cap`."""
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    stop: tuple[str, ...] | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One generation: the conversation so far, the newest user message last, and its parameters."""
+    messages: tuple[Message, ...]
+    params: RequestParams = field(default_factory=RequestParams)
+
+
+@dataclass(frozen=True)
+class WeightsStatus:
+    """Which weights answer, which the user_config asks for, and why those differ (`degraded`)."""
+    ready: bool = False  # weights are loaded: requests get answers
+    checkpoint: str | None = None  # the id of what answers: <run>/r000007 or base:<model>
+    checkpoint_uri: str | None = None
+    base_model: str | None = None
+    dtype: str | None = None
+    chat_template: bool | None = None
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    loading: str | None = None  # the id being loaded now
+    desired: str | None = None  # the id asked for while it is not yet (or cannot be) the one serving
+    degraded: bool = False  # what answers (if anything) is not what was asked for
+    degraded_reason: str | None = None
+
+
+@dataclass
+class EngineCounters:
+    """One engine's running totals. Mutable: the engine adds to them; a status carries a copy."""
+    requests: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    swaps: int = 0
+    swap_failures: int = 0
+    last_swap_error: str | None = None
+    last_swap_error_at: float | None = None
+    last_swap_seconds: float | None = None
+    step_errors: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    checkpoint: str  # the weights its rows decode on
+    rows: int
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """The model replica's status (`ChatModel.status`): its weights, its queue, its counters."""
+    weights: WeightsStatus = field(default_factory=WeightsStatus)
+    queue_depth: int = 0  # requests waiting for a batch slot
+    running: int = 0  # requests decoding now
+    batches: tuple[BatchStatus, ...] = ()
+    generation_defaults: dict[str, int | float | list[str]] = field(default_factory=dict)
+    counters: EngineCounters = field(default_factory=EngineCounters)
+
+    @property
+    def unready_reason(self) -> str | None:
+        """Why no weights answer (None: they do), in the words of the failure that left none."""
+        if self.weights.ready:
+            return None
+        return self.weights.degraded_reason or self.counters.last_swap_error or "no weights are loaded yet"
+
+    def to_json(self) -> dict[str, Any]:
+        """One flat document, `/status`'s `model`: the weights' fields, the queue's, the counters'."""
+        return {**asdict(self.weights), "queue_depth": self.queue_depth, "running": self.running,
+                "batches": [asdict(b) for b in self.batches], "generation_defaults": dict(self.generation_defaults),
+                **asdict(self.counters)}
+
+    @classmethod
+    def parse(cls, doc: Mapping[str, Any]) -> EngineStatus:
+        """The one parser of a status document (`to_json`'s shape). ValueError when it is malformed."""
+
+        def part(kind: type) -> dict[str, Any]:
+            return {f.name: doc[f.name] for f in fields(kind) if f.name in doc}
+
+        try:
+            return TypeAdapter(cls).validate_python({**part(cls), "weights": part(WeightsStatus),
+                                                     "counters": part(EngineCounters)})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(x) for x in first["loc"][1:] or first["loc"])
+            raise ValueError(f"engine status is malformed: {where}: {first['msg']}") from None

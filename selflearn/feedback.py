@@ -17,7 +17,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Iterable, Literal
+from typing import AbstractSet, Annotated, Any, Callable, Iterable, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -139,7 +139,7 @@ class Selection:
 
 
 
-def select(records: Iterable[tuple[str, FeedbackRecord]], *, learned_before: set[str] = frozenset(),
+def select(records: Iterable[tuple[str, FeedbackRecord]], *, learned_before: AbstractSet[str] = frozenset(),
            per_client_cap: int = 5, max_items: int = 200, min_ratings: int = 8,
            content_filter: Callable[[str], str | None] | None = None) -> Selection:
     """Choose what a round learns from (key, record) pairs, oldest first.

@@ -32,12 +32,19 @@ class Decision:
         return self.outcome is Outcome.PROMOTE
 
 
-def switch_to(decision: Decision | None, serving: str | None) -> str | None:
-    """What serving must move to after `decision` (both drivers act on this): the promoted
-    candidate or the pin when it is not what serves already; None: stay."""
-    if decision is None or decision.outcome not in (Outcome.PROMOTE, Outcome.PIN) or not decision.serve:
+def promoted_after(decision: Decision | None) -> str | None:
+    """The checkpoint the run stands on after `decision`: the promoted candidate or the pin, even
+    when it serves already (local mode's store pointer follows it); None: unchanged."""
+    if decision is None or decision.outcome not in (Outcome.PROMOTE, Outcome.PIN):
         return None
-    return decision.serve if decision.serve != serving else None
+    return decision.serve
+
+
+def switch_to(decision: Decision | None, serving: str | None) -> str | None:
+    """What serving must move to after `decision` (both drivers act on this): what the run now
+    stands on (`promoted_after`) when it is not what serves already; None: stay."""
+    target = promoted_after(decision)
+    return target if target is not None and target != serving else None
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def test_corrections_from_the_chat_are_learned_by_the_next_round(http, srv, tmp_
         # Two articles are little text against a drift of the general perplexity: allow +5%.
         "promotion": {"maxPerplexityIncrease": 0.05},
         "storage": {"uri": f"file://{tmp_path}/store"}}))
-    res = run_round(cfg, 1, parent="base", progress=False)
+    res = run_round(cfg, 1, parent="base")
     assert res.status == "published", res.reason
     decision = decide(cfg.spec, res.metrics, candidate=res.checkpoint)
     assert decision.promote and "corrections preferred" in decision.reason, decision.reason

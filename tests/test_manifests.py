@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jsonschema
+import kopf
 import kubernetes_validate
 import pytest
 import yaml
@@ -27,7 +28,10 @@ from selflearn.spec import parse_spec
 REPO = Path(__file__).resolve().parents[1]
 RAYSERVICE_CRD = REPO.parent / "shared" / "schemas" / "ray.io_rayservices.yaml"
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
-OWNER = res.owner_reference(run="wiki", uid="9d1c5a54-3d8e-4c34-9d0a-2b6f3e0c1a11")
+# What the operator passes its builders: Kopf's owner reference of the LearnerRun.
+OWNER = kopf.build_owner_reference(kopf.Body({
+    "apiVersion": f"{crd.GROUP}/{crd.VERSION}", "kind": crd.KIND,
+    "metadata": {"name": "wiki", "uid": "9d1c5a54-3d8e-4c34-9d0a-2b6f3e0c1a11"}}))
 EXAMPLES = sorted((REPO / "examples").glob("learnerrun-*.yaml"))
 BAD = sorted((REPO / "tests" / "data" / "bad-learnerruns").glob("*.yaml"))
 
@@ -260,3 +264,33 @@ def test_the_crd_and_the_operator_agree_on_every_bound_and_enum():
             assert (crd_ok, _accepted_by_operator(doc)) == (expected, expected), (".".join(path), value)
             checked += 1
     assert checked > 50
+
+
+def test_the_status_the_operator_writes_passes_the_crds_status_schema():
+    """Strictly (an unknown field fails): the API server would prune what its schema lacks."""
+    from datetime import datetime, timezone
+
+    from selflearn.contracts import RoundMetrics, RoundResult
+    from selflearn.operator import scheduling as sched
+    from selflearn.operator.results import SUCCEEDED, JobView
+    from selflearn.operator.status import LearnerRunStatus
+    from selflearn.policy import decide
+
+    now = datetime(2026, 5, 1, 12, tzinfo=timezone.utc)
+    metrics = RoundMetrics.parse({"train_loss": 2.0, "ppl": {"general": {"before": 20.0, "after": 19.0}}, "held_out": 0,
+                                  "knowledge": {"learned": {"before": 0.2, "after": 0.4}, "asked": {"learned": 3}},
+                                  "chat": {"retention": 0.97, "format_ok": {"before": 1.0, "after": 1.0}}})
+    result = RoundResult("published", 1, "s3://ckpt/runs/wiki/r000001", metrics)
+    s = LearnerRunStatus(phase="Serving", message="round 2 starts at ...", observed_generation=2)
+    s.record(sched.finished_row(job=JobView("wiki-r1", 1, 1, SUCCEEDED), now=now, result=result,
+                                decision=decide(MINIMAL, metrics, candidate=result.checkpoint)), keep=20)
+    s.record(sched.failed_row(round_=2, attempt=1, job="wiki-r2", now=now, reason="OOMKilled"), keep=20)
+    s.set_progress(sched.after_failure(s.progress, now=now, base=30, cap=600))
+    s.conditions = sched.set_condition(s.conditions, type_="Ready", status=True, reason="ServingReady",
+                                       message="serving", now=now, generation=2)
+    doc = {"apiVersion": "selflearn.dev/v1alpha1", "kind": "LearnerRun", "metadata": {"name": "wiki"}, "spec": {},
+           "status": s.stored() | {"activeJob": None}}
+    assert set(doc["status"]["history"][0]) > {"knowledgeAfter", "chatRetention", "finishedAt", "promoted"}
+    assert not [e.message for e in _spec_validator().iter_errors(doc)]
+    doc["status"]["history"][0]["perplexityAftr"] = 19.0
+    assert list(_spec_validator().iter_errors(doc))

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import yaml
 
 from selflearn.operator.handlers import OperatorConfig
-from selflearn.operator.scheduling import parse_time
 from tests.support.operator import Cluster, EmulatorThread, eventually, operator_task, published
 from selflearn.spec import RunConfig
 
@@ -71,6 +71,11 @@ def served(c: Cluster, run: str = "wiki") -> str | None:
 def parent_of(job: dict[str, Any]) -> str:
     cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
     return cmd[cmd.index("--parent") + 1]
+
+
+def seconds(start: str, end: str) -> float:
+    """Between two of the status's timestamps."""
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 def reasons(c: Cluster) -> list[str]:
@@ -199,7 +204,7 @@ def test_a_failed_job_sets_degraded_and_is_retried_with_growing_backoff():
             assert "CUDA out of memory" in degraded["message"] and "BackoffLimitExceeded" in degraded["message"]
             row = st["history"][-1]
             assert (row["round"], row["attempt"], row["result"]) == (1, 1, "failed")
-            assert (parse_time(st["nextRoundAt"]) - parse_time(row["finishedAt"])).total_seconds() == 0.6
+            assert seconds(row["finishedAt"], st["nextRoundAt"]) == 0.6
             await event(c, "RoundFailed")
             # The retry is the same round (same parent), under the next attempt's name.
             retry = await eventually(lambda: c.jobs("wiki").get("wiki-r1-2"), what="retry Job")
@@ -208,8 +213,8 @@ def test_a_failed_job_sets_degraded_and_is_retried_with_growing_backoff():
             await c.finish_job("wiki-r1-2", succeeded=False, log_tail=json.dumps(
                 {"status": "failed", "round": 1, "reason": "storage s3://ckpt is not reachable"}))
             st = await eventually(lambda: status(c).get("failures") == 2 and status(c))
-            backoff = parse_time(st["nextRoundAt"]) - parse_time(st["history"][-1]["finishedAt"])
-            assert backoff.total_seconds() == 1.2  # 0.6s after the first failure, doubled after the second
+            # 0.6s after the first failure, doubled after the second
+            assert seconds(st["history"][-1]["finishedAt"], st["nextRoundAt"]) == 1.2
             assert "storage s3://ckpt is not reachable" in cond(c, "Degraded")["message"]
             await eventually(lambda: "wiki-r1-3" in c.jobs("wiki"), what="second retry")
             await c.finish_job("wiki-r1-3", result=published("wiki", 1))
@@ -360,5 +365,47 @@ def test_a_trainer_pod_that_cannot_start_is_said_in_the_status_and_an_event():
             assert st["message"] == ('round 1 cannot start (Job wiki-r1): ImagePullBackOff: '
                                      'Back-off pulling image "registry.example/trainer:nope"')
             await event(c, "TrainerCannotStart")
+
+    asyncio.run(scenario())
+
+
+async def set_status(c: Cluster, fields: dict[str, Any], run: str = "wiki") -> None:
+    """Write the status as someone else would (another operator version, a person with kubectl)."""
+    await c.api.patch("selflearn.dev/v1alpha1", "learnerruns", "default", run, {"status": fields},
+                      subresource="status")
+
+
+def test_a_status_an_older_operator_wrote_is_repaired_or_refused_naming_the_field():
+    """What the operator rewrites anyway (a history row with a result it no longer knows, a retired
+    condition) is dropped and the run goes on; a round number it cannot read stops the run, saying
+    which field, until a person fixes it: guessing could train a round again or serve other weights."""
+    async def scenario():
+        async with cluster() as c:
+            await started(c)
+            await eventually(lambda: status(c).get("activeJob") == "wiki-r1" and cond(c, "Ready"))
+            old = {"round": 0, "attempt": 1, "job": "wiki-r0", "result": "skipped", "promoted": False,
+                   "reason": "written by an older operator", "finishedAt": "2026-01-01T00:00:00Z"}
+            await set_status(c, {"history": [old], "conditions": status(c)["conditions"] + [
+                {"type": "Progressing", "status": "True", "reason": "Old", "message": ""}]})
+            await event(c, "StatusRepaired")
+            await eventually(lambda: status(c).get("history") == [] and len(status(c)["conditions"]) == 3,
+                             what="the old row and condition removed")
+            assert {x["type"] for x in status(c)["conditions"]} == {"Ready", "TrainerRunning", "Degraded"}
+
+            await set_status(c, {"round": "three"})
+            st = await eventually(lambda: status(c).get("phase") == "Failed" and status(c), what="Failed")
+            assert st["message"].startswith("status.round: Input should be a valid integer")
+            assert "'three'" in st["message"] and "kubectl patch" in st["message"]
+            assert cond(c, "Degraded")["reason"] == "StatusUnreadable" and st["round"] == "three"
+            await event(c, "StatusUnreadable")
+            await c.finish_job("wiki-r1", result=published("wiki", 1))
+            await asyncio.sleep(0.3)  # three ticks: the finished round is not acted upon
+            assert status(c)["history"] == [] and set(c.jobs("wiki")) == {"wiki-r1"}
+            # Fixed by hand: the run carries on where it was.
+            await set_status(c, {"round": 1})
+            await eventually(lambda: len(status(c).get("history") or []) == 1, what="round 1 recorded")
+            assert status(c)["history"][0]["result"] == "promoted" and served(c) == f"{STORE}/wiki/r000001"
+            await eventually(lambda: "wiki-r2" in c.jobs("wiki"), what="round 2")
+            assert cond(c, "Degraded")["status"] == "False"
 
     asyncio.run(scenario())

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from selflearn.checkpoints import CheckpointStore
+from selflearn.contracts import RoundMetrics
 from selflearn.operator import scheduling as sched, storage
-from selflearn.operator.results import (FAILED, SUCCEEDED, ResultError, failure_reason, job_state, parse_result,
-                                        termination_message)
+from selflearn.operator.results import (FAILED, SUCCEEDED, JobView, ResultError, RoundResult, failure_reason,
+                                        job_state, parse_result, termination_message)
+from selflearn.operator.status import LearnerRunStatus, Progress
+from selflearn.policy import decide
 from selflearn.spec import parse_spec
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
@@ -21,8 +24,8 @@ RESULT = {"status": "published", "round": 3, "checkpoint": "s3://b/p/wiki/r00000
           "metrics": {"train_loss": 2.2, "ppl": {"general": {"before": 20.0, "after": 19.5}}}}
 
 
-def progress(**kw) -> sched.Progress:
-    return sched.Progress(**kw)
+def progress(**kw) -> Progress:
+    return Progress(**kw)
 
 
 def test_rounds_wait_for_the_interval_the_round_limit_and_suspension():
@@ -40,11 +43,11 @@ def test_rounds_wait_for_the_interval_the_round_limit_and_suspension():
 
 def test_a_failed_round_is_retried_as_the_same_round_after_a_growing_capped_backoff():
     spec = parse_spec({})
-    p = progress(round=4)
+    p = progress(round=4, active_job="run-r4")
     delays = []
     for _ in range(8):
-        fields = sched.after_failure(progress=p, now=NOW, base=30, cap=600)
-        p = progress(round=4, failures=fields["failures"], next_round_at=sched.parse_time(fields["nextRoundAt"]))
+        p = sched.after_failure(p, now=NOW, base=30, cap=600)
+        assert (p.round, p.active_job) == (4, None)
         delays.append((p.next_round_at - NOW).total_seconds())
         assert sched.next_round(spec, p, NOW).phase == "Retrying"
         assert sched.next_round(spec, p, p.next_round_at) == sched.Start(4, p.failures + 1)
@@ -52,10 +55,10 @@ def test_a_failed_round_is_retried_as_the_same_round_after_a_growing_capped_back
 
 
 def test_history_keeps_the_newest_rows_only():
-    history: list[dict] = []
+    status = LearnerRunStatus()
     for r in range(1, 31):
-        history = sched.append_history(history, {"round": r}, 20)
-    assert [h["round"] for h in history] == list(range(11, 31))
+        status.record(sched.failed_row(round_=r, attempt=1, job=f"run-r{r}", now=NOW, reason="x"), keep=20)
+    assert [h.round for h in status.history] == list(range(11, 31))
 
 
 def test_the_result_line_is_found_in_a_noisy_termination_message():
@@ -122,22 +125,22 @@ def test_a_published_rounds_result_is_rebuilt_from_its_manifest_when_the_pod_is_
 
 
 def test_history_shows_what_a_chat_user_would_notice():
-    from selflearn.contracts import RoundMetrics
-    from selflearn.operator.results import RoundResult
-    from selflearn.policy import decide
-
     metrics = RoundMetrics.parse({"ppl": {"general": {"before": 20.0, "after": 19.0}}, "held_out": 0,
                                   "knowledge": {"learned": {"before": 0.2, "after": 0.4}, "asked": {"learned": 3}},
                                   "chat": {"retention": 0.97, "format_ok": {"before": 1.0, "after": 1.0}}})
     result = RoundResult("published", 3, "s3://b/p/run/r000003", metrics)
     decision = decide(parse_spec({}), metrics, candidate=result.checkpoint)
-    entry = sched.history_entry(round_=3, attempt=1, job="run-r000003", now=datetime(2026, 12, 1, tzinfo=timezone.utc),
-                                result=result, decision=decision)
+    status = LearnerRunStatus()
+    status.record(sched.finished_row(job=JobView("run-r3", 3, 1, SUCCEEDED), now=NOW, result=result,
+                                     decision=decision), keep=20)
+    # A round without chat metrics (chatEval off) has none of those fields, rather than nulls.
+    status.record(sched.finished_row(job=JobView("run-r4", 4, 1, SUCCEEDED), now=NOW,
+                                     result=RoundResult("published", 4, "s3://b/p/run/r000004",
+                                                        RoundMetrics(ppl=metrics.ppl)),
+                                     decision=decision), keep=20)
+    entry, plain = status.stored()["history"]  # the JSON the LearnerRun holds
     assert entry["result"] == "promoted" and entry["knowledgeBefore"] == 0.2 and entry["knowledgeAfter"] == 0.4
     assert entry["chatRetention"] == 0.97 and entry["formatHealth"] == 1.0
-    # A round without chat metrics (chatEval off) has none of those fields, rather than nulls.
-    plain = sched.history_entry(round_=4, attempt=1, job="run-r000004", now=datetime(2026, 12, 1, tzinfo=timezone.utc),
-                                result=RoundResult("published", 4, "s3://b/p/run/r000004",
-                                                   RoundMetrics(ppl=metrics.ppl)),
-                                decision=decision)
+    assert entry["finishedAt"] == "2026-05-01T12:00:00.000000Z" and entry["perplexityAfter"] == 19.0
     assert "chatRetention" not in plain and "knowledgeAfter" not in plain
+    assert status.stored()["lastPerplexity"] == 19.0

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from selflearn.contracts import RoundMetrics
-from selflearn.policy import Outcome, decide, switch_to
+from selflearn.policy import Outcome, decide, promoted_after, switch_to
 from selflearn.spec import parse_spec
 
 CAND = "file:///s/run/r000002"
@@ -138,8 +138,13 @@ def test_what_serving_moves_to_follows_the_outcome_not_the_reason():
     promoted = gate(metrics())
     assert promoted.outcome is Outcome.PROMOTE and switch_to(promoted, SERVING) == CAND
     assert switch_to(promoted, CAND) is None  # already serving it
+    assert promoted_after(promoted) == CAND  # ... yet the run stands on it (local mode's store pointer)
     rejected = gate(metrics(general=(20.0, 30.0)))
     assert rejected.outcome is Outcome.REJECT and switch_to(rejected, SERVING) is None
+    assert promoted_after(rejected) is None and promoted_after(None) is None
+    pin = "file:///s/run/r000001"
+    pinned = gate(metrics(), serving="file:///s/run/r000003", pinned=pin)
+    assert promoted_after(pinned) == pin and switch_to(pinned, pin) is None
 
 
 def chat_metrics(*, fmt=(1.0, 1.0), retention=0.99, learned=(0.2, 0.4), general=(20.0, 19.0)):

@@ -239,10 +239,20 @@ def test_health_ready_status_metrics_page_and_cors(http):
     assert "access-control-allow-origin" not in other.headers
 
 
-def test_driver_extension_points(http, srv):
+def test_the_one_machine_drivers_pages(http, srv):
+    """What `selflearn local` gives the app (tests/support/serving.py sets both): its dashboard's
+    directory at /dashboard, and its run state file at /api/rounds, read afresh on every request."""
     assert "dashboard" in http.get("/dashboard/").text
+    state = srv.workdir / "state.json"
     assert http.get("/api/rounds").json() == {"run": "local", "rounds": [{"round": 1}]}
-    assert http.get("/extra").json() == {"ok": True, "state_file": str(srv.workdir / "state.json")}
+    try:
+        state.write_text(json.dumps({"run": "local", "rounds": [{"round": 1}, {"round": 2}]}))
+        assert http.get("/api/rounds").json()["rounds"] == [{"round": 1}, {"round": 2}]  # no restart, no cache
+        state.write_text("{not json")
+        r = http.get("/api/rounds")
+        assert r.status_code == 503 and "run state unreadable" in r.json()["error"]["message"]
+    finally:
+        state.write_text(json.dumps({"run": "local", "rounds": [{"round": 1}]}))
 
 
 def test_api_key_guards_every_route_but_health(srv):

@@ -11,7 +11,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -19,10 +18,11 @@ from typing import Iterator
 import httpx
 import pytest
 
-from conftest import free_port
 from selflearn.checkpoints import sha256_file
+from selflearn.contracts import EngineStatus
 from selflearn.serving.config import EngineOptions, ServeSettings, api_key_of, parse_settings
 from selflearn.serving.engine import Engine, NotReady
+from tests.support.engine import ask, serve_api, submit
 from tests.support.tampered import tampered_checkpoint, traversal, wrong_sha256
 from tests.support.waiting import wait_until
 
@@ -40,22 +40,12 @@ def engine(**options) -> Iterator[Engine]:
 @contextmanager
 def api(eng: Engine, workdir: Path, **settings) -> Iterator[str]:
     """The HTTP API over `eng` on a free port; its base URL."""
-    import uvicorn
-
     from selflearn.serving.backend import EngineBackend
     from selflearn.serving.http import build_api
 
-    app = build_api(EngineBackend(eng), ServeSettings(feedback_uri=f"file://{workdir / 'feedback'}", **settings))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, timeout=30, what="uvicorn to start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_api(build_api(EngineBackend(eng), ServeSettings(feedback_uri=f"file://{workdir / 'feedback'}",
+                                                               **settings))) as url:
+        yield url
 
 
 def test_nothing_loaded_stays_unready_says_why_and_recovers(tiny_opt_dir, tmp_path):
@@ -65,17 +55,21 @@ def test_nothing_loaded_stays_unready_says_why_and_recovers(tiny_opt_dir, tmp_pa
     with engine() as eng:
         eng.RETRY_FIRST_S = 0.0  # each health check may retry: the backoff's wait is not what is tested
         assert eng.configure({"checkpoint": uri, "base_model": tiny_opt_dir}, wait=True)
-        st = eng.status()
-        assert not st["ready"] and st["checkpoint"] is None
-        assert st["degraded"] and st["degraded_reason"].startswith(f"loading {uri} failed: CheckpointError: ")
-        assert "model.safetensors: sha256 mismatch" in st["degraded_reason"]
+        st = eng.status().weights
+        assert not st.ready and st.checkpoint is None
+        assert st.degraded and st.degraded_reason.startswith(f"loading {uri} failed: CheckpointError: ")
+        assert "model.safetensors: sha256 mismatch" in st.degraded_reason
         with pytest.raises(NotReady, match="failed to load"):
-            eng.submit([{"role": "user", "content": "hi"}], eng.resolve_params(), lambda ev: None)
+            submit(eng, ask("hi"))
         eng.check_health()
         with api(eng, tmp_path) as url:
             r = httpx.get(f"{url}/readyz", timeout=10)
             assert r.status_code == 503, r.text
-            assert r.json()["degraded"] and r.json()["degraded_reason"] == st["degraded_reason"]
+            assert r.json() == {"ready": False, "checkpoint": None, "degraded": True,
+                                "degraded_reason": st.degraded_reason, "loading": None}
+            # /status: the engine's own status, whole, in the documented flat shape.
+            model = httpx.get(f"{url}/status", timeout=10).json()["model"]
+            assert EngineStatus.parse(model).weights == st and model["last_swap_error"] == st.degraded_reason
             assert httpx.post(f"{url}/chat", json={"message": "hi", "max_length": 2}, timeout=10).status_code == 503
 
             manifest = tmp_path / "store" / "run" / "r000001" / "manifest.json"
@@ -85,11 +79,11 @@ def test_nothing_loaded_stays_unready_says_why_and_recovers(tiny_opt_dir, tmp_pa
 
             def recovered() -> bool:
                 eng.check_health()  # what Serve calls every 10 s; it starts the retry when due
-                return eng.status()["ready"]
+                return eng.status().weights.ready
 
             wait_until(recovered, timeout=120, what="the retried load", interval=0.2)
-            st = eng.status()
-            assert st["checkpoint"] == "run/r000001" and not st["degraded"] and st["degraded_reason"] is None
+            st = eng.status().weights
+            assert st.checkpoint == "run/r000001" and not st.degraded and st.degraded_reason is None
             # /readyz reads a status at most half a second old.
             r = wait_until(lambda: (r := httpx.get(f"{url}/readyz", timeout=10)).status_code == 200 and r,
                            timeout=10, what="/readyz to answer 200")
@@ -102,9 +96,9 @@ def test_weights_in_place_keep_serving_and_say_why(tiny_opt_dir, tmp_path):
     with engine() as eng:
         eng.configure({"base_model": tiny_opt_dir}, wait=True)
         eng.configure({"checkpoint": uri, "base_model": tiny_opt_dir}, wait=True)
-        st = eng.status()
-        assert st["ready"] and st["checkpoint"] == base
-        assert st["degraded"] and "sha256 mismatch" in st["degraded_reason"] and uri in st["degraded_reason"]
+        st = eng.status().weights
+        assert st.ready and st.checkpoint == base
+        assert st.degraded and "sha256 mismatch" in st.degraded_reason and uri in st.degraded_reason
         eng.check_health()
         with api(eng, tmp_path) as url:
             r = httpx.get(f"{url}/readyz", timeout=10)
@@ -113,7 +107,8 @@ def test_weights_in_place_keep_serving_and_say_why(tiny_opt_dir, tmp_path):
             assert chat.status_code == 200 and chat.headers["x-model-checkpoint"] == base
         # Asked for what it serves again: no longer degraded.
         eng.configure({"base_model": tiny_opt_dir}, wait=True)
-        assert not eng.status()["degraded"] and eng.status()["degraded_reason"] is None
+        st = eng.status().weights
+        assert not st.degraded and st.degraded_reason is None
 
 
 @pytest.mark.parametrize("edit, words", [(wrong_sha256, "sha256 mismatch"), (traversal, "unsafe path")])
@@ -121,10 +116,10 @@ def test_allow_base_fallback_serves_the_base_model_marked_degraded(tiny_opt_dir,
     uri = tampered_checkpoint(tmp_path, tiny_opt_dir, edit)
     with engine(allow_base_fallback=True) as eng:
         eng.configure({"checkpoint": uri, "base_model": tiny_opt_dir}, wait=True)
-        st = eng.status()
-        assert st["ready"] and st["checkpoint"] == f"base:{tiny_opt_dir}"
-        assert st["degraded"] and words in st["degraded_reason"]
-        assert st["degraded_reason"].endswith(f"; serving base:{tiny_opt_dir} instead")
+        st = eng.status().weights
+        assert st.ready and st.checkpoint == f"base:{tiny_opt_dir}"
+        assert st.degraded and words in st.degraded_reason
+        assert st.degraded_reason.endswith(f"; serving base:{tiny_opt_dir} instead")
 
 
 def test_api_key_of_a_named_variable_must_hold_a_key():

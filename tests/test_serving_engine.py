@@ -6,7 +6,6 @@ file:// store and on moto's S3 server over HTTP, uvicorn on 127.0.0.1.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import httpx
@@ -15,32 +14,16 @@ import torch
 
 from conftest import free_port
 from selflearn.checkpoints import CheckpointStore
-from selflearn.contracts import END_EVENTS, Error, Start, Token
+from selflearn.contracts import Done, Error, Start, Token
 from selflearn.serving.config import EngineOptions, ServeSettings, parse_model_config
 from selflearn.serving.engine import Engine, QueueFull
 from selflearn.serving.sampling import repetition_penalty, sample
 from selflearn.serving.safety import DefaultSafetyFilter, load_filter
 from selflearn.serving.state import Conversations, RateLimiter
+from tests.support.engine import ask, generate, serve_api, submit
 from tests.support.waiting import wait_until
 
 EMBEDDED_ID = "base:embedded:smollm2-135m-instruct"
-
-
-def collect(engine: Engine, messages, params):
-    """Submit and gather every event; returns (events, done)."""
-    events, done = [], threading.Event()
-
-    def sink(ev):
-        events.append(ev)
-        if isinstance(ev, END_EVENTS):
-            done.set()
-
-    ticket = engine.submit(messages, params, sink)
-    return events, done, ticket
-
-
-def user(text: str) -> list[dict]:
-    return [{"role": "user", "content": text}]
 
 
 # -- pure pieces (no model) --------------------------------------------------------------------------
@@ -112,32 +95,47 @@ def engine():
 def test_batched_greedy_matches_one_at_a_time(engine):
     """Left padding, cache merging and row removal must not change what a row generates."""
     prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colors."]
-    params = engine.resolve_params(max_new_tokens=10, temperature=0, repetition_penalty=1.0)
-    alone = [engine.generate(user(p), params).text for p in prompts]
-    runs = [collect(engine, user(p), params) for p in prompts]  # submitted together: one batch
-    for events, done, _ in runs:
-        assert done.wait(120)
-    together = [events[-1].text for events, _, _ in runs]
-    assert together == alone
-    for events, _, _ in runs:
-        tokens = "".join(e.text for e in events if isinstance(e, Token))
-        assert isinstance(events[0], Start) and events[0].checkpoint == EMBEDDED_ID
-        assert tokens == events[-1].text  # the stream adds up to the answer
+    params = dict(max_new_tokens=10, temperature=0, repetition_penalty=1.0)
+    alone = [generate(engine, ask(p, **params)).text for p in prompts]
+    runs = [submit(engine, ask(p, **params)) for p in prompts]  # submitted together: one batch
+    for run in runs:
+        assert run.ended.wait(120)
+    assert [run.end.text for run in runs] == alone
+    for run in runs:
+        tokens = "".join(e.text for e in run.events if isinstance(e, Token))
+        assert isinstance(run.events[0], Start) and run.events[0].checkpoint == EMBEDDED_ID
+        assert tokens == run.end.text  # the stream adds up to the answer
 
 
 def test_stop_length_and_cancel(engine):
-    stop = engine.generate(user("What is the capital of France?"),
-                           engine.resolve_params(max_new_tokens=12, temperature=0, stop=["Paris"]))
+    stop = generate(engine, ask("What is the capital of France?", max_new_tokens=12, temperature=0, stop=("Paris",)))
     assert stop.finish_reason == "stop" and "Paris" not in stop.text and stop.text
-    length = engine.generate(user("Count from 1 to 50."), engine.resolve_params(max_new_tokens=5, temperature=0))
+    length = generate(engine, ask("Count from 1 to 50.", max_new_tokens=5, temperature=0))
     assert length.finish_reason == "length" and length.usage["completion_tokens"] == 5
-    events, done, ticket = collect(engine, user("Count from 1 to 200."),
-                                   engine.resolve_params(max_new_tokens=120, temperature=0))
-    wait_until(lambda: any(isinstance(e, Token) for e in events), timeout=60, what="the first token")
-    ticket.cancel()
-    assert done.wait(30) and events[-1].finish_reason == "cancelled"
-    assert events[-1].usage["completion_tokens"] < 120
-    wait_until(lambda: engine.status()["running"] == 0, timeout=10, what="the slot to be free again")
+    run = submit(engine, ask("Count from 1 to 200.", max_new_tokens=120, temperature=0))
+    wait_until(lambda: any(isinstance(e, Token) for e in run.events), timeout=60, what="the first token")
+    run.ticket.cancel()
+    assert run.ended.wait(30) and run.end.finish_reason == "cancelled"
+    assert run.end.usage["completion_tokens"] < 120
+    wait_until(lambda: engine.status().running == 0, timeout=10, what="the slot to be free again")
+
+
+def test_a_request_takes_the_deployments_defaults_for_what_it_leaves_out(engine):
+    """The user_config's `generation` fills in what a request does not ask for, and the cap bounds
+    what it does: the engine request carries only what the client sent."""
+    engine.configure({"generation": {"max_length": 3, "temperature": 0, "stop": ["Paris"]}}, wait=True)
+    try:
+        short = generate(engine, ask("Count from 1 to 50."))
+        assert short.finish_reason == "length" and short.usage["completion_tokens"] == 3
+        stopped = generate(engine, ask("What is the capital of France?", max_new_tokens=12))
+        assert stopped.finish_reason == "stop" and "Paris" not in stopped.text
+        capped = submit(engine, ask("Count from 1 to 500.", max_new_tokens=10_000))
+        capped.ticket.cancel()
+        assert capped.ticket.params.max_new_tokens == engine.options.max_new_tokens_cap == 128
+        assert capped.ended.wait(30)
+        assert engine.status().generation_defaults["max_length"] == 3
+    finally:
+        engine.configure({}, wait=True)
 
 
 # -- tiny OPT: the plain prompt path, trimming, and hot swap on real stores ----------------------------
@@ -160,21 +158,21 @@ def test_plain_prompt_trimming_and_queue(tiny, tiny_opt_dir):
         history += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": "ok " * 5}]
     ids, dropped = lm.encode(history + [{"role": "user", "content": "last"}], budget=60)
     assert len(ids) <= 60 and dropped >= 2 and lm.tokenizer.decode(ids).rstrip().endswith("User: last\nAssistant:")
-    events, done, _ = collect(tiny, user("word " * 300), tiny.resolve_params(max_new_tokens=8))
-    assert done.wait(30) and isinstance(events[-1], Error) and events[-1].status == 422
-    assert "context" in events[-1].message
-    out = tiny.generate(user("hello"), tiny.resolve_params(max_new_tokens=6, temperature=0))
+    run = submit(tiny, ask("word " * 300, max_new_tokens=8))
+    assert run.ended.wait(30) and isinstance(run.end, Error) and run.end.status == 422
+    assert "context" in run.end.message
+    out = generate(tiny, ask("hello", max_new_tokens=6, temperature=0))
     assert out.checkpoint == f"base:{tiny_opt_dir}" and out.usage["completion_tokens"] <= 6
     # One slot, one queue place: a third concurrent request is refused, not parked.
-    long = tiny.resolve_params(max_new_tokens=200, temperature=1.0)
-    first = collect(tiny, user("a"), long)
-    wait_until(lambda: first[0], timeout=30, what="the first request to start", interval=0.005)
-    second = collect(tiny, user("b"), long)
+    long = dict(max_new_tokens=200, temperature=1.0)
+    first = submit(tiny, ask("a", **long))
+    wait_until(lambda: first.events, timeout=30, what="the first request to start", interval=0.005)
+    second = submit(tiny, ask("b", **long))
     with pytest.raises(QueueFull):
-        collect(tiny, user("c"), long)
-    for _, done, ticket in (first, second):
-        ticket.cancel()
-        assert done.wait(30)
+        submit(tiny, ask("c", **long))
+    for run in (first, second):
+        run.ticket.cancel()
+        assert run.ended.wait(30)
 
 
 def _publish(store_uri: str, run: str, round_: int, src: str, **kw):
@@ -190,8 +188,8 @@ def test_swap_on_s3_and_failures_keep_old_weights(tiny, tiny_opt_dir, s3_server)
     base = {"base_model": tiny_opt_dir, "storage_endpoint": endpoint}
     assert tiny.configure({**base, "checkpoint": ref1.uri}, wait=True)
     st = tiny.status()
-    assert st["checkpoint"] == "tiny/r000001" and not st["degraded"]
-    assert tiny.generate(user("hi"), tiny.resolve_params(max_new_tokens=3)).checkpoint == "tiny/r000001"
+    assert st.weights.checkpoint == "tiny/r000001" and not st.weights.degraded
+    assert generate(tiny, ask("hi", max_new_tokens=3)).checkpoint == "tiny/r000001"
 
     # A flipped byte in the weights: refused, old weights keep answering.
     import boto3
@@ -201,60 +199,52 @@ def test_swap_on_s3_and_failures_keep_old_weights(tiny, tiny_opt_dir, s3_server)
     blob = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     blob[len(blob) // 2] ^= 0xFF
     s3.put_object(Bucket=bucket, Key=key, Body=bytes(blob))
-    failures = st["swap_failures"]
+    failures = st.counters.swap_failures
     tiny.configure({**base, "checkpoint": ref2.uri}, wait=True)
     st = tiny.status()
-    assert st["checkpoint"] == "tiny/r000001" and st["degraded"] and st["swap_failures"] == failures + 1
-    assert "sha256" in st["last_swap_error"]
+    assert st.weights.checkpoint == "tiny/r000001" and st.weights.degraded
+    assert st.counters.swap_failures == failures + 1 and "sha256" in st.counters.last_swap_error
     # Unreachable store, missing checkpoint, malformed config: same story, never an exception.
     dead = f"http://127.0.0.1:{free_port()}"
     tiny.configure({**base, "storage_endpoint": dead, "checkpoint": f"s3://{bucket}/ckpt/tiny/r000001"}, wait=True)
     tiny.configure({**base, "checkpoint": f"s3://{bucket}/ckpt/tiny/r000042"}, wait=True)
     assert tiny.configure({"checkpoint": 42}, wait=True) is False
     st = tiny.status()
-    assert st["checkpoint"] == "tiny/r000001" and st["swap_failures"] == failures + 4 and st["degraded"]
+    assert st.weights.checkpoint == "tiny/r000001" and st.counters.swap_failures == failures + 4
+    assert st.weights.degraded
     tiny.check_health()
-    assert tiny.generate(user("hi"), tiny.resolve_params(max_new_tokens=3)).checkpoint == "tiny/r000001"
+    assert generate(tiny, ask("hi", max_new_tokens=3)).checkpoint == "tiny/r000001"
     # Back to the base model: a good swap clears the degraded flag.
     tiny.configure({"base_model": tiny_opt_dir}, wait=True)
-    assert tiny.status()["checkpoint"] == f"base:{tiny_opt_dir}" and not tiny.status()["degraded"]
+    st = tiny.status()
+    assert st.weights.checkpoint == f"base:{tiny_opt_dir}" and not st.weights.degraded
 
 
 def test_inflight_request_finishes_on_its_weights(engine, tiny_opt_dir, tmp_path):
     """A request running when new weights land finishes on the old ones; the next starts on the new."""
     ref = _publish(f"file://{tmp_path}", "tiny", 1, tiny_opt_dir)
-    old = collect(engine, user("Count from 1 to 200, separated by commas."),
-                  engine.resolve_params(max_new_tokens=100, temperature=0, repetition_penalty=1.0))
-    events, done, _ = old
-    wait_until(lambda: any(isinstance(e, Token) for e in events), timeout=60, what="the first token")
+    old = submit(engine, ask("Count from 1 to 200, separated by commas.", max_new_tokens=100, temperature=0,
+                             repetition_penalty=1.0))
+    wait_until(lambda: any(isinstance(e, Token) for e in old.events), timeout=60, what="the first token")
     engine.configure({"checkpoint": ref.uri, "base_model": tiny_opt_dir})  # background load
-    wait_until(lambda: engine.status()["checkpoint"] == "tiny/r000001", timeout=60, what="the new weights",
+    wait_until(lambda: engine.status().weights.checkpoint == "tiny/r000001", timeout=60, what="the new weights",
                interval=0.02)
-    new = engine.generate(user("hi"), engine.resolve_params(max_new_tokens=3))
+    new = generate(engine, ask("hi", max_new_tokens=3))
     assert new.checkpoint == "tiny/r000001"
-    assert not done.is_set(), "the long request should still be running on the old weights"
-    assert done.wait(120)
-    assert events[0].checkpoint == events[-1].checkpoint == EMBEDDED_ID
-    assert events[-1].finish_reason == "length"
+    assert not old.ended.is_set(), "the long request should still be running on the old weights"
+    assert old.ended.wait(120)
+    assert old.events[0].checkpoint == old.end.checkpoint == EMBEDDED_ID
+    assert isinstance(old.end, Done) and old.end.finish_reason == "length"
 
 
 # -- the HTTP API in-process (uvicorn + EngineBackend): request timeout ------------------------------
 def test_request_timeout_is_504_and_frees_the_slot(tiny, tiny_opt_dir):
-    import uvicorn
-
     from selflearn.serving.backend import EngineBackend
     from selflearn.serving.http import build_api
 
     tiny.configure({"base_model": tiny_opt_dir}, wait=True)
     settings = ServeSettings(request_timeout_s=0.05, engine={"max_new_tokens_cap": 200})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_api(EngineBackend(tiny), settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, timeout=30, what="uvicorn to start")
-        url = f"http://127.0.0.1:{port}"
+    with serve_api(build_api(EngineBackend(tiny), settings)) as url:
         r = httpx.post(f"{url}/chat", json={"message": "go", "max_length": 200, "temperature": 1.0}, timeout=30)
         assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
         with httpx.stream("POST", f"{url}/chat/stream", json={"message": "go", "max_length": 200}, timeout=30) as s:
@@ -263,15 +253,12 @@ def test_request_timeout_is_504_and_frees_the_slot(tiny, tiny_opt_dir):
             assert "event: error" in body and '"status": 504' in body
         else:
             assert s.status_code == 504
-        wait_until(lambda: tiny.status()["running"] == 0 and tiny.status()["queue_depth"] == 0, timeout=10,
+        wait_until(lambda: (st := tiny.status()).running == 0 and st.queue_depth == 0, timeout=10,
                    what="the slot and the queue to be free")
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_app_builder_takes_the_operators_serve_config():
-    """The RayService the operator writes must build: import path, args, ChatModel user_config."""
+    """The RayService the operator writes: its args, and the ChatModel user_config apart from them."""
     from ray.serve.schema import ServeDeploySchema
 
     from selflearn.operator.resources import serve_config
@@ -291,11 +278,9 @@ def test_app_builder_takes_the_operators_serve_config():
     assert serve_config(spec=moved, checkpoint=None, run="wiki")["applications"][0]["args"]["feedback_uri"] == \
         "s3://other/fb"
     assert app["args"]["storage_endpoint"] == "http://minio:9000"
-    module, _, attr = app["import_path"].partition(":")
-    assert (module, attr) == ("selflearn.serving.app", "app_builder")
+    # (That Ray Serve builds the app from its import path: tests/test_images.py, with the serve image.)
     ingress = app_builder(app["args"])._bound_deployment
     model = ingress.init_args[0]._bound_deployment
-    assert (ingress.name, model.name) == ("ChatIngress", "ChatModel")
     # The checkpoint is not in the app's args (a change there would redeploy both deployments):
     # Serve applies the deployment's user_config over the one the builder binds.
     assert "checkpoint" not in model._deployment_config.user_config

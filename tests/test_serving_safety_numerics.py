@@ -15,16 +15,15 @@ import json
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import httpx
 import pytest
 import torch
 
-from conftest import free_port
 from selflearn.serving.config import EngineOptions, ServeSettings
 from selflearn.serving.engine import Engine
 from selflearn.serving.sampling import repetition_penalty, sample
+from tests.support.engine import serve_api
 from tests.support.waiting import wait_until
 
 F32 = torch.finfo(torch.float32)
@@ -188,24 +187,11 @@ class Gate:
         self.open.clear()
 
 
-@contextlib.contextmanager
-def _serve(engine: Engine, settings: ServeSettings) -> Iterator[str]:
-    import uvicorn
-
+def _serve(engine: Engine, settings: ServeSettings) -> contextlib.AbstractContextManager[str]:
     from selflearn.serving.backend import EngineBackend
     from selflearn.serving.http import build_api
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_api(EngineBackend(engine), settings), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, timeout=30, what="uvicorn to start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    return serve_api(build_api(EngineBackend(engine), settings))
 
 
 ENGINE = {"max_new_tokens_cap": 64, "max_context_tokens": 128}  # the tiny OPT's own context is 256
@@ -255,7 +241,7 @@ def _answered(route: str, status: int, text: str) -> bool:
 
 def _idle(engine: Engine) -> bool:
     st = engine.status()
-    return st["running"] == 0 and st["queue_depth"] == 0
+    return st.running == 0 and st.queue_depth == 0
 
 
 ROUTES = ["/chat", "/v1/chat/completions", "/chat/stream"]
@@ -267,7 +253,7 @@ HTTP_POISONS = {"top_p": 1e-300, "temperature": 1e-40, "repetition_penalty": 1e-
 def test_a_poisoned_request_in_a_burst_fails_nobody(served, route, poison):
     url, engine, gate = served
     wait_until(lambda: _idle(engine), timeout=30, what="the engine to be idle")
-    errors = engine.status()["step_errors"]
+    errors = engine.status().counters.step_errors
     normal = {"temperature": 0.8, "top_p": 0.9}
     burst = [_body(route, f"hello {i}", seed=i, **normal) for i in range(4)]
     burst.append(_body(route, "hello", **{**normal, poison: HTTP_POISONS[poison]}))
@@ -277,7 +263,7 @@ def test_a_poisoned_request_in_a_burst_fails_nobody(served, route, poison):
             first = pool.submit(_post, url, route, _body(route, "first", **normal))
             wait_until(gate.held.is_set, timeout=30, what="the first request to reach the model")
             sent = [pool.submit(_post, url, route, b) for b in burst]
-            wait_until(lambda: engine.status()["queue_depth"] == len(burst), timeout=30,
+            wait_until(lambda: engine.status().queue_depth == len(burst), timeout=30,
                        what="the burst to queue up as one prefill group")
             gate.open.set()
             results = [f.result(timeout=120) for f in [first, *sent]]
@@ -285,7 +271,7 @@ def test_a_poisoned_request_in_a_burst_fails_nobody(served, route, poison):
         gate.open.set()
     for status, text in results:
         assert _answered(route, status, text), (status, text[:500])
-    assert engine.status()["step_errors"] == errors
+    assert engine.status().counters.step_errors == errors
 
 
 @pytest.mark.parametrize("route,param", [("/chat", "message"), ("/chat/stream", "message"),

@@ -100,12 +100,12 @@ def test_swap_twice_under_load_drops_nothing(srv, published):
         assert later == {ids[i]}, (ids[i], later)
     # Streams finish on the weights they started on; none failed.
     assert streams and all(start == done for start, done in streams), streams
-    assert srv.server.status()["checkpoint"] == ids[-1]
+    assert srv.server.status().weights.checkpoint == ids[-1]
 
 
 def test_corrupt_checkpoint_and_bad_config_keep_serving_old_weights(srv, published):
     store, refs = published
-    serving = srv.server.status()["checkpoint"]
+    serving = srv.server.status().weights.checkpoint
     assert serving == refs[1].id
     weights = store.backend.root / "swaptest" / "r000003" / "model.safetensors"
     with open(weights, "r+b") as f:  # flip one byte in the middle of the weights
@@ -113,12 +113,12 @@ def test_corrupt_checkpoint_and_bad_config_keep_serving_old_weights(srv, publish
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
-    before = srv.server.status()["swap_failures"]
+    before = srv.server.status().counters.swap_failures
     srv.server.update_checkpoint({"checkpoint": refs[2].uri})
     with pytest.raises(RuntimeError, match="sha256"):
         srv.server.wait_for_checkpoint(refs[2].id, timeout=180)
     st = srv.server.status()
-    assert st["checkpoint"] == serving and st["degraded"] and st["swap_failures"] == before + 1
+    assert st.weights.checkpoint == serving and st.weights.degraded and st.counters.swap_failures == before + 1
 
     with httpx.Client(base_url=srv.url, timeout=60) as c:
         r = c.post("/chat", json={"message": "Still there?", "max_length": 3})
@@ -136,7 +136,7 @@ def test_corrupt_checkpoint_and_bad_config_keep_serving_old_weights(srv, publish
         app = next(a for a in config["applications"] if a["name"] == APP_NAME)
         app["deployments"][0]["user_config"] = {"checkpoint": "not-a-uri", "surprise": True}
         deploy(config)
-        wait(lambda: srv.server.status()["swap_failures"] == before + 2, 60, "the bad config to be recorded")
+        wait(lambda: srv.server.status().counters.swap_failures == before + 2, 60, "the bad config to be recorded")
         st = srv.server.status()
-        assert "surprise" in st["last_swap_error"] and st["checkpoint"] == serving
+        assert "surprise" in st.counters.last_swap_error and st.weights.checkpoint == serving
         assert c.post("/chat", json={"message": "And now?", "max_length": 2}).headers["x-model-checkpoint"] == serving

@@ -5,14 +5,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import replace
 
 import pytest
 
 from replay_server import Reply, ReplayServer
+from selflearn.sources.factory import build_source
 from selflearn.sources.files import FilesClient
 from selflearn.sources.pipeline import clean_articles
-from selflearn.sources.polite import SourceHTTPError
-from selflearn.spec import FilesSource
+from selflearn.sources.polite import FILES_HTTP, HttpPolicy, SourceHTTPError
+from selflearn.spec import FilesSource, SourceSpec
+
+QUICK = replace(FILES_HTTP, min_interval=0)  # test-sized politeness: no rate limit between requests
 
 
 def make_pdf(pages: list[list[str]], title: str | None = None) -> bytes:
@@ -221,7 +225,7 @@ def test_urls_content_type_decides_the_parser(server):
                                            content_type="application/octet-stream"))
     urls = [server.url + p for p in ("/articles/baikal", "/download", "/raw/README.md", "/notes",
                                      "/crepes.txt", "/blob.html")]
-    with FilesClient(urls=urls, min_interval=0) as src:
+    with FilesClient(urls=urls, policy=QUICK) as src:
         arts, cursor = src.fetch(10, {})
     got = by_title(arts)
     assert [a.url for a in arts] == urls and all(a.source == "url" for a in arts)
@@ -236,7 +240,7 @@ def test_urls_content_type_decides_the_parser(server):
 
 def test_url_of_unsupported_type_is_a_clear_error(server):
     server.script("/logo", Reply(200, b"\x89PNG\r\n\x1a\n", content_type="image/png"))
-    with FilesClient(urls=[server.url + "/logo"], min_interval=0) as src, \
+    with FilesClient(urls=[server.url + "/logo"], policy=QUICK) as src, \
             pytest.raises(ValueError, match="unsupported content type 'image/png'"):
         src.fetch(1, {})
 
@@ -246,11 +250,11 @@ def test_url_retries_then_succeeds_or_gives_up(server):
                   Reply(200, TXT, content_type="text/plain", delay=0.6),  # slower than the timeout
                   Reply(200, TXT, content_type="text/plain"))
     server.fallback("/down.txt", lambda _s: Reply(500, "Internal Server Error", content_type="text/plain"))
-    fast = dict(min_interval=0, timeout=0.2, max_attempts=3, backoff_base=0.02)
-    with FilesClient(urls=[server.url + "/flaky.txt"], **fast) as src:
+    fast = replace(QUICK, timeout=0.2, max_attempts=3, backoff_base=0.02)
+    with FilesClient(urls=[server.url + "/flaky.txt"], policy=fast) as src:
         arts, _ = src.fetch(1, {})
     assert arts[0].text.startswith("The printing press") and len(server.hits("/flaky.txt")) == 3
-    with FilesClient(urls=[server.url + "/down.txt"], **fast) as src, \
+    with FilesClient(urls=[server.url + "/down.txt"], policy=fast) as src, \
             pytest.raises(SourceHTTPError, match=r"gave up after 3 attempts \(last: HTTP 500\)"):
         src.fetch(1, {})
     assert len(server.hits("/down.txt")) == 3
@@ -266,7 +270,7 @@ def test_unchanged_url_costs_a_304(server):
 
     server.fallback("/page.txt", page)
     url = server.url + "/page.txt"
-    with FilesClient(urls=[url], min_interval=0) as src:
+    with FilesClient(urls=[url], policy=QUICK) as src:
         first, cursor = src.fetch(5, {})
         assert len(first) == 1 and cursor["validators"][url] == {"etag": '"v1"'}
         again, cursor = src.fetch(5, cursor)
@@ -277,26 +281,44 @@ def test_unchanged_url_costs_a_304(server):
     assert [h.headers.get("If-None-Match") for h in server.hits("/page.txt")] == [None, '"v1"', '"v1"']
 
 
-def test_url_rate_limit_and_size_cap(server):
+def test_url_rate_limit_and_size_cap(server, tmp_path):
     for i in range(3):
         server.script(f"/p{i}.txt", Reply(200, f"Document number {i}.", content_type="text/plain"))
-    with FilesClient(urls=[f"{server.url}/p{i}.txt" for i in range(3)], min_interval=0.2) as src:
+    with FilesClient(urls=[f"{server.url}/p{i}.txt" for i in range(3)], policy=replace(QUICK, min_interval=0.2)) as src:
         assert len(src.fetch(3, {})[0]) == 3
     times = [h.t for h in server.hits()]
     assert min(b - a for a, b in zip(times, times[1:])) >= 0.16
 
     server.script("/big.txt", Reply(200, "x" * 5000, content_type="text/plain"))
-    with FilesClient(urls=[server.url + "/big.txt"], min_interval=0, max_bytes=1000) as src, \
+    capped = replace(QUICK, max_bytes=1000)
+    with FilesClient(urls=[server.url + "/big.txt"], policy=capped) as src, \
             pytest.raises(SourceHTTPError, match="over the 1000-byte limit"):
         src.fetch(1, {})
+    # The same cap holds for a local file, named or found in a folder.
+    big = tmp_path / "big.txt"
+    big.write_text("x" * 5000)
+    with pytest.raises(ValueError, match="over the 1000-byte limit"):
+        FilesClient([big], policy=capped).fetch(1, {})
 
 
-def test_from_spec(docs, server):
+def test_a_bad_http_policy_is_one_clear_line():
+    for fields, words in [(dict(max_attempts=0), "max_attempts must be >= 1"),
+                          (dict(min_interval=-1), "min_interval must be >= 0"),
+                          (dict(backoff_base=-0.5), "backoff_base and backoff_max must be >= 0")]:
+        with pytest.raises(ValueError, match=words):
+            HttpPolicy(**fields)
+
+
+def test_the_spec_builds_a_files_source(docs, server):
+    """What a run's `files` source becomes (sources/factory.py), with the files source's HTTP policy."""
     server.script("/notes.txt", Reply(200, TXT, content_type="text/plain"))
-    spec = FilesSource(paths=[str(docs / "notes.txt")], urls=[server.url + "/notes.txt"])
+    spec = SourceSpec(files=FilesSource(paths=[str(docs / "notes.txt")], urls=[server.url + "/notes.txt"]))
     t0 = time.monotonic()
-    with FilesClient.from_spec(spec, min_interval=0) as src:
+    src = build_source(spec)
+    assert isinstance(src, FilesClient) and src.http.policy == FILES_HTTP
+    with src:
         arts, cursor = src.fetch(5, {})
     assert src.name == "files" and [a.source for a in arts] == ["file"]  # same bytes: learned once
     assert src.last_skipped["unchanged"] == 1 and len(cursor["learned"]) == 1
+    assert server.hits("/notes.txt")[0].headers["User-Agent"].startswith("selflearn/")
     assert time.monotonic() - t0 < 2

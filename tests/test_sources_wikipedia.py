@@ -6,16 +6,18 @@ import itertools
 import json
 import logging
 import time
+from dataclasses import fields, replace
 from email.utils import formatdate
 from pathlib import Path
 
 import pytest
 
 from replay_server import Reply, ReplayServer
+from selflearn.sources.factory import build_source
 from selflearn.sources.pipeline import clean_articles
-from selflearn.sources.polite import parse_retry_after
+from selflearn.sources.polite import WIKIPEDIA_HTTP, HttpPolicy, parse_retry_after
 from selflearn.sources.wikipedia import WikipediaClient, WikipediaError
-from selflearn.spec import WikipediaSource
+from selflearn.spec import SourceSpec, WikipediaSource
 
 DATA = Path(__file__).parent / "data" / "wikipedia"
 REST_RANDOM = "/api/rest_v1/page/random/summary"
@@ -47,11 +49,15 @@ def serve_rest(server: ReplayServer, docs=SUMMARIES) -> None:
     server.fallback(REST_RANDOM, random_summary)
 
 
+# Test-sized politeness: no rate limit, tiny backoff.
+FAST = replace(WIKIPEDIA_HTTP, min_interval=0.0, timeout=2.0, max_attempts=3, backoff_base=0.02, backoff_max=0.1)
+POLICY_FIELDS = {f.name for f in fields(HttpPolicy)}
+
+
 def client(server: ReplayServer, language: str = "en", **kw) -> WikipediaClient:
-    """A client with test-sized politeness: no rate limit, tiny backoff."""
-    opts = dict(endpoint=server.url, min_interval=0.0, timeout=2.0, max_attempts=3, backoff_base=0.02,
-                backoff_max=0.1)
-    return WikipediaClient(language, **{**opts, **kw})
+    """A client of `server` with FAST's politeness; `kw`: the client's options and HttpPolicy fields."""
+    policy = replace(FAST, **{k: kw.pop(k) for k in list(kw) if k in POLICY_FIELDS})
+    return WikipediaClient(language, endpoint=server.url, policy=policy, **kw)
 
 
 @pytest.fixture
@@ -167,7 +173,7 @@ def test_gives_up_after_bounded_attempts(server):
 def test_unreachable_server_is_a_clear_error():
     with ReplayServer() as s:
         url = s.url  # the port is closed once the server is gone
-    wiki = WikipediaClient("en", endpoint=url, min_interval=0, timeout=1, max_attempts=2, backoff_base=0.01)
+    wiki = WikipediaClient("en", endpoint=url, policy=replace(FAST, timeout=1, max_attempts=2, backoff_base=0.01))
     with pytest.raises(WikipediaError, match=r"gave up after 2 attempts \(last: connection error"):
         wiki.fetch(1, {})
 
@@ -230,11 +236,14 @@ def test_rate_limit_spaces_requests(server):
     assert len(gaps) == 3 and min(gaps) >= 0.16, gaps  # 0.2 s apart, with slack for scheduling
 
 
-def test_from_spec_language_and_endpoint(server):
+def test_the_spec_builds_a_wikipedia_source_of_its_language_and_endpoint(server):
+    """What a run's `wikipedia` source becomes (sources/factory.py), with Wikipedia's HTTP policy."""
     fr = recorded("rest_summary_fr_Tour_Eiffel.json")
     serve_rest(server, [fr])
-    spec = WikipediaSource(language="fr", articlesPerRound=1, endpoint=server.url + "/api/rest_v1")
-    with WikipediaClient.from_spec(spec, min_interval=0, backoff_base=0.01) as wiki:
+    spec = SourceSpec(wikipedia=WikipediaSource(language="fr", articlesPerRound=1,
+                                                endpoint=server.url + "/api/rest_v1"))
+    with build_source(spec) as wiki:
+        assert isinstance(wiki, WikipediaClient) and wiki.http.policy == WIKIPEDIA_HTTP
         assert wiki.name == "wikipedia:fr" and wiki.api == "rest"  # a REST base URL selects the REST API
         arts, _ = wiki.fetch(1, {})
     assert arts[0].title == "La tour Eiffel" and arts[0].url.startswith("https://fr.wikipedia.org/wiki/")

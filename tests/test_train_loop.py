@@ -125,7 +125,7 @@ def test_compiled_training_learns_what_eager_training_learns(tiny_opt_dir):
         model = basemodel.load_model(tiny_opt_dir)
         torch._dynamo.reset()
         stats = loop.train(model, batches, loop.LoopConfig(gradient_accumulation=1, learning_rate=1e-3,
-                                                            compile=mode), progress=False)
+                                                            compile=mode))
         runs[mode] = (stats.losses, model)
         if mode == "on":
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "the blocks were compiled"

@@ -55,7 +55,7 @@ def test_a_round_on_the_embedded_model_learns_and_publishes_to_s3(learned_round,
 def next_round_continues(cfg: RunConfig, first, round_: int, store: CheckpointStore):
     """Round `round_` trained from `first` (downloaded from its store): its parent, no article of
     `first` again, and the fixed general set measured on `first`'s weights as `first` left them."""
-    res = run_round(cfg, round_, parent=first.checkpoint, progress=False)
+    res = run_round(cfg, round_, parent=first.checkpoint)
     assert res.status == "published" and res.parent == first.checkpoint
     m1, m2 = store.manifest(first.checkpoint), store.manifest(res.checkpoint)
     assert m2["parent"] == first.checkpoint
@@ -72,7 +72,7 @@ def test_the_next_round_on_s3_starts_from_the_last_and_never_repeats_an_article(
     cfg = config(tmp_path, tiny_llama_dir, learningRate=1.0e-3)
     cfg.spec.storage.uri, cfg.spec.storage.endpoint = "s3://chain/runs", endpoint
     store = CheckpointStore.from_uri(cfg.spec.storage.uri, endpoint=endpoint)
-    next_round_continues(cfg, run_round(cfg, 1, progress=False), 2, store)
+    next_round_continues(cfg, run_round(cfg, 1), 2, store)
 
 
 @pytest.mark.full
@@ -82,26 +82,26 @@ def test_the_next_round_on_the_embedded_model_starts_from_the_last(learned_round
 
 
 def test_opt_path_full_replay_and_lora(tmp_path, tiny_opt_dir):
-    res = run_round(config(tmp_path, tiny_opt_dir), 1, progress=False)
+    res = run_round(config(tmp_path, tiny_opt_dir), 1)
     assert res.status == "published"
     assert res.metrics.ppl["trained"].after < res.metrics.ppl["trained"].before
     # Replay mixes round 1's articles back into round 2.
-    res2 = run_round(config(tmp_path, tiny_opt_dir, replayFraction=0.5), 2, progress=False)
+    res2 = run_round(config(tmp_path, tiny_opt_dir, replayFraction=0.5), 2)
     assert res2.metrics.replayed >= 1 and res2.parent == res.checkpoint
     lora = config(tmp_path, tiny_opt_dir, method="lora", lora={"r": 4, "alpha": 8, "merge": False})
     lora.name = "lora"
-    res = run_round(lora, 1, progress=False)
+    res = run_round(lora, 1)
     files = CheckpointStore.from_uri(f"file://{tmp_path}/store").manifest(res.checkpoint)["files"]
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
     # The next round continues the same adapter on top of the base model.
-    res2 = run_round(lora, 2, progress=False)
+    res2 = run_round(lora, 2)
     assert res2.status == "published"
 
 
 def test_empty_round_publishes_nothing(tmp_path, tiny_opt_dir):
     cfg = config(tmp_path, tiny_opt_dir)
     src = ListSource([Article(title="x", text="too short", source="list")])
-    res = run_round(cfg, 1, sources=[src], progress=False)
+    res = run_round(cfg, 1, sources=[src])
     assert res.status == "empty" and "filtered out" in res.reason
     assert CheckpointStore.from_uri(f"file://{tmp_path}/store").list("t") == []
 
@@ -147,4 +147,6 @@ def test_cli_refuses_bad_runs_before_training(tmp_path, tiny_opt_dir, s3_server)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip())
     assert result["status"] == "published" and result["checkpoint"].endswith("/c/r000001")
+    assert "training" in proc.stderr and "training: step" not in proc.stderr and "] training" not in proc.stderr, \
+        "--no-progress: the log, without the round's progress lines"
     assert load_run_config(tmp_path / "run.yaml").name == "c"

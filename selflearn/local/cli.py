@@ -11,6 +11,7 @@ import argparse
 import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -133,14 +134,17 @@ def build_config(args: argparse.Namespace) -> RunConfig:
 def run(args: argparse.Namespace) -> int:
     from .driver import LocalDriver
     from .serving import served_line, start_serving, stop_serving
+    from .terminal import Terminal
+    from .trainer_process import TrainerOptions
 
     config = build_config(args)
     data_dir = Path(args.data_dir).expanduser().resolve()
     interval = args.interval if args.interval is not None else config.spec.schedule.interval_seconds
     rounds = None if args.forever else args.rounds if args.rounds is not None else config.spec.schedule.max_rounds
-    driver = LocalDriver(config, data_dir, nice=args.nice)
+    # The terminal shows each round as it runs: a progress bar on a TTY, plain lines otherwise.
+    driver = LocalDriver(config, data_dir, trainer=TrainerOptions(nice=args.nice), on_event=Terminal(sys.stdout))
 
-    def on_signal(signum, _frame):
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
         if driver.stop_event.is_set():
             raise KeyboardInterrupt  # second Ctrl-C: stop waiting politely
         print(f"\nselflearn local: stopping ({signal.Signals(signum).name}); Ctrl-C again to force", file=sys.stderr,
@@ -149,19 +153,11 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-
-    def on_event(kind: str, doc: dict) -> None:
-        if kind == "training":
-            print(f"round {doc['round']}: training from {doc['parent'] or 'the base model'}", flush=True)
-        elif kind == "round":
-            print(f"round {doc['round']}: {doc.get('reason') or doc.get('status')}", flush=True)
-
-    driver.on_event = on_event
     state = driver.prepare()
     server = None
     try:
         if not args.no_serve:
-            server = start_serving(driver, port=args.port, host=args.host, serving=state.get("promoted"),
+            server = start_serving(driver, port=args.port, host=args.host, serving=state.promoted,
                                    allow_degraded=args.allow_degraded)
             print(f"selflearn local: chat on {server.url}/   dashboard {server.url}/dashboard/   "
                   f"serving {served_line(server)}", flush=True)
@@ -172,6 +168,6 @@ def run(args: argparse.Namespace) -> int:
         driver.finish()
         if not args.no_serve:
             stop_serving(server)
-    print(f"selflearn local: stopped after round {driver.state.get('round')}; serving was "
-          f"{driver.state.get('serving_id') or 'the base model'}", flush=True)
+    print(f"selflearn local: stopped after round {driver.state.round}; serving was {driver.state.serving_id}",
+          flush=True)
     return 0

@@ -5,36 +5,34 @@ and a round directory it left half-uploaded is removed."""
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from ..checkpoints import CheckpointError, CheckpointStore
-from ..contracts import ResultError, RoundMetrics, RoundResult
+from ..contracts import ResultError, RoundResult
 from ..spec import LearnerRunSpec
-from .state import Action, apply_result
+from .records import RoundManifest
+from .state import Action, LocalState, apply_result
 
 log = logging.getLogger(__name__)
 
 
-def reconcile(state: dict[str, Any], store: CheckpointStore, spec: LearnerRunSpec) -> tuple[dict[str, Any], Action | None]:
+def reconcile(state: LocalState, store: CheckpointStore, spec: LearnerRunSpec) -> tuple[LocalState, Action | None]:
     """Record checkpoints the store holds but the state does not (the driver died between publish
     and record), deciding on each from its manifest's metrics, oldest first."""
-    known = {r.get("round") for r in state["rounds"] if r.get("status") == "published"}
+    known = {r.round for r in state.rounds if r.status == "published"}
     last: Action | None = None
-    for ref in store.list(state["run"]):
-        if ref.round in known or ref.round <= int(state.get("round") or 0):
+    for ref in store.list(state.run):
+        if ref.round in known or ref.round <= state.round:
             continue  # recorded already: nothing to decide
         try:
-            manifest = store.manifest(ref)
+            manifest = RoundManifest.parse(store.manifest(ref), what=f"{ref.id}'s manifest")
         except CheckpointError:
             continue
-        try:
-            metrics = RoundMetrics.parse(manifest.get("metrics"), what=f"the metrics in {ref.id}'s manifest")
         except ResultError as err:
             log.warning("not recording %s: %s", ref.id, err)
             continue
-        # What the trainer's result line would have carried: no loss curve (round_record reads it from the manifest).
-        result = RoundResult("published", ref.round, checkpoint=ref.uri, id=ref.id, parent=manifest.get("parent"),
-                             metrics=metrics.summary())
+        # What the trainer's result line would have carried: no loss curve (the record reads it from the manifest).
+        result = RoundResult("published", ref.round, checkpoint=ref.uri, id=ref.id, parent=manifest.parent,
+                             metrics=manifest.metrics.summary())
         state, action = apply_result(state, result, manifest, spec)
         last = action if action.serve else last
     return state, last

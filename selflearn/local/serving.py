@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..contracts import base_id
+from ..contracts import base_id, checkpoint_id_of_uri
 from ..feedback import feedback_uri
 from ..serving.deployment import run_user_config
-from .state import short_id
 
 if TYPE_CHECKING:
     from ..serving.app import LocalServe
@@ -31,26 +30,22 @@ def serve_user_config(config: RunConfig, checkpoint: str | None) -> dict[str, An
     return run_user_config(config.spec, checkpoint)
 
 
-def serving_id(config: RunConfig, checkpoint: str | None) -> str:
-    """The id the replica reports once it serves `checkpoint`: its short id, or `base:<model>`."""
-    return short_id(checkpoint) or base_id(config.spec.base_model)
-
-
 def swap_serving(server: LocalServe, config: RunConfig, checkpoint: str | None, *, timeout: float) -> None:
     """Reconfigure the running app onto `checkpoint` and wait until the replica answers with it."""
     server.update_checkpoint(serve_user_config(config, checkpoint))
-    server.wait_for_checkpoint(serving_id(config, checkpoint), timeout=timeout)
+    server.wait_for_checkpoint(checkpoint_id_of_uri(checkpoint) if checkpoint else base_id(config.spec.base_model),
+                               timeout=timeout)
 
 
 class ServedDriver(Protocol):
     """What `start_serving` needs of the driver (a `LocalDriver`)."""
 
     config: RunConfig
-    state: dict[str, Any]
     state_path: Path
-    server: Any
+    server: LocalServe | None
 
-    def save(self) -> None: ...
+    def on_served(self, checkpoint: str | None) -> None:
+        """Serving answers with `checkpoint` (None: the base model) from now on."""
 
 
 def check_startup(user_config: dict[str, Any], args: dict[str, Any], *, allow_degraded: bool) -> None:
@@ -89,13 +84,10 @@ def start_serving(driver: ServedDriver, *, port: int, host: str = "127.0.0.1", s
     server = start_local(port=port, host=host, user_config=user_config, args=args)
     driver.server = server
     st = server.status()
-    if not st.get("ready"):
-        raise ValueError(f"nothing to serve: {st.get('degraded_reason') or st.get('last_swap_error')}")
-    if st.get("degraded"):  # serving the base model in its stead: the next promotion must swap
-        driver.state["serving"], driver.state["serving_id"] = None, st.get("checkpoint")
-    else:
-        driver.state["serving"], driver.state["serving_id"] = serving, short_id(serving) or st.get("checkpoint")
-    driver.save()
+    if not st.weights.ready:
+        raise ValueError(f"nothing to serve: {st.unready_reason}")
+    # Degraded: the base model serves in the checkpoint's stead, so the next promotion must swap.
+    driver.on_served(None if st.weights.degraded else serving)
     return server
 
 

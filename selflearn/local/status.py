@@ -2,16 +2,20 @@
 
 The browser dashboard (`selflearn/local/web/index.html`, served at /dashboard) reads the same state
 file from GET /api/rounds and renders it with DOM text nodes only (no innerHTML), so an article
-title can never inject markup; here every cell goes through `_clean`, so none can drive the terminal.
+title can never inject markup; here every cell goes through `clean`, so none can drive the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pydantic models: imported when a table is drawn, not on `selflearn --help`
+    from ..contracts import Pair
+    from .records import RoundRecord
+    from .state import LocalState, RunningRound
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         if state is None:
             raise ValueError(f"no local run in {args.data_dir} (start one with `selflearn local`)")
         if args.json:
-            print(json.dumps(state, indent=1, sort_keys=True))
+            print(state.model_dump_json(indent=1))
         else:
             if args.watch:
                 print("\033[2J\033[H", end="")
@@ -40,26 +44,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- the table ----------------------------------------------------------------------------------
-def _num(x: Any, fmt: str = "{:.2f}") -> str:
-    if isinstance(x, (int, float)) and math.isfinite(x):
+def _num(x: float | None, fmt: str = "{:.2f}") -> str:
+    if x is not None and math.isfinite(x):
         return fmt.format(x)
     return "-" if x is None else str(x)
 
 
-def _ppl(rec: dict[str, Any], name: str) -> str:
-    p = (rec.get("ppl") or {}).get(name) or {}
-    if not p:
-        return "-"
-    return f"{_num(p.get('before'))}->{_num(p.get('after'))}"
+def _pair(p: Pair | None, fmt: str = "{:.2f}") -> str:
+    return f"{_num(p.before, fmt)}->{_num(p.after, fmt)}" if p is not None else "-"
 
 
-def _decision(rec: dict[str, Any]) -> str:
-    if rec.get("status") != "published":
-        return rec.get("status") or "-"
-    return "promoted" if rec.get("promoted") else "rejected"
+def _decision(rec: RoundRecord) -> str:
+    if rec.status != "published":
+        return rec.status
+    return "promoted" if rec.promoted else "rejected"
 
 
-def _clean(text: Any, width: int) -> str:
+def clean(text: object, width: int) -> str:
     """One terminal line: control characters out, clipped to `width`."""
     s = "".join(ch if ch.isprintable() else " " for ch in str(text if text is not None else "-"))
     return s if len(s) <= width else s[: width - 1] + "…"
@@ -70,77 +71,72 @@ COLUMNS = [("round", 5), ("result", 8), ("loss", 7), ("knows learned", 13), ("kn
            ("articles", 8), ("checkpoint", 16), ("reason", 60)]
 
 
-def _knowledge(rec: dict[str, Any], name: str) -> str:
-    k = (rec.get("knowledge") or {}).get(name) or {}
-    return f"{_num(k.get('before'))}->{_num(k.get('after'))}" if k else "-"
+def _format(rec: RoundRecord) -> str:
+    f = rec.chat.format_ok if rec.chat is not None else None
+    return _num(f.after, "{:.0%}") if f is not None else "-"
 
 
-def _format(rec: dict[str, Any]) -> str:
-    f = (rec.get("chat") or {}).get("format_ok") or {}
-    return _num(f.get("after"), "{:.0%}") if f else "-"
-
-
-def feedback_cell(rec: dict[str, Any]) -> str:
+def feedback_cell(rec: RoundRecord) -> str:
     """What users said that the round learned: corrections and ratings."""
-    fb = rec.get("feedback")
-    if not fb:
+    fb = rec.feedback
+    if fb is None:
         return "-"
-    if fb.get("error"):
+    if fb.error:
         return "unavailable"
-    return f"{fb.get('corrections', 0)} fix, {fb.get('ratings', 0)} rated"
+    return f"{fb.corrections} fix, {fb.ratings} rated"
 
 
-def rows(state: dict[str, Any]) -> list[list[str]]:
+def rows(state: LocalState) -> list[list[str]]:
     out = []
-    for rec in state.get("rounds") or []:
-        out.append([str(rec.get("round")), _decision(rec), _num(rec.get("train_loss"), "{:.3f}"),
-                    _knowledge(rec, "learned"), _knowledge(rec, "held_out"),
-                    _num((rec.get("chat") or {}).get("retention"), "{:.3f}"), _format(rec), feedback_cell(rec),
-                    _ppl(rec, "fresh"), _ppl(rec, "trained"), _ppl(rec, "general"),
-                    str(len(rec.get("articles") or [])), rec.get("id") or "-", rec.get("reason") or ""])
+    for rec in state.rounds:
+        k = rec.knowledge
+        out.append([str(rec.round), _decision(rec), _num(rec.train_loss, "{:.3f}"),
+                    _pair(k.learned if k else None), _pair(k.held_out if k else None),
+                    _num(rec.chat.retention if rec.chat else None, "{:.3f}"), _format(rec), feedback_cell(rec),
+                    _pair(rec.ppl.get("fresh")), _pair(rec.ppl.get("trained")), _pair(rec.ppl.get("general")),
+                    str(len(rec.articles)), rec.id or "-", rec.reason or ""])
     return out
 
 
-def _progress(cur: dict[str, Any], now: float) -> str:
-    p = cur.get("progress") or {}
-    line = f"   training round {cur.get('round')} for {now - cur.get('started_at', now):.0f}s"
-    if p.get("phase"):
-        line += f": {p['phase']}"
-    if p.get("step") and p.get("of"):
-        line += (f", step {p['step']}/{p['of']}, loss {_num(p.get('loss'), '{:.3f}')}, "
-                 f"{_num(p.get('tokens_per_s'), '{:.0f}')} tok/s, ETA {_num(p.get('eta_s'), '{:.0f}')}s")
+def _progress(cur: RunningRound, now: float) -> str:
+    line = f"   training round {cur.round} for {now - cur.started_at:.0f}s"
+    p = cur.progress
+    if p is None:
+        return line
+    line += f": {p.phase}"
+    if p.step and p.of:
+        line += (f", step {p.step}/{p.of}, loss {_num(p.loss, '{:.3f}')}, "
+                 f"{_num(p.tokens_per_s, '{:.0f}')} tok/s, ETA {_num(p.eta_s, '{:.0f}')}s")
     return line
 
 
-def format_table(state: dict[str, Any], *, articles: bool = False, now: float | None = None) -> str:
+def format_table(state: LocalState, *, articles: bool = False, now: float | None = None) -> str:
     now = now or time.time()
-    cur = state.get("current_round") or {}
+    cur = state.current_round
     lines = [
-        f"run {_clean(state.get('run'), 40)}   phase {_clean(state.get('phase'), 20)}   "
-        f"rounds done {state.get('round', 0)}"
+        f"run {clean(state.run, 40)}   phase {clean(state.phase, 20)}   rounds done {state.round}"
         + (_progress(cur, now) if cur else ""),
-        f"serving  {_clean(state.get('serving_id') or 'base model ' + str(state.get('base_model')), 100)}",
-        f"promoted {_clean(state.get('promoted_id') or '-', 100)}",
+        f"serving  {clean(state.serving_id, 100)}",
+        f"promoted {clean(state.promoted_id or '-', 100)}",
         "",
     ]
     table = [[c for c, _ in COLUMNS]] + rows(state)
     widths = [min(w, max(len(r[i]) for r in table)) for i, (_, w) in enumerate(COLUMNS)]
     for r in table:
-        lines.append("  ".join(_clean(v, widths[i]).ljust(widths[i]) for i, v in enumerate(r)).rstrip())
+        lines.append("  ".join(clean(v, widths[i]).ljust(widths[i]) for i, v in enumerate(r)).rstrip())
     if len(table) == 1:
         lines.append("(no rounds yet)")
-    last = next((r for r in reversed(state.get("rounds") or []) if r.get("examples")), None)
+    last = next((r for r in reversed(state.rounds) if r.examples), None)
     if last:
-        lines += ["", f"round {last.get('round')}, asked about what it learned (parent -> candidate):"]
-        for e in last["examples"][:3]:
-            lines.append(f"  Q: {_clean(e.get('question'), 100)}")
-            lines.append(f"     parent    ({_num(e.get('parent_score'))}): {_clean(e.get('parent'), 110)}")
-            lines.append(f"     candidate ({_num(e.get('candidate_score'))}): {_clean(e.get('candidate'), 110)}")
+        lines += ["", f"round {last.round}, asked about what it learned (parent -> candidate):"]
+        for e in last.examples[:3]:
+            lines.append(f"  Q: {clean(e.question, 100)}")
+            lines.append(f"     parent    ({_num(e.parent_score)}): {clean(e.parent, 110)}")
+            lines.append(f"     candidate ({_num(e.candidate_score)}): {clean(e.candidate, 110)}")
     if articles:
-        for rec in state.get("rounds") or []:
-            arts = rec.get("articles") or []
-            if arts:
+        for rec in state.rounds:
+            if rec.articles:
                 lines.append("")
-                lines.append(f"round {rec.get('round')}:")
-                lines += [f"  {_clean(a.get('title'), 60)}  {_clean(a.get('url') or '', 100)}" for a in arts]
+                lines.append(f"round {rec.round}:")
+                lines += [f"  {clean(a.title, 60)}  {clean(a.url or '', 100)}" for a in rec.articles]
     return "\n".join(lines)

@@ -8,28 +8,36 @@ to `<data-dir>/logs/round-NNNNNN.log`.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ..contracts import ResultError, RoundResult
-from .state import MAX_LOSS_POINTS
+from pydantic import ValidationError
 
-PROGRESS_FIELDS = ("phase", "step", "of", "loss", "tokens_per_s", "eta_s")
+from ..contracts import ResultError, RoundProgress, RoundResult
 
 
-def trainer_command(python: str, run_config: Path, round_: int, parent: str | None, workdir: Path,
-                    progress: Path, nice: int) -> list[str]:
+@dataclass(frozen=True)
+class TrainerOptions:
+    """How the trainer subprocess runs: its interpreter, niceness and extra environment."""
+
+    nice: int = 10
+    python: str = sys.executable
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def trainer_command(opts: TrainerOptions, run_config: Path, round_: int, parent: str | None, workdir: Path,
+                    progress: Path) -> list[str]:
     """`python -m selflearn.trainer ...` for round `round_` from `parent` (None: the base model)."""
-    cmd = [python, "-m", "selflearn.trainer", "--run-config", str(run_config),
+    cmd = [opts.python, "-m", "selflearn.trainer", "--run-config", str(run_config),
            "--round", str(round_), "--parent", parent or "base", "--workdir", str(workdir), "--no-progress",
            "--progress-file", str(progress)]
-    if nice and shutil.which("nice"):
-        cmd = ["nice", "-n", str(nice), *cmd]
+    if opts.nice and shutil.which("nice"):
+        cmd = ["nice", "-n", str(opts.nice), *cmd]
     return cmd
 
 
@@ -49,28 +57,16 @@ def read_result(returncode: int, stdout: str, log_path: Path, round_: int) -> Ro
                        reason=f"trainer exited with {returncode}: " + (" | ".join(tail)[-500:] or "no output"))
 
 
-def read_progress(path: Path, seen: float | None) -> tuple[float | None, dict[str, Any] | None]:
-    """The progress file's mtime and document when it changed since `seen`, else (`seen`, None)."""
+def read_progress(path: Path, seen: float | None) -> tuple[float | None, RoundProgress | None]:
+    """The progress file's mtime and document when it changed since `seen`, else (`seen`, None).
+    A file being replaced or not yet written reads as unchanged (the next poll sees it)."""
     try:
         mtime = path.stat().st_mtime
         if mtime == seen:
             return seen, None
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return mtime, RoundProgress.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError):
         return seen, None
-    return mtime, doc if isinstance(doc, dict) else None
-
-
-def merge_progress(current: dict[str, Any], doc: dict[str, Any]) -> None:
-    """Copy the trainer's progress (phase, step of total, loss, tokens/s, ETA) into the running
-    round's record, and each new step's loss into its live loss curve."""
-    current["progress"] = {k: doc.get(k) for k in PROGRESS_FIELDS}
-    losses = current.setdefault("losses", [])
-    if doc.get("step") and doc["step"] != current.get("loss_step") and isinstance(doc.get("loss"), (int, float)):
-        current["loss_step"] = doc["step"]
-        losses.append(doc["loss"])
-        if len(losses) > MAX_LOSS_POINTS:  # a long round: keep every other point
-            del losses[::2]
 
 
 def terminate(proc: subprocess.Popen, grace: float = 15) -> None:

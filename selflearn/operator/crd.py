@@ -1,7 +1,8 @@
-"""The LearnerRun CustomResourceDefinition, generated from the pydantic spec.
+"""The LearnerRun CustomResourceDefinition, generated from the pydantic spec and status.
 
 `crds/learnerrun.yaml` is this module's output (`python -m selflearn.operator.crd > crds/learnerrun.yaml`),
-so the API server enforces the same fields, defaults, ranges and enums as `selflearn.spec.parse_spec`;
+so the API server enforces the same fields, defaults, ranges and enums as `selflearn.spec.parse_spec`,
+and the status the operator writes has the shape of `status.LearnerRunStatus`;
 a test fails when the committed file and the spec drift apart. `python hack/generate-manifests.py`
 writes it, the chart's copy and the chart's RBAC rules (from `rbac.py`) in one go.
 
@@ -20,14 +21,13 @@ from typing import Any
 import yaml
 
 from ..spec import EMBEDDED_MODEL, LearnerRunSpec
+from .status import LearnerRunStatus
 
 GROUP = "selflearn.dev"
 VERSION = "v1alpha1"
 PLURAL = "learnerruns"
 KIND = "LearnerRun"
 MAX_RUN_NAME = 40
-PHASES = ["Pending", "Training", "Retrying", "Serving", "Suspended", "Failed"]
-HISTORY_RESULTS = ["promoted", "rejected", "empty", "failed", "pinned"]
 
 DESCRIPTIONS: dict[str, str] = {
     "": "What a self-learning chatbot learns from, how it trains, when, where checkpoints go, and how it serves.",
@@ -113,13 +113,19 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "trainer.resources": RESOURCES_SCHEMA,
     "serving.resources": RESOURCES_SCHEMA,
     "trainer.tolerations": {"type": "array", "items": TOLERATION_SCHEMA},
+    # Kopf and older operators may keep fields of their own in the status.
+    "status": {"x-kubernetes-preserve-unknown-fields": True},
+    # One condition per type (server-side apply merges the list by it).
+    "status.conditions": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
 }
 
 _KEEP = ("type", "format", "minimum", "maximum", "pattern", "enum", "minLength", "maxLength",
-         "minItems", "maxItems")
+         "minItems", "maxItems", "required")
 
 
-def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
+def _convert(node: dict[str, Any], defs: dict[str, Any], path: str, *, defaults: bool = True) -> dict[str, Any]:
+    """A pydantic JSON schema node as a structural OpenAPI v3 one. `defaults`: keep the models'
+    defaults (the spec's, which the API server fills in), or leave them out (the status's)."""
     if "$ref" in node:
         node = {**defs[node["$ref"].rsplit("/", 1)[-1]], **{k: v for k, v in node.items() if k != "$ref"}}
     if "anyOf" in node:
@@ -127,10 +133,12 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
         branches = [b for b in node["anyOf"] if b.get("type") != "null"]
         if len(branches) != 1:
             raise ValueError(f"{path}: cannot map anyOf {node['anyOf']} to a structural schema")
-        out = _convert(branches[0], defs, path)
-        out.pop("default", None)
-        out["nullable"] = True
-        return out
+        optional = _convert(branches[0], defs, path, defaults=defaults)
+        if "description" not in optional and node.get("description"):
+            optional["description"] = node["description"]
+        optional.pop("default", None)
+        optional["nullable"] = True
+        return optional
     out: dict[str, Any] = {}
     if path in DESCRIPTIONS:
         out["description"] = DESCRIPTIONS[path]
@@ -144,21 +152,21 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
         if bound in node:
             out[flag] = node[bound]
             out[bound] = True
-    if "default" in node and node["default"] is not None:
+    if defaults and "default" in node and node["default"] is not None:
         out["default"] = node["default"]
     if out.get("type") == "array" and "items" in node:
-        out["items"] = _convert(node["items"], defs, path + "[]")
+        out["items"] = _convert(node["items"], defs, path + "[]", defaults=defaults)
     if "properties" in node:
         out["type"] = "object"
-        out["properties"] = {name: _convert(sub, defs, f"{path}.{name}".lstrip("."))
+        out["properties"] = {name: _convert(sub, defs, f"{path}.{name}".lstrip("."), defaults=defaults)
                              for name, sub in node["properties"].items()}
         # A nested block defaults to {} so that the API server fills in its fields' defaults.
-        if path and not path.endswith("[]") and "default" not in out and not out.get("nullable"):
+        if defaults and path and not path.endswith("[]") and "default" not in out and not out.get("nullable"):
             out["default"] = {}
     elif out.get("type") == "object":
         extra = node.get("additionalProperties", True)
         if isinstance(extra, dict) and extra:
-            out["additionalProperties"] = _convert(extra, defs, path + "{}")
+            out["additionalProperties"] = _convert(extra, defs, path + "{}", defaults=defaults)
         else:
             out["x-kubernetes-preserve-unknown-fields"] = True
     if path in OVERRIDES:
@@ -179,76 +187,13 @@ def spec_schema() -> dict[str, Any]:
     return out
 
 
-def _condition_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["type", "status"],
-        "properties": {
-            "type": {"type": "string", "enum": ["Ready", "TrainerRunning", "Degraded"]},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-            "reason": {"type": "string"},
-            "message": {"type": "string"},
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
-            "observedGeneration": {"type": "integer", "format": "int64"},
-        },
-    }
-
-
 def status_schema() -> dict[str, Any]:
-    nullable_str = {"type": "string", "nullable": True}
-    return {
-        "type": "object",
-        "description": "Progress lives here, so a restarted operator carries on where it stopped.",
-        # Kopf keeps its own bookkeeping in annotations, but tolerate older fields.
-        "x-kubernetes-preserve-unknown-fields": True,
-        "properties": {
-            "phase": {"type": "string", "enum": PHASES},
-            "message": {**nullable_str, "description": "Why the run is in its phase, in a sentence."},
-            "round": {"type": "integer", "description": "The round running now, or the last one run."},
-            "activeJob": {**nullable_str, "description": "The trainer Job of the running round."},
-            "failures": {"type": "integer", "description": "Consecutive failed attempts of the current round."},
-            "nextRoundAt": {**nullable_str, "format": "date-time",
-                            "description": "No round starts before this time (interval or retry backoff)."},
-            "servingCheckpoint": {**nullable_str, "description": "What the RayService serves (null: the base model)."},
-            "lastPerplexity": {"type": "number", "nullable": True,
-                               "description": "General-set perplexity after the newest published round."},
-            "observedGeneration": {"type": "integer", "format": "int64"},
-            "history": {
-                "type": "array",
-                "description": "The newest rounds, oldest first (bounded).",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "round": {"type": "integer"},
-                        "attempt": {"type": "integer"},
-                        "job": {"type": "string"},
-                        "result": {"type": "string", "enum": HISTORY_RESULTS},
-                        "checkpoint": nullable_str,
-                        "trainLoss": {"type": "number", "nullable": True},
-                        "perplexityBefore": {"type": "number", "nullable": True},
-                        "perplexityAfter": {"type": "number", "nullable": True},
-                        "knowledgeBefore": {"type": "number", "nullable": True, "description":
-                                            "Parent's score answering questions about the round's articles."},
-                        "knowledgeAfter": {"type": "number", "nullable": True,
-                                           "description": "The candidate's score on the same questions."},
-                        "chatRetention": {"type": "number", "nullable": True, "description":
-                                          "Parent's perplexity of the reference chat answers over the candidate's."},
-                        "formatHealth": {"type": "number", "nullable": True, "description":
-                                         "Share of chat prompts the candidate answered in good format."},
-                        "promoted": {"type": "boolean"},
-                        "reason": {"type": "string"},
-                        "finishedAt": {"type": "string", "format": "date-time"},
-                    },
-                },
-            },
-            "conditions": {
-                "type": "array",
-                "items": _condition_schema(),
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-            },
-        },
-    }
+    """The OpenAPI v3 (structural) schema of `status`, derived from LearnerRunStatus. No defaults:
+    the operator writes what it means, and a new run's status stays empty until it does."""
+    js = LearnerRunStatus.model_json_schema(by_alias=True, mode="validation")
+    out = _convert(js, js.get("$defs", {}), "status", defaults=False)
+    out.pop("title", None)
+    return out
 
 
 PRINTER_COLUMNS = [
@@ -306,7 +251,8 @@ def build_crd() -> dict[str, Any]:
 
 
 HEADER = """\
-# LearnerRun CRD. Generated from selflearn/spec.py by `python -m selflearn.operator.crd`; do not edit.
+# LearnerRun CRD. Generated from selflearn/spec.py and selflearn/operator/status.py by
+# `python -m selflearn.operator.crd`; do not edit.
 # tests/test_manifests.py fails when this file and the spec drift apart.
 """
 

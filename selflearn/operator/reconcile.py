@@ -3,14 +3,15 @@
 Each tick keeps serving in step with the status (a pin, a RayService that drifted), follows the
 round in flight (its Job, its pods, its result line, the promotion decision) or starts the next
 one, and writes the conditions. Decisions are the pure functions of scheduling.py and
-selflearn.policy; this module reads the cluster and writes status through `StatusWriter`.
+selflearn.policy; this module reads the cluster and edits the typed status (status.py) through
+`StatusWriter`.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from types import TracebackType
 from typing import Any, Mapping
 
 import kopf
@@ -24,6 +25,7 @@ from . import storage
 from .kube import Kube, KubeError
 from .results import (ACTIVE, SUCCEEDED, JobView, failure_reason, job_view, parse_result, pod_belongs_to,
                       stuck_reason, termination_message)
+from .status import ConditionType, LearnerRunStatus, StoredStatus, iso
 
 
 @dataclass(frozen=True)
@@ -52,33 +54,49 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class StatusWriter:
-    """Writes only the status fields that change; `current` is the status as it will be."""
+def namespaced(namespace: str | None) -> str:
+    """A LearnerRun's namespace: the CRD is namespaced, so Kopf always passes one."""
+    if namespace is None:
+        raise kopf.PermanentError("a LearnerRun without a namespace")
+    return namespace
 
-    def __init__(self, status: Mapping[str, Any], patch: kopf.Patch):
-        self.current = dict(status)
+
+class StatusWriter:
+    """The run's status during one handler call: `status` is the typed working copy; on leaving the
+    `with` block, what changed goes into Kopf's patch (Kopf applies it once the handler returns)."""
+
+    def __init__(self, stored: Mapping[str, Any] | None, patch: kopf.Patch):
+        self._stored = StoredStatus.read(stored)
         self._patch = patch
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.current.get(key, default)
+    @property
+    def status(self) -> LearnerRunStatus:
+        return self._stored.status
 
-    def set(self, key: str, value: Any) -> None:
-        if self.current.get(key) != value:
+    @property
+    def refused(self) -> str | None:
+        """Why the stored round progress cannot be read (see status.py); None when it can."""
+        return self._stored.refused
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        """What could not be read and is removed with this write, a line each."""
+        return self._stored.dropped
+
+    def condition(self, type_: ConditionType, status: bool, reason: str, message: str,
+                  generation: int | None) -> None:
+        self.status.conditions = sched.set_condition(self.status.conditions, type_=type_, status=status,
+                                                     reason=reason, message=message, now=utcnow(),
+                                                     generation=generation)
+
+    def __enter__(self) -> StatusWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        # Also after an error: what the handler learned before it (a finished round) must not be lost.
+        for key, value in self._stored.changes().items():
             self._patch.status[key] = value
-            self.current[key] = value
-
-    def update(self, fields: Mapping[str, Any]) -> None:
-        for k, v in fields.items():
-            self.set(k, v)
-
-    def condition(self, type_: str, status: bool, reason: str, message: str, generation: int | None) -> None:
-        current = sched.condition(self.current.get("conditions"), type_)
-        want = ("True" if status else "False", reason, message)
-        if current and (current.get("status"), current.get("reason"), current.get("message")) == want:
-            return
-        self.set("conditions", sched.set_condition(self.current.get("conditions"), type_=type_, status=status,
-                                                   reason=reason, message=message, now=utcnow(),
-                                                   generation=generation))
 
 
 @dataclass
@@ -87,27 +105,44 @@ class Reconciliation:
 
     body: kopf.Body
     spec: LearnerRunSpec
-    name: str
-    namespace: str
-    meta: kopf.Meta
     memo: kopf.Memo
-    logger: logging.Logger
+    logger: kopf.Logger
     writer: StatusWriter
-    jobs: list[JobView]
-    serving: ServingView | None
-    secret_missing: str | None = None
+    jobs: list[JobView]  # the run's trainer Jobs, from the index
+    serving: ServingView | None  # its RayService, from the index
+    # Derived from the above once per tick:
+    name: str = field(init=False)
+    namespace: str = field(init=False)
+    kube: Kube = field(init=False)
+    config: OperatorConfig = field(init=False)
+    status: LearnerRunStatus = field(init=False)  # the writer's typed working copy
+    secret_missing: str | None = field(default=None, init=False)
 
-    @property
-    def kube(self) -> Kube:
-        return self.memo.kube
+    def __post_init__(self) -> None:
+        self.name, self.namespace = self.body.metadata.name, namespaced(self.body.metadata.namespace)
+        self.kube, self.config, self.status = self.memo.kube, self.memo.config, self.writer.status
 
-    @property
-    def config(self) -> OperatorConfig:
-        return self.memo.config
+    async def tick(self) -> None:
+        if self.writer.refused:
+            self.refuse(self.writer.refused)
+            return
+        if self.writer.dropped:
+            kopf.warn(self.body, reason="StatusRepaired", message="removed from the status, unreadable: "
+                      + "; ".join(self.writer.dropped))
+        await self.keep_serving_in_step()
+        if self.status.active_job:
+            await self.follow_active_job(self.status.active_job)
+        if not self.status.active_job:
+            await self.maybe_start_round()
+        self.write_conditions()
 
-    @property
-    def progress(self) -> sched.Progress:
-        return sched.Progress.from_status(self.writer.current)
+    def refuse(self, why: str) -> None:
+        """Nothing acts on progress it cannot read: say so, and wait for the status to be fixed."""
+        s = self.status
+        if s.message != why:
+            kopf.warn(self.body, reason="StatusUnreadable", message=why)
+        s.phase, s.message = "Failed", why
+        self.writer.condition("Degraded", True, "StatusUnreadable", why, self.body.meta.get("generation"))
 
     # serving ---------------------------------------------------------------------------------------
     async def serve(self, checkpoint: str | None) -> None:
@@ -119,26 +154,26 @@ class Reconciliation:
             self.logger.warning("the RayService is missing; it is recreated on the next spec change or restart")
 
     async def keep_serving_in_step(self) -> None:
-        pin = self.spec.promotion.pinned_checkpoint
-        current = self.writer.get("servingCheckpoint")
-        if pin and pin != current:
-            decision = decide(self.spec, None, candidate=None, serving=current)
-            await self.serve(decision.serve)
-            self.writer.set("servingCheckpoint", decision.serve)
-            normal_event(self.body, "Pinned", f"serving the pinned checkpoint {pin}")
+        s = self.status
+        current = s.serving_checkpoint
+        # With no candidate, the gate's only word is a pin that does not serve yet.
+        target = switch_to(decide(self.spec, None, candidate=None, serving=current), current)
+        if target is not None:
+            await self.serve(target)
+            s.serving_checkpoint = target
+            normal_event(self.body, "Pinned", f"serving the pinned checkpoint {target}")
         elif self.serving is not None and self.serving.has_checkpoint and self.serving.checkpoint != current:
             self.logger.info(f"the RayService serves {self.serving.checkpoint}, not {current}; correcting it")
             await self.serve(current)
 
     # a round in flight --------------------------------------------------------------------------------
-    async def follow_active_job(self) -> None:
-        name = self.writer.get("activeJob")
+    async def follow_active_job(self, name: str) -> None:
+        s = self.status
         job = next((j for j in self.jobs if j.name == name), None)
         if job is None:  # not indexed yet (just created), or deleted behind our back
             raw = await self.kube.get("batch/v1", "jobs", self.namespace, name)
             if raw is None:
-                await self.round_failed(name, self.progress.round, self.progress.failures + 1,
-                                        f"Job {name} disappeared before it finished")
+                await self.round_failed(name, s.round, s.failures + 1, f"Job {name} disappeared before it finished")
                 return
             m = raw.get("metadata") or {}
             job = job_view(name=name, labels=m.get("labels") or {}, spec=raw.get("spec") or {},
@@ -150,17 +185,16 @@ class Reconciliation:
             stuck = stuck_reason(pods)
             message = (f"round {job.round} cannot start (Job {job.name}): {stuck}" if stuck else
                        f"round {job.round} is training (Job {job.name})")
-            if stuck and self.writer.get("message") != message:
+            if stuck and s.message != message:
                 kopf.warn(self.body, reason="TrainerCannotStart", message=message)
-            self.writer.update({"phase": "Training",
-                                "message": message + ("; suspended after it" if self.spec.suspend else "")})
+            s.phase, s.message = "Training", message + ("; suspended after it" if self.spec.suspend else "")
             return
-        message = termination_message(pods, succeeded=job.state == SUCCEEDED)
+        said = termination_message(pods, succeeded=job.state == SUCCEEDED)
         if job.state != SUCCEEDED:
-            await self.round_failed(job.name, job.round, job.attempt, failure_reason(job.message, message))
+            await self.round_failed(job.name, job.round, job.attempt, failure_reason(job.message, said))
             return
         try:
-            result = parse_result(message, round_=job.round)
+            result = parse_result(said, round_=job.round)
         except ResultError as err:
             try:  # the pod may be gone; a published checkpoint's manifest carries the same metrics
                 result = await storage.manifest_result(self.kube, spec=self.spec, run=self.name,
@@ -175,28 +209,28 @@ class Reconciliation:
         await self.prune_jobs()
 
     async def round_succeeded(self, job: JobView, result: RoundResult) -> None:
-        now, serving, decision = utcnow(), self.writer.get("servingCheckpoint"), None
+        s, now = self.status, utcnow()
+        serving, decision = s.serving_checkpoint, None
         if result.status == "published":
             decision = decide(self.spec, result.metrics, candidate=result.checkpoint, serving=serving)
             if (target := switch_to(decision, serving)) is not None:
                 await self.serve(target)
                 serving = target
-        entry = sched.history_entry(round_=job.round, attempt=job.attempt, job=job.name, now=now,
-                                    result=result, decision=decision)
-        self.writer.update(sched.after_round(spec=self.spec, now=now, result=result, serving=serving))
-        self.writer.set("history", sched.append_history(self.writer.get("history"), entry, self.config.history_limit))
-        normal_event(self.body, sched.EVENT_REASON[entry["result"]], f"round {job.round}: {entry['reason']}")
+        row = sched.finished_row(job=job, now=now, result=result, decision=decision)
+        s.set_progress(sched.after_round(s.progress, spec=self.spec, now=now, serving=serving))
+        s.record(row, keep=self.config.history_limit)
+        normal_event(self.body, sched.event_reason(row.result), f"round {job.round}: {row.reason}")
 
     async def round_failed(self, job: str, round_: int, attempt: int, reason: str) -> None:
-        now = utcnow()
-        fields = sched.after_failure(progress=self.progress, now=now, base=self.config.retry_base_seconds,
-                                     cap=self.config.retry_max_seconds)
-        entry = sched.history_entry(round_=round_, attempt=attempt, job=job, now=now, result=None,
-                                    decision=None, failure=reason)
-        self.writer.update(fields)
-        self.writer.set("history", sched.append_history(self.writer.get("history"), entry, self.config.history_limit))
-        kopf.warn(self.body, reason="RoundFailed",
-                  message=f"round {round_} attempt {attempt} failed: {reason}; retrying after {fields['nextRoundAt']}")
+        s, now = self.status, utcnow()
+        progress = sched.after_failure(s.progress, now=now, base=self.config.retry_base_seconds,
+                                       cap=self.config.retry_max_seconds)
+        row = sched.failed_row(round_=round_, attempt=attempt, job=job, now=now, reason=reason)
+        s.set_progress(progress)
+        s.record(row, keep=self.config.history_limit)
+        retry = iso(progress.next_round_at) if progress.next_round_at else "now"
+        kopf.warn(self.body, reason=sched.event_reason(row.result),
+                  message=f"round {round_} attempt {attempt} failed: {reason}; retrying after {retry}")
 
     async def prune_jobs(self) -> None:
         finished = sorted((j for j in self.jobs if j.state != ACTIVE), key=lambda j: (j.round, j.attempt))
@@ -205,10 +239,11 @@ class Reconciliation:
 
     # the next round -------------------------------------------------------------------------------------
     async def maybe_start_round(self) -> None:
-        progress = self.progress
+        s = self.status
+        progress = s.progress
         step = sched.next_round(self.spec, progress, utcnow())
         if isinstance(step, sched.Wait):
-            self.writer.update({"phase": step.phase, "message": step.message})
+            s.phase, s.message = step.phase, step.message
             return
         if secret := self.spec.storage.credentials_secret:
             try:
@@ -219,48 +254,48 @@ class Reconciliation:
                 found = True  # not allowed to look (rbac.readSecrets=false): the trainer pod will tell
             if not found:
                 message = storage.missing_secret_message(secret, self.namespace)
-                if self.writer.get("message") != message:
+                if s.message != message:
                     kopf.warn(self.body, reason="SecretMissing", message=message)
-                self.writer.update({"phase": "Failed", "message": message})
+                s.phase, s.message = "Failed", message
                 self.secret_missing = message
                 return
         owner = kopf.build_owner_reference(self.body)
         await self.kube.apply("v1", "configmaps", self.namespace, res.build_run_configmap(
             run=self.name, namespace=self.namespace, owner=owner, spec=self.spec))
         job = res.build_trainer_job(run=self.name, namespace=self.namespace, owner=owner, spec=self.spec,
-                                    round_=step.round, attempt=step.attempt, parent=progress.serving)
-        job_name = job["metadata"]["name"]
+                                    round_=step.round, attempt=step.attempt, parent=progress.serving_checkpoint)
+        job_name = res.job_name(self.name, step.round, step.attempt)
         if await self.kube.create("batch/v1", "jobs", self.namespace, job) is None:
             # 409: a previous operator (or replica) created it before it could record so. Adopt it,
             # unless it belongs to an earlier LearnerRun of the same name that is still being deleted.
             existing = await self.kube.get("batch/v1", "jobs", self.namespace, job_name) or {}
             owners = {o.get("uid") for o in (existing.get("metadata") or {}).get("ownerReferences") or []}
-            if self.meta["uid"] not in owners:
+            if self.body.metadata.uid not in owners:
                 raise kopf.TemporaryError(f"Job {job_name} belongs to an earlier LearnerRun; waiting for it to go",
                                           delay=10)
             self.logger.info(f"Job {job_name} exists already; adopting it")
         else:
-            normal_event(self.body, "RoundStarted", f"round {step.round} (attempt {step.attempt}) started: "
-                                               f"Job {job_name}, from {progress.serving or 'the base model'}")
-        self.writer.update({"round": step.round, "activeJob": job_name, "phase": "Training",
-                            "message": f"round {step.round} is training (Job {job_name})"})
+            parent = progress.serving_checkpoint or "the base model"
+            normal_event(self.body, "RoundStarted",
+                         f"round {step.round} (attempt {step.attempt}) started: Job {job_name}, from {parent}")
+        s.round, s.active_job = step.round, job_name
+        s.phase, s.message = "Training", f"round {step.round} is training (Job {job_name})"
 
     # conditions --------------------------------------------------------------------------------------------
     def write_conditions(self) -> None:
-        gen = self.meta.get("generation")
-        w = self.writer
-        active = w.get("activeJob")
+        gen = self.body.meta.get("generation")
+        s, w = self.status, self.writer
+        active = s.active_job
         w.condition("TrainerRunning", bool(active), "RoundRunning" if active else "Idle",
-                    f"round {w.get('round')}: Job {active}" if active else "no round is running", gen)
+                    f"round {s.round}: Job {active}" if active else "no round is running", gen)
         if self.secret_missing:
             w.condition("Degraded", True, "SecretMissing", self.secret_missing, gen)
-        elif w.get("failures"):
-            last = (w.get("history") or [{}])[-1]
-            w.condition("Degraded", True, "RoundFailed",
-                        f"round {w.get('round')} failed {w.get('failures')}x: {last.get('reason', '')}", gen)
+        elif s.failures:
+            last = s.history[-1].reason if s.history else ""
+            w.condition("Degraded", True, "RoundFailed", f"round {s.round} failed {s.failures}x: {last}", gen)
         else:
             w.condition("Degraded", False, "AsExpected", "", gen)
-        serving = w.get("servingCheckpoint") or f"the base model {self.spec.base_model}"
+        serving = s.serving_checkpoint or f"the base model {self.spec.base_model}"
         if self.spec.serving.replicas == 0:
             w.condition("Ready", False, "ServingDisabled", "serving.replicas is 0", gen)
         elif self.serving is None:

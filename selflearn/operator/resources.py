@@ -8,11 +8,14 @@ Contracts with the other parts of selflearn:
   and writes its result as one JSON line to /dev/termination-log (selflearn.contracts);
 - the RayService runs `selflearn.serving.app:app_builder`; the `ChatModel` deployment's user_config
   carries the checkpoint, so promotion is a patch that KubeRay applies in place (reconfigure()).
+
+`owner` is the LearnerRun's owner reference (`kopf.build_owner_reference`): children are
+garbage-collected with their run.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -20,9 +23,7 @@ from ..contracts import TERMINATION_LOG
 from ..feedback import feedback_uri
 from ..serving import deployment
 from ..spec import LearnerRunSpec
-from .crd import GROUP, KIND, VERSION
 
-API_VERSION = f"{GROUP}/{VERSION}"
 LABEL_RUN = "selflearn.dev/run"
 LABEL_ROUND = "selflearn.dev/round"
 LABEL_ATTEMPT = "selflearn.dev/attempt"
@@ -73,12 +74,6 @@ def ingress_name(run: str) -> str:
     return run
 
 
-def owner_reference(*, run: str, uid: str) -> dict[str, Any]:
-    """Children are garbage-collected with their LearnerRun."""
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": run, "uid": uid,
-            "controller": True, "blockOwnerDeletion": True}
-
-
 def labels(*, run: str, component: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "selflearn",
@@ -89,9 +84,9 @@ def labels(*, run: str, component: str) -> dict[str, str]:
     }
 
 
-def _meta(*, name: str, namespace: str, owner: dict[str, Any], labels_: dict[str, str],
+def _meta(*, name: str, namespace: str, owner: Mapping[str, Any], labels_: dict[str, str],
           annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels_, "ownerReferences": [owner]}
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels_, "ownerReferences": [dict(owner)]}
     if annotations:
         meta["annotations"] = annotations
     return meta
@@ -117,7 +112,7 @@ def run_config(*, run: str, spec: LearnerRunSpec) -> dict[str, Any]:
     return {"name": run, "spec": spec.model_dump(by_alias=True, mode="json")}
 
 
-def build_run_configmap(*, run: str, namespace: str, owner: dict[str, Any], spec: LearnerRunSpec) -> dict[str, Any]:
+def build_run_configmap(*, run: str, namespace: str, owner: Mapping[str, Any], spec: LearnerRunSpec) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -132,7 +127,7 @@ def trainer_command(*, round_: int, parent: str | None) -> list[str]:
             "--round", str(round_), "--parent", parent or "base", "--no-progress"]
 
 
-def build_trainer_job(*, run: str, namespace: str, owner: dict[str, Any], spec: LearnerRunSpec,
+def build_trainer_job(*, run: str, namespace: str, owner: Mapping[str, Any], spec: LearnerRunSpec,
                       round_: int, attempt: int, parent: str | None) -> dict[str, Any]:
     """One round's Job. `parent` is the serving checkpoint URI (None: the base model)."""
     job_labels = labels(run=run, component="trainer") | {LABEL_ROUND: str(round_), LABEL_ATTEMPT: str(attempt)}
@@ -255,7 +250,7 @@ def _ray_container(*, name: str, spec: LearnerRunSpec, resources: dict[str, Any]
     return c
 
 
-def build_rayservice(*, run: str, namespace: str, owner: dict[str, Any], spec: LearnerRunSpec,
+def build_rayservice(*, run: str, namespace: str, owner: Mapping[str, Any], spec: LearnerRunSpec,
                      checkpoint: str | None) -> dict[str, Any]:
     """A KubeRay RayService: a head (Serve controller and proxy, no model replicas) and one worker
     per model replica. KubeRay creates `<run>-serve-svc` on port 8000 in front of the proxies."""
@@ -291,7 +286,7 @@ def build_rayservice(*, run: str, namespace: str, owner: dict[str, Any], spec: L
     }
 
 
-def build_ingress(*, run: str, namespace: str, owner: dict[str, Any], spec: LearnerRunSpec) -> dict[str, Any]:
+def build_ingress(*, run: str, namespace: str, owner: Mapping[str, Any], spec: LearnerRunSpec) -> dict[str, Any]:
     """Routes / (the chat page, /chat, /v1) to the Serve HTTP proxies; answers stream, so no buffering."""
     ing = spec.serving.ingress
     rule: dict[str, Any] = {"http": {"paths": [{

@@ -1,52 +1,21 @@
 """Pure decisions about rounds: is the next one due, which attempt, how long to back off, and what
 the status says afterwards. No I/O, no clock: `now` is an argument.
 
-Progress lives in the LearnerRun's status, so these functions read and write status fields:
-
-    round         the round running now, or the last one run (0: none yet)
-    activeJob     the running round's Job, or null
-    failures      consecutive failed attempts of `round` (0 once it succeeds)
-    nextRoundAt   no Job starts before this time: the interval after a round, the backoff after a failure
+Progress lives in the LearnerRun's status (status.py: `Progress`, the fields these functions
+decide from and return); a finished attempt becomes a `HistoryRow`, its result and Event reason
+follow from the gate's `Outcome` here and nowhere else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Literal, Sequence, assert_never
 
 from ..policy import Decision, Outcome
 from ..spec import LearnerRunSpec
-from .results import RoundResult
-
-
-def iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(s: str | None) -> datetime | None:
-    if not s:
-        return None
-    try:
-        return datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-@dataclass(frozen=True)
-class Progress:
-    round: int = 0
-    active_job: str | None = None
-    failures: int = 0
-    next_round_at: datetime | None = None
-    serving: str | None = None
-
-    @classmethod
-    def from_status(cls, status: Mapping[str, Any]) -> "Progress":
-        return cls(round=int(status.get("round") or 0), active_job=status.get("activeJob") or None,
-                   failures=int(status.get("failures") or 0),
-                   next_round_at=parse_time(status.get("nextRoundAt")),
-                   serving=status.get("servingCheckpoint") or None)
+from .results import JobView, RoundResult
+from .status import Condition, ConditionType, HistoryResult, HistoryRow, Phase, Progress, iso
 
 
 @dataclass(frozen=True)
@@ -59,7 +28,7 @@ class Start:
 @dataclass(frozen=True)
 class Wait:
     """No Job now: the phase to show, a CamelCase reason and a sentence."""
-    phase: str
+    phase: Phase
     reason: str
     message: str
 
@@ -93,76 +62,81 @@ def backoff_seconds(failures: int, *, base: float, cap: float) -> float:
 
 
 # -- status after a round --------------------------------------------------------------------------
-# A round's `result` in the status history, and the Event it raises, by the gate's outcome.
-HISTORY_RESULT = {Outcome.PROMOTE: "promoted", Outcome.PIN: "pinned", Outcome.KEEP: "pinned",
-                  Outcome.REJECT: "rejected"}
-EVENT_REASON = {"promoted": "Promoted", "rejected": "NotPromoted", "pinned": "NotPromoted", "empty": "EmptyRound"}
+def history_result(outcome: Outcome) -> HistoryResult:
+    """A published round's `result` in the status history, by the gate's outcome."""
+    match outcome:
+        case Outcome.PROMOTE:
+            return "promoted"
+        case Outcome.PIN | Outcome.KEEP:  # KEEP after a round: pinned, and the pin serves already
+            return "pinned"
+        case Outcome.REJECT:
+            return "rejected"
+        case _:
+            assert_never(outcome)
 
-def history_entry(*, round_: int, attempt: int, job: str, now: datetime, result: RoundResult | None,
-                  decision: Decision | None, failure: str | None = None) -> dict[str, Any]:
-    """One history row. `result` is None for a failed Job (then `failure` says why)."""
-    entry: dict[str, Any] = {"round": round_, "attempt": attempt, "job": job, "finishedAt": iso(now)}
-    if result is None or result.status == "failed":
-        return entry | {"result": "failed", "promoted": False,
-                        "reason": failure or (result.reason if result else None) or "the trainer failed"}
+
+def event_reason(result: HistoryResult) -> str:
+    """The reason of the Event a finished attempt raises (`kubectl get events`)."""
+    match result:
+        case "promoted":
+            return "Promoted"
+        case "rejected" | "pinned":
+            return "NotPromoted"
+        case "empty":
+            return "EmptyRound"
+        case "failed":
+            return "RoundFailed"
+        case _:
+            assert_never(result)
+
+
+def failed_row(*, round_: int, attempt: int, job: str, now: datetime, reason: str) -> HistoryRow:
+    """The history row of an attempt whose Job failed, or whose result could not be read."""
+    return HistoryRow(round=round_, attempt=attempt, job=job, result="failed", promoted=False, reason=reason,
+                      finished_at=now)
+
+
+def finished_row(*, job: JobView, now: datetime, result: RoundResult, decision: Decision | None) -> HistoryRow:
+    """The history row of a round whose Job succeeded: empty, or published and decided by the gate."""
     if result.status == "empty":
-        return entry | {"result": "empty", "promoted": False, "reason": result.reason or "no new articles"}
-    assert decision is not None and result.metrics is not None
-    m = result.metrics
+        return HistoryRow(round=job.round, attempt=job.attempt, job=job.name, result="empty", promoted=False,
+                          reason=result.reason or "no new articles", finished_at=now)
+    if result.status != "published" or result.metrics is None or decision is None:
+        raise ValueError(f"round {job.round}: a {result.status} result needs failed_row")
+    m, chat = result.metrics, result.metrics.chat
     general = m.ppl_pair("general")
-    learned = m.knowledge.learned if m.knowledge and m.knowledge.learned else None
-    chat = {"knowledgeBefore": learned.before if learned else None, "knowledgeAfter": learned.after if learned else None,
-            "chatRetention": m.chat.retention if m.chat else None,
-            "formatHealth": m.chat.format_ok.after if m.chat and m.chat.format_ok else None}
-    return entry | {"result": HISTORY_RESULT[decision.outcome], "promoted": decision.promote,
-                    "checkpoint": result.checkpoint, "trainLoss": m.train_loss, "perplexityBefore": general.before,
-                    "perplexityAfter": general.after, **{k: v for k, v in chat.items() if v is not None},
-                    "reason": decision.reason}
+    learned = m.knowledge.learned if m.knowledge else None
+    return HistoryRow(round=job.round, attempt=job.attempt, job=job.name, result=history_result(decision.outcome),
+                      promoted=decision.promote, reason=decision.reason, finished_at=now,
+                      checkpoint=result.checkpoint, train_loss=m.train_loss,
+                      perplexity_before=general.before, perplexity_after=general.after,
+                      knowledge_before=learned.before if learned else None,
+                      knowledge_after=learned.after if learned else None,
+                      chat_retention=chat.retention if chat else None,
+                      format_health=chat.format_ok.after if chat and chat.format_ok else None)
 
 
-def append_history(history: list[Mapping[str, Any]] | None, entry: Mapping[str, Any], limit: int) -> list[dict]:
-    """Newest last; at most `limit` rows (status must stay small)."""
-    return [dict(h) for h in (history or [])][-(limit - 1):] + [dict(entry)] if limit > 1 else [dict(entry)]
+def after_round(progress: Progress, *, spec: LearnerRunSpec, now: datetime, serving: str | None) -> Progress:
+    """Progress once a round's Job succeeded (published or empty): the next round after the interval."""
+    return replace(progress, active_job=None, failures=0, serving_checkpoint=serving,
+                   next_round_at=now + timedelta(seconds=spec.schedule.interval_seconds))
 
 
-def after_round(*, spec: LearnerRunSpec, now: datetime, result: RoundResult, serving: str | None) -> dict[str, Any]:
-    """Status fields once a round's Job succeeded (published or empty)."""
-    fields: dict[str, Any] = {"activeJob": None, "failures": 0, "servingCheckpoint": serving,
-                              "nextRoundAt": iso(now + timedelta(seconds=spec.schedule.interval_seconds))}
-    general = result.metrics.ppl_pair("general") if result.metrics else None
-    if result.status == "published" and general and general.after is not None:
-        fields["lastPerplexity"] = general.after
-    return fields
-
-
-def after_failure(*, progress: Progress, now: datetime, base: float, cap: float) -> dict[str, Any]:
+def after_failure(progress: Progress, *, now: datetime, base: float, cap: float) -> Progress:
+    """Progress once an attempt failed: the same round again, after the backoff."""
     failures = progress.failures + 1
     delay = backoff_seconds(failures, base=base, cap=cap)
-    return {"activeJob": None, "failures": failures, "nextRoundAt": iso(now + timedelta(seconds=delay))}
+    return replace(progress, active_job=None, failures=failures, next_round_at=now + timedelta(seconds=delay))
 
 
-def set_condition(conditions: list[Mapping[str, Any]] | None, *, type_: str, status: bool, reason: str,
-                  message: str, now: datetime, generation: int | None) -> list[dict[str, Any]]:
+def set_condition(conditions: Sequence[Condition], *, type_: ConditionType, status: bool, reason: str,
+                  message: str, now: datetime, generation: int | None) -> tuple[Condition, ...]:
     """Upsert a condition; lastTransitionTime moves only when its status flips."""
-    value = "True" if status else "False"
-    out, found = [], False
-    for c in conditions or []:
-        c = dict(c)
-        if c.get("type") == type_:
-            found = True
-            since = c.get("lastTransitionTime") if c.get("status") == value else iso(now)
-            c = {"type": type_, "status": value, "reason": reason, "message": message,
-                 "lastTransitionTime": since or iso(now)}
-            if generation is not None:
-                c["observedGeneration"] = generation
-        out.append(c)
-    if not found:
-        c = {"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": iso(now)}
-        if generation is not None:
-            c["observedGeneration"] = generation
-        out.append(c)
-    return out
-
-
-def condition(conditions: list[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
-    return next((c for c in conditions or [] if c.get("type") == type_), None)
+    value: Literal["True", "False"] = "True" if status else "False"
+    old = next((c for c in conditions if c.type == type_), None)
+    since = old.last_transition_time if old and old.status == value and old.last_transition_time else now
+    new = Condition(type=type_, status=value, reason=reason, message=message, last_transition_time=since,
+                    observed_generation=generation)
+    if old is None:
+        return (*conditions, new)
+    return tuple(new if c is old else c for c in conditions)

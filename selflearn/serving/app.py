@@ -27,15 +27,14 @@ One machine (what `selflearn serve` and `selflearn local` use)::
                          args={"state_file": "/abs/.selflearn/state.json", "dashboard_dir": "/abs/web"})
     server.update_checkpoint({"checkpoint": "file:///abs/store/local/r000004"})  # in-place reconfigure
     server.wait_for_checkpoint("local/r000004", timeout=300)                      # optional
-    server.status()          # the ChatModel status dict (checkpoint, degraded, last_swap_error, ...)
+    server.status()          # the replica's EngineStatus (weights.checkpoint, weights.degraded, counters, ...)
     server.shutdown()
 
 `start_local` starts (or joins) a local Ray, starts Serve with HTTP on host:port, and applies the
 same declarative config a RayService would (import path + args + the ChatModel user_config), so
 `update_checkpoint` is exactly KubeRay's in-place update: Serve calls `reconfigure()` on the live
-replicas. Extension points for the driver's pages: `args.dashboard_dir` is served at /dashboard,
-`args.state_file` (JSON) at GET /api/rounds, and `args.extra_routes="module:function"` is called as
-`function(fastapi_app, settings)` to add any other routes (they sit behind the same API key).
+replicas. The driver's pages: `args.dashboard_dir` is served at /dashboard and `args.state_file`
+(JSON) at GET /api/rounds, behind the same API key as the rest.
 """
 
 from __future__ import annotations
@@ -43,10 +42,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, cast
 
+from fastapi import FastAPI
 from ray import serve
+from ray.serve import Application, Deployment
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from ..contracts import Completion, EngineEvent, EngineRequest, EngineStatus
 from . import deployment
 from .config import EngineOptions, ServeSettings, initial_user_config, parse_model_config, parse_settings
 from .deployment import APP_NAME
@@ -59,13 +62,13 @@ log = logging.getLogger(__name__)
 class ChatModel:
     """One model replica: the engine, its hot swap, and a stream of events per request."""
 
-    def __init__(self, engine_options: dict | None = None):
+    def __init__(self, engine_options: dict[str, Any] | None = None):
         from .engine import Engine
 
         self.engine = Engine(EngineOptions.model_validate(engine_options or {}))
         self._configured = False
 
-    async def reconfigure(self, user_config: dict | None) -> None:
+    async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Serve calls this at start and on every user_config change.
 
         A bad config or a failed load never raises: it is recorded (status, /metrics: degraded,
@@ -84,7 +87,7 @@ class ChatModel:
         else:
             self.engine.configure(user_config, wait=False)
 
-    async def chat_stream(self, request: dict) -> AsyncIterator[dict]:
+    async def chat_stream(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         """Engine events for one request: start, token..., done | error."""
         from .backend import stream_events
 
@@ -95,13 +98,13 @@ class ChatModel:
         finally:  # cancelled by the caller: cancel the engine request too
             await events.aclose()
 
-    async def chat(self, request: dict) -> dict:
-        """The whole answer at once: {"start": start event, "end": done or error event}."""
+    async def chat(self, request: EngineRequest) -> Completion:
+        """The whole answer at once: its start event and its done or error event."""
         from .backend import complete
 
         return await complete(self.engine, request)
 
-    async def status(self) -> dict:
+    async def status(self) -> EngineStatus:
         return self.engine.status()
 
     async def check_health(self) -> None:
@@ -111,7 +114,7 @@ class ChatModel:
             await self.reconfigure({})
         self.engine.check_health()
 
-    def __del__(self):
+    def __del__(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
@@ -120,11 +123,11 @@ class ChatModel:
 class ServeBackend:
     """What the HTTP API needs, over the ChatModel deployment handle."""
 
-    def __init__(self, handle):
+    def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
-    async def stream(self, request: dict) -> AsyncIterator[dict]:
-        gen = self.handle.options(stream=True).chat_stream.remote(request)
+    async def stream(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
+        gen = cast(DeploymentResponseGenerator, self.handle.options(stream=True).chat_stream.remote(request))
         finished = False
         try:
             async for ev in gen:
@@ -134,7 +137,7 @@ class ServeBackend:
             if not finished:
                 gen.cancel()  # client gone or timed out: free the batch slot
 
-    async def complete(self, request: dict) -> dict:
+    async def complete(self, request: EngineRequest) -> Completion:
         response = self.handle.chat.remote(request)
         try:
             return await response
@@ -142,7 +145,7 @@ class ServeBackend:
             response.cancel()
             raise
 
-    async def status(self) -> dict:
+    async def status(self) -> EngineStatus:
         return await self.handle.status.remote()
 
 
@@ -151,45 +154,47 @@ class ServeBackend:
 class ChatIngress:
     """FastAPI ingress; the app itself is built per replica from the settings (serving.http.build_api)."""
 
-    def __init__(self, model, settings: dict):
+    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]):
         self._settings = ServeSettings.model_validate(settings)
         self._backend = ServeBackend(model)
 
-    def __serve_build_asgi_app__(self):
+    def __serve_build_asgi_app__(self) -> FastAPI:
         from .http import build_api
 
         return build_api(self._backend, self._settings)
 
 
-def app_builder(args: dict[str, Any] | None = None):
+def app_builder(args: dict[str, Any] | None = None) -> Application:
     """RayService / `serve run` entry point: `selflearn.serving.app:app_builder` with `args`."""
     settings = parse_settings(args)
     user_config = initial_user_config(settings)
     parse_model_config(user_config)  # fail the deploy on a malformed initial config
     engine = settings.engine
-    model = ChatModel.options(
+    # The decorators made both classes Deployments; mypy keeps a decorated class's own type.
+    model = cast(Deployment, ChatModel).options(
         num_replicas=settings.model_replicas, user_config=user_config,
         # The engine queues and batches itself; let Serve hand it everything up to its own cap.
         max_ongoing_requests=engine.max_batch_size + engine.max_queue,
         ray_actor_options={"num_cpus": settings.model_num_cpus},
     ).bind(engine.model_dump())
-    return ChatIngress.options(
+    return cast(Deployment, ChatIngress).options(
         num_replicas=settings.ingress_replicas, max_ongoing_requests=settings.max_inflight + 64,
         ray_actor_options={"num_cpus": 0},
     ).bind(model, settings.model_dump())
 
 
 # -- one machine -------------------------------------------------------------------------------------
-def serve_config(*, port: int, host: str = "127.0.0.1", user_config: dict | None = None,
-                 args: dict | None = None, app_name: str = APP_NAME, route_prefix: str = "/") -> dict:
+def serve_config(*, port: int, host: str = "127.0.0.1", user_config: dict[str, Any] | None = None,
+                 args: dict[str, Any] | None = None, app_name: str = APP_NAME,
+                 route_prefix: str = "/") -> dict[str, Any]:
     """A declarative Serve config (the shape of a RayService's serveConfigV2) for one application."""
     return {"http_options": {"host": host, "port": port}, "controller_options": deployment.controller_options(),
             "applications": [application(user_config=user_config, args=args, app_name=app_name,
                                          route_prefix=route_prefix)]}
 
 
-def application(*, user_config: dict | None = None, args: dict | None = None, app_name: str = APP_NAME,
-                route_prefix: str = "/") -> dict:
+def application(*, user_config: dict[str, Any] | None = None, args: dict[str, Any] | None = None,
+                app_name: str = APP_NAME, route_prefix: str = "/") -> dict[str, Any]:
     parse_settings(args)  # a bad arg fails here, with one line, not inside Serve
     return deployment.application(user_config=user_config, args=args, app_name=app_name, route_prefix=route_prefix)
 
@@ -197,13 +202,13 @@ def application(*, user_config: dict | None = None, args: dict | None = None, ap
 class LocalServe:
     """A running local Serve instance with our application(s); see the module docstring."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict[str, Any]):
         self.config = config
         http = config.get("http_options") or {}
         self.host, self.port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
         self.url = f"http://{self.host}:{self.port}"
 
-    def update_checkpoint(self, user_config: dict, *, app_name: str = APP_NAME) -> None:
+    def update_checkpoint(self, user_config: dict[str, Any], *, app_name: str = APP_NAME) -> None:
         """Apply a new ChatModel user_config; replicas reconfigure in place (hot swap in background).
 
         Returns once Serve has accepted it; use `wait_for_checkpoint` to wait for the swap itself.
@@ -213,32 +218,33 @@ class LocalServe:
         deploy(config)
         self.config = config
 
-    def status(self, *, app_name: str = APP_NAME, timeout: float = 30) -> dict:
+    def status(self, *, app_name: str = APP_NAME, timeout: float = 30) -> EngineStatus:
+        """The model replica's status (one replica's, when there are several)."""
         handle = serve.get_deployment_handle(deployment.MODEL_DEPLOYMENT, app_name=app_name)
-        return handle.status.remote().result(timeout_s=timeout)
+        status: EngineStatus = handle.status.remote().result(timeout_s=timeout)
+        return status
 
-    def wait_for_checkpoint(self, checkpoint_id: str, *, timeout: float = 300, app_name: str = APP_NAME) -> dict:
+    def wait_for_checkpoint(self, checkpoint_id: str, *, timeout: float = 300,
+                            app_name: str = APP_NAME) -> EngineStatus:
         """Wait until the replica serves `checkpoint_id`; raise RuntimeError if that swap failed."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.status(app_name=app_name)
-            if st.get("checkpoint") == checkpoint_id and not st.get("loading"):
+            weights = st.weights
+            if weights.checkpoint == checkpoint_id and not weights.loading:
                 return st
-            err = st.get("last_swap_error") or ""
-            if st.get("degraded") and not st.get("loading") and checkpoint_id in err:
+            err = st.counters.last_swap_error or ""
+            if weights.degraded and not weights.loading and checkpoint_id in err:
                 raise RuntimeError(f"swap to {checkpoint_id} failed: {err}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"still serving {st.get('checkpoint')} after {timeout:.0f}s")
+                raise TimeoutError(f"still serving {weights.checkpoint} after {timeout:.0f}s")
             time.sleep(0.5)
 
     def shutdown(self) -> None:
         shutdown()
 
 
-_current: LocalServe | None = None
-
-
-def deploy(config: dict, *, timeout: float = 600) -> None:
+def deploy(config: dict[str, Any], *, timeout: float = 600) -> None:
     """Apply a declarative config (ServeDeploySchema) to the running Serve and wait for RUNNING.
 
     This is what `serve run config.yaml` and KubeRay do; `serve.run(app)` would give every
@@ -266,22 +272,20 @@ def deploy(config: dict, *, timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
-def start_local(*, port: int = 8000, user_config: dict | None = None, args: dict | None = None,
-                host: str = "127.0.0.1", app_name: str = APP_NAME, extra_applications: list[dict] | None = None,
-                num_cpus: int | None = None, timeout: float = 600) -> LocalServe:
+def start_local(*, port: int = 8000, user_config: dict[str, Any] | None = None, args: dict[str, Any] | None = None,
+                host: str = "127.0.0.1", app_name: str = APP_NAME, num_cpus: int | None = None,
+                timeout: float = 600) -> LocalServe:
     """Start (or join) a local Ray, start Serve on host:port, deploy the app, wait until it answers."""
     import ray
 
-    global _current
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
                  namespace="selflearn")
     config = serve_config(port=port, host=host, user_config=user_config, args=args, app_name=app_name)
-    config["applications"] += list(extra_applications or [])
     deploy(config, timeout=timeout)
-    _current = LocalServe(config)
-    _wait_listening(_current.url, timeout=min(timeout, 60))
-    return _current
+    server = LocalServe(config)
+    _wait_listening(server.url, timeout=min(timeout, 60))
+    return server
 
 
 def _wait_listening(url: str, *, timeout: float) -> None:
@@ -307,17 +311,6 @@ def _wait_listening(url: str, *, timeout: float) -> None:
             time.sleep(0.5)
 
 
-def update_checkpoint(user_config: dict, *, app_name: str = APP_NAME) -> None:
-    """`update_checkpoint` on the instance the last `start_local` returned."""
-    if _current is None:
-        raise RuntimeError("start_local() has not been called in this process")
-    _current.update_checkpoint(user_config, app_name=app_name)
-
-
 def shutdown() -> None:
     """Stop Serve (all applications) in this Ray; leaves Ray itself running."""
-    global _current
-    try:
-        serve.shutdown()
-    finally:
-        _current = None
+    serve.shutdown()

@@ -9,26 +9,22 @@ for embedding and for tests of API behaviour that does not need Serve.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncGenerator
 
-from ..contracts import END_EVENTS, EngineEvent, Error, Start, Token
+from ..contracts import END_EVENTS, Completion, Done, EngineEvent, EngineRequest, EngineStatus, Error, Start, Token
 from .engine import Engine, NotReady, QueueFull
 
-if TYPE_CHECKING:
-    from .http.service import Completion
 
-
-async def stream_events(engine: Engine, request: dict) -> AsyncIterator[EngineEvent]:
+async def stream_events(engine: Engine, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+    def sink(ev: EngineEvent) -> None:  # called on the engine's scheduler thread
+        loop.call_soon_threadsafe(queue.put_nowait, ev)
+
     try:
-        params = engine.resolve_params(**(request.get("params") or {}))
-        ticket = engine.submit(request["messages"], params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        ticket = engine.submit(request, sink)
     except (QueueFull, NotReady) as err:
         yield Error(503, str(err))
-        return
-    except (KeyError, TypeError, ValueError) as err:
-        yield Error(422, f"bad request: {err}")
         return
     try:
         while True:
@@ -49,19 +45,19 @@ async def stream_events(engine: Engine, request: dict) -> AsyncIterator[EngineEv
             ticket.cancel()
 
 
-async def complete(engine: Engine, request: dict) -> Completion:
-    """The whole answer: {"start": the Start event or None, "end": the Done or Error event}."""
+async def complete(engine: Engine, request: EngineRequest) -> Completion:
+    """The whole answer: its Start event (None if it never got a slot) and its Done or Error."""
     start = None
     events = stream_events(engine, request)
     try:
         async for ev in events:
             if isinstance(ev, Start):
                 start = ev
-            elif isinstance(ev, END_EVENTS):
-                return {"start": start, "end": ev}
+            elif isinstance(ev, (Done, Error)):
+                return Completion(start, ev)
     finally:
         await events.aclose()
-    return {"start": start, "end": Error(500, "the generation ended without a result")}
+    return Completion(start, Error(500, "the generation ended without a result"))
 
 
 class EngineBackend:
@@ -70,11 +66,11 @@ class EngineBackend:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def stream(self, request: dict) -> AsyncIterator[EngineEvent]:
+    def stream(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         return stream_events(self.engine, request)
 
-    async def complete(self, request: dict) -> Completion:
+    async def complete(self, request: EngineRequest) -> Completion:
         return await complete(self.engine, request)
 
-    async def status(self) -> dict:
+    async def status(self) -> EngineStatus:
         return self.engine.status()

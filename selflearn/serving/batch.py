@@ -11,11 +11,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..contracts import Done, EngineEvent, Error, Start, Token
+from ..contracts import Done, EngineEvent, Error, Message, Start, Token
 from . import loader as loader_mod
 from .sampling import SamplingParams, repetition_penalty, sample
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ _ids = itertools.count(1)
 class Ticket:
     """One request's life in the engine; events go to `sink` from the scheduler thread."""
 
-    def __init__(self, messages: list[dict], params: SamplingParams, sink: Sink):
+    def __init__(self, messages: list[Message], params: SamplingParams, sink: Sink):
         self.id = next(_ids)
         self.messages = messages
         self.params = params
@@ -40,13 +43,13 @@ class Ticket:
         self.text = ""
         self.sent = 0
         self.first_token_at: float | None = None
-        self.engine = None  # the Engine, for cancel() to wake its scheduler
-        self.generator = None  # torch.Generator when the request carries a seed
+        self.wake: Callable[[], None] | None = None  # wakes the engine's scheduler, to see a cancel soon
+        self.generator: torch.Generator | None = None  # when the request carries a seed
 
     def cancel(self) -> None:
         self.cancelled = True
-        if self.engine:
-            self.engine._wake()
+        if self.wake is not None:
+            self.wake()
 
     # -- called by the scheduler -----------------------------------------------------------------
     def _emit(self, ev: EngineEvent) -> None:
@@ -111,12 +114,16 @@ class Ticket:
 class Batch:
     """Rows decoding together on one set of weights; tensors are aligned with `rows`."""
 
-    def __init__(self, lm: loader_mod.LoadedModel, rows: list[Ticket], cache, mask, next_pos, seen):
-        self.lm, self.rows, self.cache = lm, rows, cache
+    def __init__(self, lm: loader_mod.LoadedModel, rows: list[Ticket], cache: Any, mask: torch.Tensor,
+                 next_pos: torch.Tensor, seen: torch.Tensor):
+        import torch
+
+        self.lm, self.rows, self.cache = lm, rows, cache  # cache: the model's KV cache (decode.HeadroomCache)
         self.mask = mask          # (B, T) 1 for real tokens, 0 for left padding; T == cache length
         self.next_pos = next_pos  # (B,) position id of the token fed next
         self.seen = seen          # (B, V) bool: tokens in prompt or output (repetition penalty)
-        self.last = None          # (B,) token sampled last, fed at the next step
+        # (B,) token sampled last, fed at the next step (`sample_and_push` sets it after the prefill).
+        self.last = torch.zeros(len(rows), dtype=torch.long, device=mask.device)
         self._params()
 
     def _params(self) -> None:
@@ -130,7 +137,7 @@ class Batch:
         self.penalty = torch.tensor([x.repetition_penalty for x in p], dtype=torch.float32, device=dev)
         self.generators = [r.generator for r in self.rows]
 
-    def sample_and_push(self, logits) -> None:
+    def sample_and_push(self, logits: torch.Tensor) -> None:
         import torch
 
         logits = repetition_penalty(logits.float(), self.seen, self.penalty)
@@ -175,7 +182,7 @@ class Batch:
         self._params()
 
 
-def _pad_left(t, n: int):
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     """Left-pad a (B, T) mask or a (B, H, T, D) cache tensor with n zero positions."""
     import torch
 

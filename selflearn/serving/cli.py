@@ -7,6 +7,9 @@ import logging
 import os
 import signal
 import threading
+from typing import Any
+
+from ..contracts import EngineStatus
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, metavar="N", help="ChatModel replicas (default 1)")
 
 
-def build(args: argparse.Namespace) -> tuple[dict, dict]:
+def build(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """(user_config, app args) from the command line; ValueError with one line when they are bad."""
     from ..yaml_input import load_yaml_file
     from .config import api_key_of, parse_model_config, parse_settings
     from .loader import verify_checkpoint
 
-    app_args: dict = {}
+    app_args: dict[str, Any] = {}
     if args.config:
         app_args = load_yaml_file(args.config, what="config file") or {}
         if not isinstance(app_args, dict):
@@ -81,15 +84,14 @@ def build(args: argparse.Namespace) -> tuple[dict, dict]:
     return user_config, app_args
 
 
-def serving_note(status: dict, *, auth: bool) -> str:
+def serving_note(status: EngineStatus, *, auth: bool) -> str:
     """The served id, degraded and why, and whether auth is on: the tail of a start-up line."""
-    served = status.get("checkpoint")
-    if status.get("degraded"):
-        served = f"{served} DEGRADED: {status.get('degraded_reason')}"
+    weights = status.weights
+    served = f"{weights.checkpoint} DEGRADED: {weights.degraded_reason}" if weights.degraded else weights.checkpoint
     return f"{served}; {'API key required' if auth else 'auth off: no API key, open to whoever reaches it'}"
 
 
-def startup_line(url: str, status: dict, *, auth: bool) -> str:
+def startup_line(url: str, status: EngineStatus, *, auth: bool) -> str:
     """What `selflearn serve` prints once it answers."""
     return f"selflearn serve: {url}/ (chat page), {url}/v1 (OpenAI API); serving {serving_note(status, auth=auth)}"
 
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     # Handlers first: Ctrl-C while Ray and the model start up must still end in a clean shutdown.
     stop = threading.Event()
 
-    def on_signal(*_):
+    def on_signal(*_: object) -> None:
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -113,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
         server = start_local(port=args.port, host=args.host, user_config=user_config, args=app_args)
         signal.signal(signal.SIGTERM, on_signal)  # ray.init installs its own SIGTERM handler
         st = server.status()
-        if not st.get("ready"):  # the checkpoint passed, but loading it (or the base model) did not
-            raise ValueError(f"nothing to serve: {st.get('degraded_reason') or st.get('last_swap_error')}")
+        # The checkpoint passed verification, but loading it (or the base model) did not.
+        if (why := st.unready_reason) is not None:
+            raise ValueError(f"nothing to serve: {why}")
         auth = api_key_of(parse_settings(app_args), os.environ) is not None
         print(startup_line(server.url, st, auth=auth), flush=True)
         stop.wait()

@@ -167,10 +167,9 @@ class ServeSettings(_Strict):
     feedback_max_items_per_client_per_day: int = Field(100, ge=1)
     feedback_max_bytes_per_day: int = Field(64 * 1024 * 1024, ge=64 * 1024)
     feedback_retention_days: int = Field(30, ge=0)  # days of feedback kept in the store; 0: all
-    # Extension points for the one-machine driver.
+    # The one-machine driver's pages: its dashboard (static files) and its run state (a JSON file).
     dashboard_dir: str | None = None
     state_file: str | None = None
-    extra_routes: str | None = None  # "module:function(app, settings)"
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -192,10 +191,8 @@ class ServeSettings(_Strict):
             raise ValueError("api_key is empty; give the key, or leave api_key out to run with auth off")
         if self.api_key_env is not None and not self.api_key_env.strip():
             raise ValueError("api_key_env is empty; name the environment variable that holds the API key")
-        for name in ("safety_filter", "extra_routes"):
-            v = getattr(self, name)
-            if v and ":" not in v:
-                raise ValueError(f"{name} must be an import path 'module:attribute', got {v!r}")
+        if self.safety_filter and ":" not in self.safety_filter:
+            raise ValueError(f"safety_filter must be an import path 'module:attribute', got {self.safety_filter!r}")
         return self
 
 

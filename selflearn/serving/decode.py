@@ -16,6 +16,8 @@ transformers' DynamicCache copies every layer's whole cache to append one positi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
@@ -65,21 +67,23 @@ class HeadroomLayer(DynamicLayer):
         self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._views: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = self.keys.shape[-2] if self.keys.numel() else 0
+        keys, values = self.keys, self.values
+        n = keys.shape[-2] if keys is not None and keys.numel() else 0
         add = key_states.shape[-2]
         bufs = self._bufs
         # Someone assigned new tensors (a batch merge or a row drop), or the room ran out: re-home.
-        if (bufs is None or self._views is None or self.keys is not self._views[0] or self.values is not self._views[1]
+        if (bufs is None or self._views is None or keys is not self._views[0] or values is not self._views[1]
                 or n + add > bufs[0].shape[-2]):
             cap = n + add + HEADROOM
             kb = key_states.new_empty(*key_states.shape[:-2], cap, key_states.shape[-1])
             vb = value_states.new_empty(*value_states.shape[:-2], cap, value_states.shape[-1])
-            if n:
-                kb[..., :n, :] = self.keys
-                vb[..., :n, :] = self.values
+            if n and keys is not None and values is not None:
+                kb[..., :n, :] = keys
+                vb[..., :n, :] = values
             bufs = self._bufs = (kb, vb)
         bufs[0][..., n:n + add, :] = key_states
         bufs[1][..., n:n + add, :] = value_states

@@ -16,13 +16,14 @@ The engine knows nothing about Ray or HTTP: tests and benchmarks construct it di
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Callable
 
-from ..contracts import END_EVENTS, Done, EngineEvent, Error
+from ..contracts import BatchStatus, EngineCounters, EngineRequest, EngineStatus
 from . import loader as loader_mod
 from .batch import Batch, Sink, Ticket
 from .config import EngineOptions
@@ -64,18 +65,15 @@ def context_error(prompt_tokens: int, new_tokens: int, context: int) -> str:
 class Engine(HotSwap):
     """Continuous-batching generator with hot-swappable weights. Thread-safe public methods."""
 
-    def __init__(self, options: EngineOptions | None = None, load: Callable = loader_mod.load):
+    def __init__(self, options: EngineOptions | None = None, load: loader_mod.Load = loader_mod.load):
         self.options = options or EngineOptions()
         self._cv = threading.Condition()
         self._waiting: deque[Ticket] = deque()
         self._batches: list[Batch] = []
+        self.counters = EngineCounters()
         self._init_weights(load)
         self._stop = False
         self._heartbeat = time.monotonic()
-        self.stats: dict[str, Any] = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "swaps": 0,
-                                      "swap_failures": 0, "last_swap_error": None, "last_swap_error_at": None,
-                                      "last_swap_seconds": None, "step_errors": 0, "last_error": None,
-                                      "last_error_at": None}
         import torch
 
         # Ray gives actors without CPUs OMP_NUM_THREADS=1; the model replica wants the machine's cores.
@@ -84,26 +82,13 @@ class Engine(HotSwap):
         self._thread.start()
 
     # -- requests --------------------------------------------------------------------------------
-    def resolve_params(self, *, max_new_tokens: int | None = None, temperature: float | None = None,
-                       top_p: float | None = None, top_k: int | None = None,
-                       repetition_penalty: float | None = None, stop: list[str] | None = None,
-                       seed: int | None = None) -> SamplingParams:
-        d = self.defaults
-        cap = self.options.max_new_tokens_cap
-
-        def pick(v, default):
-            return default if v is None else v
-
-        return SamplingParams(
-            max_new_tokens=max(1, min(pick(max_new_tokens, d.max_length), cap)),
-            temperature=float(pick(temperature, d.temperature)), top_p=float(pick(top_p, d.top_p)),
-            top_k=int(pick(top_k, d.top_k)), repetition_penalty=float(pick(repetition_penalty, d.repetition_penalty)),
-            stop=tuple(pick(stop, d.stop)), seed=seed)
-
-    def submit(self, messages: list[dict], params: SamplingParams, sink: Sink) -> Ticket:
-        """Queue a request; events arrive at `sink` (from the scheduler thread). Raises QueueFull/NotReady."""
-        ticket = Ticket(messages, params, sink)
-        ticket.engine = self
+    def submit(self, request: EngineRequest, sink: Sink) -> Ticket:
+        """Queue a request; its events (`Start`, `Token`s, then `Done` or `Error`) arrive at `sink`,
+        from the scheduler thread. Parameters it leaves out take the user_config's `generation`
+        defaults. Raises QueueFull or NotReady."""
+        params = SamplingParams.resolve(request.params, self.defaults, self.options.max_new_tokens_cap)
+        ticket = Ticket(list(request.messages), params, sink)
+        ticket.wake = self._wake
         with self._cv:
             if self.current is None:
                 raise NotReady("no model is loaded: its weights failed to load (see /readyz)" if self._failure
@@ -115,28 +100,9 @@ class Engine(HotSwap):
             if len(self._waiting) >= self.options.max_queue:
                 raise QueueFull(f"the queue is full ({self.options.max_queue} waiting)")
             self._waiting.append(ticket)
-            self.stats["requests"] += 1
+            self.counters.requests += 1
             self._cv.notify_all()
         return ticket
-
-    def generate(self, messages: list[dict], params: SamplingParams, timeout: float | None = None) -> Done:
-        """Blocking convenience: the `Done` event (or raises RuntimeError on an `Error` event)."""
-        result: list[Done | Error] = []
-        done = threading.Event()
-
-        def sink(ev: EngineEvent) -> None:
-            if isinstance(ev, END_EVENTS):
-                result.append(ev)
-                done.set()
-
-        ticket = self.submit(messages, params, sink)
-        if not done.wait(timeout):
-            ticket.cancel()
-            raise TimeoutError("generation timed out")
-        end = result[0]
-        if isinstance(end, Error):
-            raise RuntimeError(end.message)
-        return end
 
     def _wake(self) -> None:
         with self._cv:
@@ -158,7 +124,7 @@ class Engine(HotSwap):
                     if self._stop:
                         break
                     free = self.options.max_batch_size - self._running_rows()
-                    admit = []
+                    admit: list[Ticket] = []
                     while self._waiting and len(admit) < free:
                         t = self._waiting.popleft()
                         if t.cancelled:
@@ -181,9 +147,9 @@ class Engine(HotSwap):
             fn()
         except Exception as err:  # one bad step fails its rows, never the scheduler
             log.exception("generation step failed")
-            self.stats["step_errors"] += 1
-            self.stats["last_error"] = f"generation failed: {type(err).__name__}: {err}"
-            self.stats["last_error_at"] = time.time()
+            self.counters.step_errors += 1
+            self.counters.last_error = f"generation failed: {type(err).__name__}: {err}"
+            self.counters.last_error_at = time.time()
             ids = {id(r) for r in rows}
             for b in self._batches:
                 if any(id(r) in ids for r in b.rows):
@@ -192,11 +158,15 @@ class Engine(HotSwap):
                 if not r.done:
                     r.fail(500, "generation failed; see the server log")
 
-    def _prefill(self, tickets: list[Ticket], lm: loader_mod.LoadedModel) -> None:
+    def _prefill(self, tickets: list[Ticket], lm: loader_mod.LoadedModel | None) -> None:
         import torch
 
         from .decode import HeadroomCache
 
+        if lm is None:  # not reached: `submit` queues nothing before weights load, and they never unload
+            for t in tickets:
+                t.fail(503, "no model is loaded")
+            return
         context = min(lm.context_length, self.options.max_context_tokens)
         rows, prompts = [], []
         for t in tickets:
@@ -226,8 +196,8 @@ class Engine(HotSwap):
             seen[i, torch.tensor(p, device=dev).clamp(max=vocab - 1)] = True
         group = Batch(lm, rows, cache, mask, mask.sum(1), seen)
         group.sample_and_push(out.logits[:, -1])
-        self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
-        self.stats["generated_tokens"] += len(rows)
+        self.counters.prompt_tokens += sum(len(p) for p in prompts)
+        self.counters.generated_tokens += len(rows)
         group.keep([i for i, r in enumerate(group.rows) if not r.done])
         if not group.rows:
             return
@@ -252,19 +222,17 @@ class Engine(HotSwap):
                        position_ids=batch.next_pos[:, None], use_cache=True, **{lm.cache_kw: batch.cache})
         batch.next_pos = batch.next_pos + 1
         batch.sample_and_push(out.logits[:, -1])
-        self.stats["generated_tokens"] += len(batch.rows)
+        self.counters.generated_tokens += len(batch.rows)
         batch.keep([i for i, r in enumerate(batch.rows) if not r.done])
 
     # -- introspection ---------------------------------------------------------------------------
-    def status(self) -> dict:
-        return {
-            **self.weights_status(),
-            "queue_depth": len(self._waiting),
-            "running": self._running_rows(),
-            "batches": [{"checkpoint": b.lm.checkpoint_id, "rows": len(b.rows)} for b in list(self._batches)],
-            "generation_defaults": self.defaults.model_dump(),
-            **self.stats,
-        }
+    def status(self) -> EngineStatus:
+        batches = list(self._batches)
+        return EngineStatus(weights=self.weights_status(), queue_depth=len(self._waiting),
+                            running=sum(len(b.rows) for b in batches),
+                            batches=tuple(BatchStatus(b.lm.checkpoint_id, len(b.rows)) for b in batches),
+                            generation_defaults=self.defaults.model_dump(),
+                            counters=dataclasses.replace(self.counters))
 
     def check_health(self, stall_seconds: float = 120.0) -> None:
         """Raise if a restart would mend the replica: a dead scheduler, a stuck step (or no weights

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from filelock import FileLock
 
@@ -95,6 +95,10 @@ class LoadedModel:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# What turns a config into weights: `load`, or a test's wrapper around it.
+Load = Callable[[ModelConfig, EngineOptions], LoadedModel]
 
 
 # -- loading -----------------------------------------------------------------------------------------
@@ -199,7 +203,7 @@ def load(cfg: ModelConfig, options: EngineOptions) -> LoadedModel:
         tok.pad_token = tok.eos_token
     _use_decode_attention(model)
     model.to(device()).eval()
-    eos = set()
+    eos: set[int] = set()
     for v in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         eos.update(v if isinstance(v, (list, tuple)) else [v] if v is not None else [])
     params = inspect.signature(model.forward).parameters

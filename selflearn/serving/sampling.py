@@ -21,8 +21,14 @@ For ordinary values none of these changes a result.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from ..contracts import RequestParams
+
+if TYPE_CHECKING:
+    from .config import GenerationDefaults
 
 # vLLM's _SAMPLING_EPS: below it, logits / temperature overflows for ordinary logits anyway.
 GREEDY_BELOW = 1e-5
@@ -41,6 +47,20 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    @classmethod
+    def resolve(cls, asked: RequestParams, defaults: GenerationDefaults, new_tokens_cap: int) -> SamplingParams:
+        """What a request samples with: what it asked for, else the deployment's defaults; new
+        tokens within [1, `new_tokens_cap`]."""
+
+        def pick(value: float | None, default: float) -> float:
+            return default if value is None else value
+
+        return cls(max_new_tokens=max(1, min(int(pick(asked.max_new_tokens, defaults.max_length)), new_tokens_cap)),
+                   temperature=float(pick(asked.temperature, defaults.temperature)),
+                   top_p=float(pick(asked.top_p, defaults.top_p)), top_k=int(pick(asked.top_k, defaults.top_k)),
+                   repetition_penalty=float(pick(asked.repetition_penalty, defaults.repetition_penalty)),
+                   stop=tuple(defaults.stop if asked.stop is None else asked.stop), seed=asked.seed)
 
 
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

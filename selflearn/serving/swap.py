@@ -14,13 +14,14 @@ still degraded with the reason, so a bad checkpoint never passes for the one ask
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any
 
-from ..contracts import base_id
+from ..contracts import EngineCounters, WeightsStatus, base_id
 from . import loader as loader_mod
 from .config import EngineOptions, GenerationDefaults, ModelConfig, parse_model_config
 
@@ -63,10 +64,10 @@ class HotSwap:
     RETRY_FIRST_S, RETRY_MAX_S = 30.0, 1800.0
 
     options: EngineOptions
-    stats: dict[str, Any]
+    counters: EngineCounters
     _cv: threading.Condition
 
-    def _init_weights(self, load: Callable) -> None:
+    def _init_weights(self, load: loader_mod.Load) -> None:
         self._load = load
         self._swap_lock = threading.Lock()
         self.current: loader_mod.LoadedModel | None = None
@@ -150,8 +151,8 @@ class HotSwap:
         with self._cv:
             old, self.current, self._config = self.current, lm, cfg
             self._failure = failure
-            self.stats["swaps"] += 1
-            self.stats["last_swap_seconds"] = round(time.monotonic() - t0, 3)
+            self.counters.swaps += 1
+            self.counters.last_swap_seconds = round(time.monotonic() - t0, 3)
             self._cv.notify_all()
         log.info("now serving %s", lm.checkpoint_id)
         # The load's temporaries are garbage now; the old weights once their last request ends.
@@ -206,32 +207,21 @@ class HotSwap:
         self._retry_if_due()
         return None
 
-    def weights_status(self) -> dict[str, Any]:
+    def weights_status(self) -> WeightsStatus:
         cur, desired = self.current, self._desired
-        return {
-            "ready": cur is not None,
-            "checkpoint": cur.checkpoint_id if cur else None,
-            "checkpoint_uri": cur.uri if cur else None,
-            "base_model": cur.base_model if cur else None,
-            "dtype": cur.dtype if cur else None,
-            "chat_template": cur.chat_template if cur else None,
-            "loaded_at": cur.loaded_at if cur else None,
-            "load_seconds": round(cur.load_seconds, 3) if cur else None,
-            "loading": self._loading,
-            "desired": (desired.checkpoint or base_id(desired.base_model)) if desired else None,
-            # What serves (if anything) is not what was asked for; the reason says why.
-            "degraded": self._failure is not None,
-            "degraded_reason": self._failure,
-        }
+        # Degraded: what serves (if anything) is not what was asked for; the reason says why.
+        wanted = WeightsStatus(loading=self._loading,
+                               desired=(desired.checkpoint or base_id(desired.base_model)) if desired else None,
+                               degraded=self._failure is not None, degraded_reason=self._failure)
+        if cur is None:
+            return wanted
+        return dataclasses.replace(wanted, ready=True, checkpoint=cur.checkpoint_id, checkpoint_uri=cur.uri,
+                                   base_model=cur.base_model, dtype=cur.dtype, chat_template=cur.chat_template,
+                                   loaded_at=cur.loaded_at, load_seconds=round(cur.load_seconds, 3))
 
     def _record_failure(self, message: str) -> None:
         log.error("%s", message)
         self._failure = message
-        self.stats["swap_failures"] += 1
-        self.stats["last_swap_error"] = message
-        self.stats["last_swap_error_at"] = time.time()
-
-    def wait_idle_loader(self, timeout: float | None = None) -> None:
-        t = self._loader_thread
-        if t is not None:
-            t.join(timeout)
+        self.counters.swap_failures += 1
+        self.counters.last_swap_error = message
+        self.counters.last_swap_error_at = time.time()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from ..spec import LearnerRunSpec, SourceSpec
+from .base import Source
 
 
-def build_source(s: SourceSpec):
+def build_source(s: SourceSpec) -> Source:
+    """The source a spec entry names; a network source follows its kind's `HttpPolicy` (polite.py)."""
     if s.snapshot is not None:
         from .snapshot import SnapshotSource
 
@@ -13,13 +15,15 @@ def build_source(s: SourceSpec):
     if s.wikipedia is not None:
         from .wikipedia import WikipediaClient
 
-        return WikipediaClient(language=s.wikipedia.language, endpoint=s.wikipedia.endpoint)
-    from .files import FilesSource
+        return WikipediaClient(s.wikipedia.language, endpoint=s.wikipedia.endpoint)
+    from .files import FilesClient
 
-    return FilesSource(paths=s.files.paths, urls=s.files.urls)
+    if s.files is None:
+        raise ValueError(f"a {s.kind} source yields no articles")
+    return FilesClient(s.files.paths, s.files.urls)
 
 
-def build_sources(spec: LearnerRunSpec) -> list:
+def build_sources(spec: LearnerRunSpec) -> list[Source]:
     """The article sources (feedback is read by selflearn.sources.feedback, not as articles)."""
     return [build_source(s) for s in spec.article_sources]
 
@@ -27,8 +31,8 @@ def build_sources(spec: LearnerRunSpec) -> list:
 def general_language(spec: LearnerRunSpec) -> str:
     """The general set follows the run's language where the offline snapshot has it."""
     for s in spec.article_sources:
-        lang = (s.snapshot or s.wikipedia).language if (s.snapshot or s.wikipedia) else None
-        if lang:
-            lang = lang.split("-")[0]
+        named = s.snapshot or s.wikipedia
+        if named is not None and named.language:
+            lang = named.language.split("-")[0]
             return lang if lang in ("en", "fr", "es") else "en"
     return "en"

@@ -3,7 +3,7 @@
 How each format becomes text is in `extract.py`.
 
 Directories are walked recursively for those extensions (hidden files and folders skipped). URLs
-are fetched politely (see `polite.py`); the Content-Type decides the parser, with the URL's
+are fetched politely (see `polite.py`, `FILES_HTTP`); the Content-Type decides the parser, with the URL's
 extension as the fallback for generic types.
 
 The cursor maps each learned file (its file:// URI or URL) to the sha256 of its bytes. A file
@@ -18,12 +18,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 from urllib.parse import unquote, urlsplit
 
 from .base import Article
 from .extract import extract
-from .polite import PoliteSession, RetryPolicy, SourceHTTPError, default_user_agent
+from .polite import FILES_HTTP, HttpPolicy, PoliteSession, SourceHTTPError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ CONTENT_TYPES = {"text/plain": "text", "text/markdown": "markdown", "text/x-mark
                  "text/html": "html", "application/xhtml+xml": "html", "application/pdf": "pdf",
                  "application/x-pdf": "pdf"}
 GENERIC_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/binary"}
-DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -48,24 +47,10 @@ class FilesClient:
 
     name = "files"
 
-    def __init__(
-        self,
-        paths: list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...] = (),
-        urls: list[str] | tuple[str, ...] = (),
-        *,
-        contact: str | None = None,
-        user_agent: str | None = None,
-        min_interval: float = 1.0,
-        timeout: float = 30.0,
-        max_attempts: int = 4,
-        backoff_base: float = 1.0,
-        backoff_max: float = 30.0,
-        max_retry_after: float = 300.0,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        session: Any = None,
-    ):
+    def __init__(self, paths: Sequence[str | os.PathLike[str]] = (), urls: Sequence[str] = (), *,
+                 policy: HttpPolicy = FILES_HTTP):
         """Raises ValueError for a path that does not exist, a file of an unsupported type or a
-        URL that is not http(s). `max_bytes` caps one file or download."""
+        URL that is not http(s). `policy.max_bytes` caps one file or download."""
         if not paths and not urls:
             raise ValueError("a files source needs at least one path or url")
         self.paths = [self._local(p) for p in paths]
@@ -76,19 +61,9 @@ class FilesClient:
         for u in self.urls:
             if urlsplit(u).scheme not in ("http", "https") or not urlsplit(u).netloc:
                 raise ValueError(f"files source: {u!r} is not an http(s) URL")
-        self.max_bytes = max_bytes
-        self.http = PoliteSession(
-            user_agent=user_agent or default_user_agent(contact), min_interval=min_interval, timeout=timeout,
-            retry=RetryPolicy(max_attempts=max_attempts, backoff_base=backoff_base, backoff_max=backoff_max,
-                              max_retry_after=max_retry_after),
-            max_bytes=max_bytes, session=session,
-        )
+        self.max_bytes = policy.max_bytes
+        self.http = PoliteSession(policy)
         self.last_skipped: dict[str, int] = {}
-
-    @classmethod
-    def from_spec(cls, spec: Any, **overrides: Any) -> "FilesClient":
-        """Build from a `selflearn.spec.FilesSource` (paths, urls)."""
-        return cls(list(spec.paths), list(spec.urls), **overrides)
 
     def close(self) -> None:
         self.http.close()
@@ -192,7 +167,7 @@ class FilesClient:
         assert item.path is not None
         try:
             size = item.path.stat().st_size
-            if size > self.max_bytes:
+            if self.max_bytes is not None and size > self.max_bytes:
                 raise ValueError(f"{size} bytes is over the {self.max_bytes}-byte limit")
             data = item.path.read_bytes()
         except (OSError, ValueError) as err:
@@ -238,6 +213,3 @@ def _kind_for_path(p: Path) -> str:
                          f"supported: {', '.join(sorted(EXTENSIONS))}")
     return kind
 
-
-# The name `sources/factory.py` imports; the same class.
-FilesSource = FilesClient

@@ -2,12 +2,14 @@
 
 Wikimedia's User-Agent policy asks for a client name, version and a way to reach the operator;
 anonymous or generic agents get throttled or blocked. Every source that reaches the network
-(the Wikipedia client, URLs of the files source) goes through `PoliteSession`:
+(the Wikipedia client, URLs of the files source) goes through `PoliteSession`, which follows one
+`HttpPolicy` (the source's: `WIKIPEDIA_HTTP`, `FILES_HTTP`):
 
 - at most one request per `min_interval` seconds (measured between request starts);
 - retries on 429 (waiting at least Retry-After), 5xx, connection errors and timeouts, with
   exponential backoff and jitter, at most `max_attempts` tries per request;
-- other 4xx answers fail at once: retrying a 404 or 403 helps nobody.
+- other 4xx answers fail at once: retrying a 404 or 403 helps nobody;
+- a body over `max_bytes` is refused, by its Content-Length or as it arrives.
 
 urllib3's `Retry` keeps each request's budget: which statuses it retries and when the attempts
 run out. The loop around it is ours, not an `HTTPAdapter(max_retries=...)`, because between
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import requests
+from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
@@ -59,18 +62,27 @@ class ResponseTooLarge(SourceHTTPError):
     pass
 
 
-@dataclass
-class RetryPolicy:
+@dataclass(frozen=True)
+class HttpPolicy:
+    """How a source behaves on the network: who it says it is, how fast it asks, how long it waits,
+    how often it tries again and how much it reads. One per source, passed whole."""
+
+    user_agent: str | None = None  # None: `default_user_agent()` (SELFLEARN_CONTACT names the contact)
+    min_interval: float = 1.0      # seconds between the starts of two requests
+    timeout: float | tuple[float, float] = 30.0  # seconds; (connect, read) as requests takes it
     max_attempts: int = 5          # tries per request, the first one included
     backoff_base: float = 1.0      # seconds before the 1st retry; doubles each time
     backoff_max: float = 60.0      # cap on one backoff sleep
     max_retry_after: float = 300.0  # a longer Retry-After is an error, not a 5-minute hang
+    max_bytes: int | None = None   # one response's body; None: no cap
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.backoff_base < 0 or self.backoff_max < 0:
             raise ValueError("backoff_base and backoff_max must be >= 0")
+        if self.min_interval < 0:
+            raise ValueError(f"min_interval must be >= 0, got {self.min_interval}")
 
     def budget(self) -> Retry:
         """A fresh urllib3 `Retry` for one request: `max_attempts - 1` retries, on RETRYABLE_STATUS.
@@ -97,7 +109,7 @@ class Fetched:
 
     def text(self) -> str:
         """Decode with the declared charset, else UTF-8, else a detected one."""
-        charset = requests.utils.get_encoding_from_headers(dict(self.headers))
+        charset = requests.utils.get_encoding_from_headers(CaseInsensitiveDict(self.headers))
         declared = "charset=" in self.headers.get("Content-Type", "").lower()
         return decode_bytes(self.content, charset if declared else None)
 
@@ -155,26 +167,18 @@ class Stats:
     errors: list[str] = field(default_factory=list)
 
 
+# What each source asks of the network: a Wikipedia answer is small JSON, a file may be a big PDF.
+WIKIPEDIA_HTTP = HttpPolicy(timeout=20.0, max_attempts=5, backoff_max=60.0, max_bytes=8 * 1024 * 1024)
+FILES_HTTP = HttpPolicy(timeout=30.0, max_attempts=4, backoff_max=30.0, max_bytes=50 * 1024 * 1024)
+
+
 class PoliteSession:
-    def __init__(
-        self,
-        *,
-        user_agent: str | None = None,
-        min_interval: float = 1.0,
-        timeout: float | tuple[float, float] = 30.0,
-        retry: RetryPolicy | None = None,
-        max_bytes: int | None = None,
-        session: requests.Session | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-        rng: random.Random | None = None,
-    ):
-        if min_interval < 0:
-            raise ValueError(f"min_interval must be >= 0, got {min_interval}")
-        self.user_agent = user_agent or default_user_agent()
-        self.min_interval = float(min_interval)
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self.max_bytes = max_bytes
+    """GETs that follow an `HttpPolicy`; `sleep` and `rng` are the clock and the jitter (tests)."""
+
+    def __init__(self, policy: HttpPolicy = HttpPolicy(), *, session: requests.Session | None = None,
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None):
+        self.policy = policy
+        self.user_agent = policy.user_agent or default_user_agent()
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = self.user_agent
         self._sleep = sleep
@@ -204,7 +208,7 @@ class PoliteSession:
         with self._lock:
             now = time.monotonic()
             if self._last_start is not None:
-                self.wait(self._last_start + self.min_interval - now)
+                self.wait(self._last_start + self.policy.min_interval - now)
             self._last_start = time.monotonic()
 
     def backoff(self, retry_index: int) -> float:
@@ -212,7 +216,7 @@ class PoliteSession:
         # together do not come back together. Not urllib3's `Retry.get_backoff_time()`, which is 0
         # before the first retry (the Wikipedia client backs off with `backoff(0)` on an API
         # error) and adds its jitter from the global `random`, not from the session's `rng`.
-        cap = min(self.retry.backoff_max, self.retry.backoff_base * (2 ** retry_index))
+        cap = min(self.policy.backoff_max, self.policy.backoff_base * (2 ** retry_index))
         return cap / 2 + self._rng.uniform(0, cap / 2)
 
     # -- requests -----------------------------------------------------------------------------
@@ -222,8 +226,8 @@ class PoliteSession:
         """GET with pacing and retries. Returns 2xx/3xx answers (304 included) with the body read;
         raises SourceHTTPError on a non-retryable status or when attempts run out."""
         self.stats.requests += 1
-        budget = self.retry.budget()
-        attempts = self.retry.max_attempts
+        budget = self.policy.budget()
+        attempts = self.policy.max_attempts
         attempt = 0
         while True:
             attempt += 1
@@ -267,27 +271,28 @@ class PoliteSession:
         retry_after = parse_retry_after(fetched.headers.get("Retry-After"))
         if retry_after is None:
             return f"HTTP {status}", None
-        if retry_after > self.retry.max_retry_after:
+        if retry_after > self.policy.max_retry_after:
             raise SourceHTTPError(
                 f"GET {url}: HTTP {status} asks to retry after {retry_after:.0f}s, more than "
-                f"the allowed {self.retry.max_retry_after:.0f}s; giving up",
+                f"the allowed {self.policy.max_retry_after:.0f}s; giving up",
                 url=url, status=status, attempts=attempt)
         # Honour the server's wish, with a little jitter on top.
         return f"HTTP {status}", retry_after + self._rng.uniform(0, min(1.0, 0.1 * retry_after))
 
     def _attempt(self, url: str, params: Mapping[str, Any] | None, headers: Mapping[str, str] | None,
                  attempt: int) -> Fetched:
-        with self.session.get(url, params=params, headers=dict(headers or {}), timeout=self.timeout,
+        cap = self.policy.max_bytes
+        with self.session.get(url, params=params, headers=dict(headers or {}), timeout=self.policy.timeout,
                               stream=True) as resp:
             length = resp.headers.get("Content-Length")
-            if self.max_bytes is not None and length and length.isdigit() and int(length) > self.max_bytes:
-                raise ResponseTooLarge(f"GET {url}: {int(length)} bytes is over the {self.max_bytes}-byte limit",
+            if cap is not None and length and length.isdigit() and int(length) > cap:
+                raise ResponseTooLarge(f"GET {url}: {int(length)} bytes is over the {cap}-byte limit",
                                        url=url, status=resp.status_code, attempts=attempt)
             chunks, size = [], 0
             for chunk in resp.iter_content(64 * 1024):
                 size += len(chunk)
-                if self.max_bytes is not None and size > self.max_bytes:
-                    raise ResponseTooLarge(f"GET {url}: body is over the {self.max_bytes}-byte limit",
+                if cap is not None and size > cap:
+                    raise ResponseTooLarge(f"GET {url}: body is over the {cap}-byte limit",
                                            url=url, status=resp.status_code, attempts=attempt)
                 chunks.append(chunk)
             return Fetched(url=resp.url, status=resp.status_code, headers=resp.headers,

@@ -8,10 +8,11 @@ Two APIs, same result:
 - `rest`: `/api/rest_v1/page/random/summary` returns one random page summary per request
   (title, pageid, revision, extract, content_urls). Its extract is the first paragraph only.
 
-The client is polite (see `polite.py`): a User-Agent naming the project and a contact URL, one
-request per `min_interval`, bounded retries with backoff on 429/5xx/timeouts. Answers that are
-not usable (malformed JSON, an empty extract, a disambiguation page, a page already seen) are
-skipped; the client keeps asking until it has N articles or has spent `max_requests` requests.
+The client is polite (see `polite.py`, `WIKIPEDIA_HTTP`): a User-Agent naming the project and a
+contact URL, one request per `min_interval`, bounded retries with backoff on 429/5xx/timeouts.
+Answers that are not usable (malformed JSON, an empty extract, a disambiguation page, a page
+already seen) are skipped; the client keeps asking until it has N articles or has spent
+`max_requests` requests.
 
 Cleaning (whitespace, minimum length, dedup, filters) is the pipeline's job, not the client's.
 The cursor remembers the page ids fetched in earlier rounds (the most recent `max_seen`), so a
@@ -23,11 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 from urllib.parse import quote, urlsplit
 
 from .base import Article
-from .polite import PoliteSession, RetryPolicy, SourceHTTPError, default_user_agent
+from .polite import WIKIPEDIA_HTTP, HttpPolicy, PoliteSession, SourceHTTPError
 
 log = logging.getLogger(__name__)
 
@@ -42,35 +43,17 @@ class WikipediaError(SourceHTTPError):
 class WikipediaClient:
     """Source protocol over live Wikipedia. `name` is "wikipedia:<language>"."""
 
-    def __init__(
-        self,
-        language: str = "en",
-        *,
-        endpoint: str | None = None,
-        api: Literal["action", "rest"] | None = None,
-        intro_only: bool = True,
-        contact: str | None = None,
-        user_agent: str | None = None,
-        min_interval: float = 1.0,
-        timeout: float = 20.0,
-        max_attempts: int = 5,
-        backoff_base: float = 1.0,
-        backoff_max: float = 60.0,
-        max_retry_after: float = 300.0,
-        max_requests: int | None = None,
-        max_seen: int = 20000,
-        session: Any = None,
-    ):
+    def __init__(self, language: str = "en", *, endpoint: str | None = None,
+                 api: Literal["action", "rest"] | None = None, intro_only: bool = True,
+                 policy: HttpPolicy = WIKIPEDIA_HTTP, max_requests: int | None = None, max_seen: int = 20000):
         """
         endpoint: the wiki's base URL, default `https://<language>.wikipedia.org` (`{lang}` in it
             is replaced by the language). A URL ending in `/api/rest_v1` selects the REST API and
             one ending in `api.php` the action API, unless `api` says otherwise.
         intro_only: action API only; False fetches whole articles, one page per request.
-        min_interval: seconds between the starts of two requests.
-        max_attempts, backoff_base, backoff_max, max_retry_after: per-request retry policy.
+        policy: the User-Agent, rate limit, timeouts, retries and size cap of every request.
         max_requests: requests one `fetch` may spend; default scales with N.
         max_seen: how many fetched page ids the cursor remembers.
-        session: a `requests.Session` to use (tests, proxies); one is created otherwise.
         """
         if not language or not language.replace("-", "").isalnum():
             raise ValueError(f"invalid Wikipedia language {language!r}")
@@ -84,22 +67,9 @@ class WikipediaClient:
         self.api: Literal["action", "rest"] = api or detected
         if self.api not in ("action", "rest"):
             raise ValueError(f"api must be 'action' or 'rest', got {api!r}")
-        self.http = PoliteSession(
-            user_agent=user_agent or default_user_agent(contact),
-            min_interval=min_interval,
-            timeout=timeout,
-            retry=RetryPolicy(max_attempts=max_attempts, backoff_base=backoff_base,
-                              backoff_max=backoff_max, max_retry_after=max_retry_after),
-            max_bytes=8 * 1024 * 1024,
-            session=session,
-        )
+        self.http = PoliteSession(policy)
         self.http.session.headers.setdefault("Accept", "application/json")
         self.last_skipped: dict[str, int] = {}
-
-    @classmethod
-    def from_spec(cls, spec: Any, **overrides: Any) -> "WikipediaClient":
-        """Build from a `selflearn.spec.WikipediaSource` (language, endpoint)."""
-        return cls(spec.language, endpoint=spec.endpoint, **overrides)
 
     def close(self) -> None:
         self.http.close()
@@ -132,16 +102,17 @@ class WikipediaClient:
             used += 1
             want = min(per_request, n - len(articles))
             for item in self._request(want):
-                art = item if isinstance(item, Article) else None
-                if art is None:
+                if isinstance(item, str):  # why the answer was unusable
                     skipped[item] += 1
                     continue
-                if art.page_id in seen:
+                page_id = item.page_id
+                assert page_id is not None  # both parsers set it: the cursor remembers pages by it
+                if page_id in seen:
                     skipped["seen"] += 1
                     continue
-                seen.add(art.page_id)
-                seen_list.append(art.page_id)
-                articles.append(art)
+                seen.add(page_id)
+                seen_list.append(page_id)
+                articles.append(item)
                 if len(articles) == n:
                     break
         self.last_skipped = skipped
@@ -219,8 +190,8 @@ class WikipediaClient:
     def _from_summary(self, doc: dict[str, Any]) -> Article | str:
         """A REST page summary (https://www.mediawiki.org/wiki/Specs/Summary/1.4.0)."""
         # `title` is the canonical form (underscores) in current responses; prefer the readable one.
-        titles = doc.get("titles") if isinstance(doc.get("titles"), dict) else {}
-        title = titles.get("normalized") or doc.get("title")
+        titles = doc.get("titles")
+        title = (titles.get("normalized") if isinstance(titles, dict) else None) or doc.get("title")
         title = title.replace("_", " ") if isinstance(title, str) else title
         page_id = doc.get("pageid")
         if not isinstance(title, str) or not _is_int(page_id):
@@ -289,7 +260,7 @@ def _split_endpoint(base: str) -> tuple[str, str, str, Literal["action", "rest"]
     return base, f"{base}/api/rest_v1", f"{base}/w/api.php", "action"
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int | str]:
     return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.isdigit()
 
 

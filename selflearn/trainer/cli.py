@@ -1,7 +1,11 @@
-"""`selflearn train`: one round end to end; the trainer Job's entrypoint.
+"""`selflearn train` (also `python -m selflearn.trainer`): one round end to end; the trainer Job's
+entrypoint.
 
 Prints the round's result as one JSON line on stdout and, inside a Kubernetes pod, writes the
-same line to the termination message file, where the operator reads it.
+same line to the termination message file, where the operator reads it. While the round runs,
+stderr shows it (`selflearn.trainer.progress`: a bar per training phase on a terminal, plain
+lines elsewhere; none with `--no-progress`), and `--progress-file` keeps its progress document
+(`contracts.RoundProgress`) for local mode.
 """
 
 from __future__ import annotations
@@ -13,38 +17,38 @@ import sys
 import time
 from pathlib import Path
 
+from ..contracts import ProgressEvent, RoundProgress
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-config", required=True, help="LearnerRun manifest, bare spec, or {name, spec} YAML")
     p.add_argument("--round", type=int, required=True, help="round number (>= 1)")
     p.add_argument("--parent", default=None,
                    help="checkpoint URI to train from, or 'base'; default: the promoted, else newest checkpoint")
     p.add_argument("--workdir", default=None, help="scratch directory (default: system temp)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="do not show the round's phases and training progress on stderr")
     p.add_argument("--progress-file", default=None,
                    help="keep the round's live progress (phase, step of total, loss, tokens/s, ETA) in this JSON file")
 
 
 class ProgressFile:
-    """The running round's progress as one small JSON document, replaced atomically on each event
-    (the local dashboard shows it while the round runs)."""
+    """The running round's progress as one small JSON document (`contracts.RoundProgress`),
+    replaced atomically on each event (local mode shows it while the round runs)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.doc: dict = {"phase": "starting", "started_at": time.time()}
+        self.doc = RoundProgress(started_at=time.time())
         path.parent.mkdir(parents=True, exist_ok=True)
         self._write()
 
-    def __call__(self, event: dict) -> None:
-        if event.get("event") == "phase":
-            self.doc["phase"] = event["phase"]
-        elif event.get("event") == "step":
-            self.doc.update({k: event[k] for k in ("step", "of", "loss", "tokens_per_s", "eta_s") if k in event})
-        self.doc["updated_at"] = time.time()
+    def __call__(self, event: ProgressEvent) -> None:
+        self.doc = self.doc.after(event, time.time())
         self._write()
 
     def _write(self) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.doc))
+        tmp.write_text(json.dumps(self.doc.to_json()))
         os.replace(tmp, self.path)
 
 
@@ -52,23 +56,23 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints import CheckpointError
     from ..contracts import RoundResult, write_termination_log
     from ..spec import load_run_config
+    from .progress import RoundDisplay, fan_out
     from .round import run_round
 
     config = load_run_config(args.run_config)
+    display = None if args.no_progress else RoundDisplay(sys.stderr)
+    progress_file = ProgressFile(Path(args.progress_file)) if args.progress_file else None
     try:
         result = run_round(config, args.round, parent=args.parent,
-                           workdir=Path(args.workdir) if args.workdir else None, progress=not args.no_progress,
-                           on_step=ProgressFile(Path(args.progress_file)) if args.progress_file else None)
+                           workdir=Path(args.workdir) if args.workdir else None,
+                           on_step=fan_out([progress_file, display]))
     except (ValueError, CheckpointError) as err:
         write_termination_log(RoundResult("failed", args.round, reason=str(err)).to_line())
         raise ValueError(str(err)) from None
+    finally:
+        if display:
+            display.close()
     line = result.to_line()
     write_termination_log(line)
     print(line, flush=True)
     return 0 if result.status in ("published", "empty") else 1
-
-
-if __name__ == "__main__":
-    from ..cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

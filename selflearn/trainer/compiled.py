@@ -18,7 +18,7 @@ from .loss import unwrap_peft
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated transformer blocks (HF names their class in `_no_split_modules`)."""
-    names = set()
+    names: set[str] = set()
     for m in model.modules():
         names.update(getattr(m, "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
@@ -118,9 +118,10 @@ def compiled_blocks(model: torch.nn.Module, enabled: bool):
     # matmuls with the softmax between them fused by the compiler, and dense causal attention
     # computes the masked half too: train with the chunked causal kernel (see attention.py).
     device_type = next(model.parameters()).device.type
-    swap_attn = bool(blocks) and attn in ("sdpa", "eager") and device_type == "cpu" \
-        and hasattr(inner, "set_attn_implementation")
-    if swap_attn:
+    # The implementation to put back on exit; None: attention is left as it is.
+    swapped: str | None = attn if bool(blocks) and attn in ("sdpa", "eager") and device_type == "cpu" \
+        and hasattr(inner, "set_attn_implementation") else None
+    if swapped:
         inner.set_attn_implementation(chunked_attention.register())
     for b in blocks:
         _compile_block(b)
@@ -129,5 +130,5 @@ def compiled_blocks(model: torch.nn.Module, enabled: bool):
             yield bool(blocks)
     finally:
         uncompile(blocks)
-        if swap_attn:
-            inner.set_attn_implementation(attn)
+        if swapped:
+            inner.set_attn_implementation(swapped)

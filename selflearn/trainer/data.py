@@ -57,8 +57,8 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], text_
     """
     queue = [(list(i), list(l)) for i, l in examples if len(i) <= block_size]
     stream: list[int] = []
-    for ids in text_docs:
-        stream.extend(ids)
+    for doc in text_docs:
+        stream.extend(doc)
         stream.append(eos_id)
     pos = 0
     out = []
@@ -114,9 +114,10 @@ def batches(blocks: Sequence[Block], batch_size: int) -> list[Block]:
     tail = [b for b in blocks if len(ids_and_labels(b)[0]) != width]
 
     def stack(group: Sequence[Block]) -> Block:
-        if isinstance(group[0], tuple):
-            return torch.stack([g[0] for g in group]), torch.stack([g[1] for g in group])
-        return torch.stack(list(group))
+        pairs = [g for g in group if isinstance(g, tuple)]
+        if pairs:
+            return torch.stack([ids for ids, _ in pairs]), torch.stack([labels for _, labels in pairs])
+        return torch.stack([g for g in group if isinstance(g, torch.Tensor)])
 
     n = -(-len(full) // batch_size)
     sizes = [len(full) // n + (1 if i < len(full) % n else 0) for i in range(n)] if n else []

@@ -11,12 +11,17 @@ always means "still answers as this run's base model did".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from ..checkpoints import CheckpointStore
 from ..contracts import ChatMetrics, KnowledgeMetrics, Pair
 from ..prompting import render_example
 from ..sources.base import Article
@@ -40,13 +45,22 @@ class ChatData:
     text_only: list[str] = field(default_factory=list)  # titles that yielded no pair: trained as text only
 
 
-def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article: int, replay: Sequence[dict],
-                    replay_n: int, round_: int, generator: PairGenerator | None = None,
-                    review: Sequence[Article] = ()) -> ChatData:
+@dataclass(frozen=True)
+class Replay:
+    """Recorded chat answers trained again beside a round's examples: `n` of `items` a round,
+    rotating through them from round to round (`replay_examples`)."""
+
+    items: Sequence[dict[str, Any]]
+    n: int
+    round: int
+
+
+def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article: int, replay: Replay | None = None,
+                    generator: PairGenerator | None = None, review: Sequence[Article] = ()) -> ChatData:
     """Chat examples for a round: the articles' pairs, ordered kind by kind across articles (so a
     block rarely holds two answers about one article, which could copy from each other), the
-    first question of each `review` article (learned in an earlier round), then `replay_n`
-    replayed chat examples, rotating through the replay set from round to round."""
+    first question of each `review` article (learned in an earlier round), then the replayed
+    chat examples."""
     out = ChatData()
     by_article = pairs_for(articles, per_article=per_article, generator=generator)
     missing = sorted({language_of(a) for a in articles if templates_for(language_of(a)) is None})
@@ -64,7 +78,7 @@ def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article:
     out.reviewed = len(reviewed)
     for p in out.pairs + reviewed:
         out.examples.append(render_example(tokenizer, [{"role": "user", "content": p.question}], p.answer))
-    replayed = replay_examples(tokenizer, replay, replay_n, round_)
+    replayed = replay_examples(tokenizer, replay.items, replay.n, replay.round) if replay else []
     out.examples += replayed
     out.replayed = len(replayed)
     return out
@@ -85,30 +99,60 @@ def replay_examples(tokenizer: Any, replay: Sequence[dict], n: int, round_: int)
 
 
 # -- references ----------------------------------------------------------------------------------------
-def references(base_model: str, store: Any, run: str, model: Any, tokenizer: Any,
-               recorded_from: str) -> dict[str, list[dict]]:
-    """{"retention": items, "replay": items} for this run's base model (see the module doc)."""
-    shipped = {"retention": probe.chat_references(probe.RETENTION_FILE),
-               "replay": probe.chat_references(probe.REPLAY_FILE)}
-    if all(doc.get("model") == base_model for doc in shipped.values()):
-        return {k: doc["items"] for k, doc in shipped.items()}
+@dataclass(frozen=True)
+class ChatReferences:
+    """This run's base model's own answers to fixed chat prompts: `retention`, on which the gate
+    measures the chat's manners, and `replay`, trained again beside each round's examples."""
+
+    retention: list[dict[str, Any]]
+    replay: list[dict[str, Any]]
+
+    @classmethod
+    def recorded(cls, doc: Any, base_model: str) -> ChatReferences | None:
+        """The references a run's store holds (`references` recorded them), if they are `base_model`'s."""
+        try:
+            rec = _Recorded.model_validate(doc)
+        except ValidationError:
+            return None
+        return cls(rec.retention, rec.replay) if rec.model == base_model else None
+
+
+class _Recorded(BaseModel):
+    """`<run>/chat_references.json`: the references recorded with a base model's weights."""
+
+    model: str
+    retention: list[dict[str, Any]]
+    replay: list[dict[str, Any]]
+
+
+def _answered(model: Any, tokenizer: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`items` with the model's own answers to their prompts (a written answer is kept as written)."""
+    items = [dict(it) for it in items]
+    fresh = [it for it in items if not it.get("written")]
+    gens = probe.generate(model, tokenizer, [it["prompt"] for it in fresh], max_new_tokens=CHAT_NEW_TOKENS)
+    for it, g in zip(fresh, gens):
+        it["answer"], it["ended"] = g.text or it["answer"], g.ended
+    return items
+
+
+def references(base_model: str, store: CheckpointStore, run: str, model: Any, tokenizer: Any,
+               recorded_from: str) -> ChatReferences:
+    """The chat references of this run's base model (see the module doc)."""
+    retention, replay = probe.chat_references(probe.RETENTION_FILE), probe.chat_references(probe.REPLAY_FILE)
+    if retention.get("model") == base_model and replay.get("model") == base_model:
+        return ChatReferences(retention["items"], replay["items"])
     key = f"{run}/{REFERENCES_KEY}"
-    stored = store.get_json(key)
-    if isinstance(stored, dict) and stored.get("model") == base_model:
-        return {"retention": stored["retention"], "replay": stored["replay"]}
+    stored = ChatReferences.recorded(store.get_json(key), base_model)
+    if stored is not None:
+        return stored
     t0 = time.time()
-    doc: dict[str, Any] = {"model": base_model, "recorded_from": recorded_from}
-    for name, ref in shipped.items():
-        items = [dict(it) for it in ref["items"]]
-        fresh = [it for it in items if not it.get("written")]
-        gens = probe.generate(model, tokenizer, [it["prompt"] for it in fresh], max_new_tokens=CHAT_NEW_TOKENS)
-        for it, g in zip(fresh, gens):
-            it["answer"], it["ended"] = g.text or it["answer"], g.ended
-        # Replay trains on these: only answers that ended are worth teaching.
-        doc[name] = items if name == "retention" else [it for it in items if it.get("ended") or it.get("written")]
-    store.put_json(key, doc)
+    # Replay trains on these: only answers that ended are worth teaching.
+    kept = _answered(model, tokenizer, retention["items"])
+    replayed = [it for it in _answered(model, tokenizer, replay["items"]) if it.get("ended") or it.get("written")]
+    refs = ChatReferences(kept, replayed)
+    store.put_json(key, {"model": base_model, "recorded_from": recorded_from, **dataclasses.asdict(refs)})
     log.info("recorded chat references for %s from %s in %.0fs", base_model, recorded_from, time.time() - t0)
-    return {"retention": doc["retention"], "replay": doc["replay"]}
+    return refs
 
 
 # -- measuring -------------------------------------------------------------------------------------------
@@ -138,82 +182,115 @@ def fingerprint(sets: ProbeSets, precision: str) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-FIXED_PARTS = ("chat_ppl", "format_ok", "format_failures")
+class KnownProbe(BaseModel):
+    """What a later round may reuse of a model's report (`ProbeReport.reusable`, kept in the
+    manifest and, for the base model, in the store): its answers on the fixed sets (general,
+    retention), which depend only on its weights and on what `fingerprint` identifies."""
+
+    model_config = ConfigDict(frozen=True)
+
+    fingerprint: str
+    general: list[dict[str, Any]]
+    chat_ppl: float | None = None
+    format_ok: float | None = None
+    format_failures: list[dict[str, Any]]
+
+    @field_validator("general")
+    @classmethod
+    def _scored(cls, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not all(isinstance(r.get("score"), (int, float)) for r in rows):
+            raise ValueError("every answer has a score")
+        return rows
+
+    @classmethod
+    def parse(cls, doc: object) -> KnownProbe | None:
+        """A stored report (an S3 object, a manifest field) of the shape `reusable` writes, else None."""
+        try:
+            return cls.model_validate(doc)
+        except ValidationError:
+            return None
 
 
-def reusable(report: dict[str, Any], fp: str) -> dict[str, Any]:
-    """The part of a model's report that a round whose parent has these weights can reuse."""
-    return {"fingerprint": fp, "general": report["answers"].get("general", []),
-            **{k: report[k] for k in FIXED_PARTS}}
+@dataclass(frozen=True)
+class ProbeReport:
+    """One model's answers on the probe sets: per set, each question's row (title, question,
+    answer, score in [0, 1]); on the retention prompts, its reference perplexity and format health."""
+
+    answers: dict[str, list[dict[str, Any]]]  # learned | held_out | general
+    chat_ppl: float | None
+    format_ok: float | None
+    format_failures: list[dict[str, Any]]
+    fingerprint: str  # what the fixed sets' answers depend on besides the weights
+    reused: bool = False  # the fixed sets' answers are an earlier measurement's of the same weights
+    seconds: float = 0.0
+
+    @property
+    def knowledge(self) -> dict[str, float | None]:
+        """The mean score per set (None: nothing was asked)."""
+        return {name: sum(r["score"] for r in rows) / len(rows) if rows else None
+                for name, rows in self.answers.items()}
+
+    def reusable(self) -> dict[str, Any]:
+        """What a round whose parent has these weights can reuse (`KnownProbe`'s document)."""
+        return {"fingerprint": self.fingerprint, "general": self.answers.get("general", []),
+                "chat_ppl": self.chat_ppl, "format_ok": self.format_ok, "format_failures": self.format_failures}
 
 
-def _valid_known(known: Any) -> bool:
-    """A stored report (an S3 object, a manifest field) has the shape `reusable` writes."""
-    return (isinstance(known, dict) and isinstance(known.get("fingerprint"), str)
-            and isinstance(known.get("general"), list)
-            and all(isinstance(r, dict) and isinstance(r.get("score"), (int, float)) for r in known["general"])
-            and isinstance(known.get("chat_ppl"), (int, float, type(None)))
-            and isinstance(known.get("format_ok"), (int, float, type(None)))
-            and isinstance(known.get("format_failures"), list))
-
-
-def measure(model: Any, tokenizer: Any, sets: ProbeSets, *, block: int, precision: str,
-            known: dict[str, Any] | None = None) -> dict[str, Any]:
+def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: int, precision: str,
+            known: KnownProbe | None = None) -> ProbeReport:
     """One model's answers: knowledge per set (with each answer), chat ppl and format health.
 
     `known`: this same model's answers on the fixed sets from an earlier measurement (see
-    `reusable`); with a matching fingerprint they are taken instead of generated again.
+    `ProbeReport.reusable`); with a matching fingerprint they are taken instead of generated again.
     """
     t0 = time.time()
-    if not _valid_known(known) or known.get("fingerprint") != fingerprint(sets, precision):
-        known = None
-    report: dict[str, Any] = {"knowledge": {}, "answers": {}}
-    names = ("learned", "held_out") if known else ("learned", "held_out", "general")
+    fp = fingerprint(sets, precision)
+    prior = known if known is not None and known.fingerprint == fp else None
+    names = ("learned", "held_out") if prior else ("learned", "held_out", "general")
     rows = probe.ask(model, tokenizer, [q for n in names for q in getattr(sets, n)],
-                        max_new_tokens=PROBE_NEW_TOKENS)
+                     max_new_tokens=PROBE_NEW_TOKENS)
+    answers: dict[str, list[dict[str, Any]]] = {}
     i = 0
     for name in names:
         n = len(getattr(sets, name))
-        report["answers"][name], i = rows[i:i + n], i + n
-    if known:
-        report["answers"]["general"] = known["general"]
-        report.update({k: known[k] for k in FIXED_PARTS})
+        answers[name], i = rows[i:i + n], i + n
+    if prior:
+        answers["general"] = prior.general
+        chat_ppl, format_ok, failures = prior.chat_ppl, prior.format_ok, prior.format_failures
     else:
-        report["chat_ppl"] = probe.perplexity_of_references(model, tokenizer, sets.retention, block=block,
-                                                            precision=precision)
-        report["format_ok"], report["format_failures"] = probe.format_check(model, tokenizer, sets.retention,
-                                                                            max_new_tokens=CHAT_NEW_TOKENS)
-    for name, part in report["answers"].items():
-        report["knowledge"][name] = sum(r["score"] for r in part) / len(part) if part else None
-    report["reused"] = bool(known)
-    report["seconds"] = round(time.time() - t0, 1)
-    return report
+        chat_ppl = probe.perplexity_of_references(model, tokenizer, sets.retention, block=block, precision=precision)
+        format_ok, failures = probe.format_check(model, tokenizer, sets.retention, max_new_tokens=CHAT_NEW_TOKENS)
+    return ProbeReport(answers, chat_ppl, format_ok, failures, fp, reused=prior is not None,
+                       seconds=round(time.time() - t0, 1))
 
 
-def compare(before: dict[str, Any], after: dict[str, Any]) -> tuple[ProbeMetrics, dict[str, Any]]:
+SETS = ("learned", "held_out", "general")
+
+
+def compare(before: ProbeReport, after: ProbeReport) -> tuple[ProbeMetrics, dict[str, Any]]:
     """-> (metrics for the gate and the dashboard, what the manifest keeps for people to read)."""
-    def pair(a, b) -> Pair:
+    def pair(a: float | None, b: float | None) -> Pair:
         return Pair(before=None if a is None else round(a, 4), after=None if b is None else round(b, 4))
 
-    retention = probe.retention(before["chat_ppl"], after["chat_ppl"])
+    retention = probe.retention(before.chat_ppl, after.chat_ppl)
+    known_before, known_after = before.knowledge, after.knowledge
     metrics = ProbeMetrics(
         knowledge=KnowledgeMetrics(
-            **{k: pair(before["knowledge"].get(k), after["knowledge"].get(k))
-               for k in ("learned", "held_out", "general") if after["knowledge"].get(k) is not None},
-            asked={k: len(after["answers"].get(k) or []) for k in ("learned", "held_out", "general")}),
-        chat=ChatMetrics(ppl=pair(before["chat_ppl"], after["chat_ppl"]),
+            **{k: pair(known_before.get(k), known_after.get(k)) for k in SETS if known_after.get(k) is not None},
+            asked={k: len(after.answers.get(k) or []) for k in SETS}),
+        chat=ChatMetrics(ppl=pair(before.chat_ppl, after.chat_ppl),
                          retention=None if retention is None else round(retention, 4),
-                         format_ok=pair(before["format_ok"], after["format_ok"])),
-        probe_seconds=round(before.get("seconds", 0) + after.get("seconds", 0), 1),
-        parent_probe_reused=bool(before.get("reused")))
+                         format_ok=pair(before.format_ok, after.format_ok)),
+        probe_seconds=round(before.seconds + after.seconds, 1),
+        parent_probe_reused=before.reused)
     examples = []
-    for b, a in zip(before["answers"].get("learned", []), after["answers"].get("learned", [])):
+    for b, a in zip(before.answers.get("learned", []), after.answers.get("learned", [])):
         examples.append({"question": a["question"], "parent": b["answer"], "candidate": a["answer"],
                          "parent_score": b["score"], "candidate_score": a["score"]})
     examples.sort(key=lambda e: e["candidate_score"] - e["parent_score"], reverse=True)
-    shown = {"examples": examples[:EXAMPLES_SHOWN], "reusable": after.get("reusable"),
-             "answers": {"parent": before["answers"], "candidate": after["answers"]},
-             "format_failures": {"parent": before["format_failures"], "candidate": after["format_failures"]}}
+    shown = {"examples": examples[:EXAMPLES_SHOWN], "reusable": after.reusable(),
+             "answers": {"parent": before.answers, "candidate": after.answers},
+             "format_failures": {"parent": before.format_failures, "candidate": after.format_failures}}
     return metrics, shown
 
 

@@ -10,17 +10,16 @@ Precision strategy:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
 
+from ..contracts import ProgressEvent, StepDone
 from .compiled import uncompile, compile_wanted, compiled_blocks, repeated_blocks
 from .data import Block, count_tokens, ids_and_labels, loss_tokens
 from .loss import causal_lm_loss, supports_fused_loss
@@ -58,7 +57,7 @@ class LoopStats:
         return sum(tail) / len(tail) if tail else None
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
     if device.type == "cuda" and precision in ("bf16", "fp16"):
         return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return nullcontext()
@@ -112,7 +111,7 @@ class _Optimizer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         if master is None and trainable and trainable[0].dtype != torch.float32:
             master = MasterWeights(trainable)
-        params = master.master if master else trainable
+        params: list[torch.Tensor] = list(master.master if master else trainable)
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]  # norms and biases are not decayed
         # fused: one pass over params, grads and moments instead of several (~5x faster step on a CPU).
@@ -175,24 +174,35 @@ class _Schedule:
         return lr * max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup))
 
 
-def _window_loss(model: torch.nn.Module, window: list[Block], optim: _Optimizer, *, device: torch.device,
-                 precision: str, fused_loss: bool, compiled: bool, main_len: int | None) -> float:
-    """Forward and backward over one accumulation window; returns its token-weighted loss."""
-    # Each micro-batch's mean loss is weighted by its share of the window's predicted tokens, so a
-    # short tail block counts for exactly its tokens.
-    window_tokens = max(1, sum(loss_tokens(b) for b in window))
-    total = 0.0
-    for b in window:
-        ids, labels = ids_and_labels(b)
-        ids = ids.to(device)
-        labels = labels.to(device) if labels is not None else None
-        eager = compiled and ids.shape[1] != main_len  # a shorter tail runs eagerly
-        with _autocast(device, precision), (torch.compiler.set_stance("force_eager") if eager else nullcontext()):
-            loss = causal_lm_loss(model, ids, labels=labels, fused=fused_loss, compiled=compiled)
-            weight = loss_tokens(b) / window_tokens
-            optim.backward(loss * weight)
-        total += loss.item() * weight
-    return total
+@dataclass(frozen=True)
+class _Forward:
+    """How the model runs forward and backward in this loop."""
+
+    model: torch.nn.Module
+    optim: _Optimizer
+    device: torch.device
+    precision: str
+    fused_loss: bool
+    main_len: int | None  # the batches' full length: a shorter tail runs eagerly when compiled
+
+    def window_loss(self, window: list[Block], compiled: bool) -> float:
+        """Forward and backward over one accumulation window; returns its token-weighted loss."""
+        # Each micro-batch's mean loss is weighted by its share of the window's predicted tokens,
+        # so a short tail block counts for exactly its tokens.
+        window_tokens = max(1, sum(loss_tokens(b) for b in window))
+        total = 0.0
+        for b in window:
+            ids, labels = ids_and_labels(b)
+            ids = ids.to(self.device)
+            labels = labels.to(self.device) if labels is not None else None
+            eager = compiled and ids.shape[1] != self.main_len
+            with _autocast(self.device, self.precision), \
+                    (torch.compiler.set_stance("force_eager") if eager else nullcontext()):
+                loss = causal_lm_loss(self.model, ids, labels=labels, fused=self.fused_loss, compiled=compiled)
+                weight = loss_tokens(b) / window_tokens
+                self.optim.backward(loss * weight)
+            total += loss.item() * weight
+        return total
 
 
 def train(
@@ -201,11 +211,12 @@ def train(
     cfg: LoopConfig,
     *,
     master: MasterWeights | None = None,
-    on_step: Callable[[dict], None] | None = None,
-    progress: bool = True,
+    on_step: Callable[[ProgressEvent], None] | None = None,
+    kind: str = "train",
 ) -> LoopStats:
     """Fine-tune `model` in place on [B, T] batches: token ids (causal LM loss on every token) or
-    (ids, labels) pairs (loss only where labels are not -100: a chat example's answer)."""
+    (ids, labels) pairs (loss only where labels are not -100: a chat example's answer). Each
+    optimizer step is told to `on_step` as a `StepDone` of `kind` (train | corrections)."""
     if not batches:  # e.g. a round of thumbs alone: nothing to train on before its preference phase
         return LoopStats()
     device = next(model.parameters()).device
@@ -214,20 +225,14 @@ def train(
     plan = _Schedule.plan(len(batches), cfg)
     stats = LoopStats()
     model.train()
-    loss_of = partial(_window_loss, model, optim=optim, device=device, precision=cfg.precision,
-                      fused_loss=supports_fused_loss(model),
-                      main_len=max((ids_and_labels(b)[0].shape[1] for b in batches), default=None))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=plan.total_steps, desc="train", unit="step", leave=False)
+    forward = _Forward(model, optim, device, cfg.precision, fused_loss=supports_fused_loss(model),
+                       main_len=max((ids_and_labels(b)[0].shape[1] for b in batches), default=None))
     with compiled_blocks(model, compile_wanted(cfg.compile, device)) as compiled:
         t0 = time.perf_counter()
         for step in range(plan.total_steps):
             window = [batches[i] for i in plan.window(step)]
             try:
-                step_loss = loss_of(window, compiled=compiled)
+                step_loss = forward.window_loss(window, compiled)
             except Exception as err:
                 if not compiled:
                     raise
@@ -239,23 +244,18 @@ def train(
                 uncompile(repeated_blocks(model))
                 compiled = False
                 model.zero_grad(set_to_none=True)
-                step_loss = loss_of(window, compiled=compiled)
+                step_loss = forward.window_loss(window, compiled)
             optim.step(plan.lr_at(step), cfg.max_grad_norm)
             stats.steps += 1
             stats.tokens += count_tokens(window)
             stats.losses.append(step_loss)
             stats.seconds = time.perf_counter() - t0
-            event = {"event": "step", "step": step + 1, "of": plan.total_steps, "loss": round(step_loss, 4),
-                     "lr": plan.lr_at(step), "tokens_per_s": round(stats.tokens_per_s, 1),
-                     "eta_s": round(stats.seconds / (step + 1) * (plan.total_steps - step - 1), 1)}
-            log.debug(json.dumps(event))
+            event = StepDone(step + 1, plan.total_steps, round(step_loss, 4), kind=kind, lr=plan.lr_at(step),
+                             tokens_per_s=round(stats.tokens_per_s, 1),
+                             eta_s=round(stats.seconds / (step + 1) * (plan.total_steps - step - 1), 1))
+            log.debug("%s", event)
             if on_step:
                 on_step(event)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{stats.tokens_per_s:.0f}")
-    if bar:
-        bar.close()
     model.eval()
     return stats
 

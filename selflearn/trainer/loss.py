@@ -14,8 +14,12 @@ arithmetic as `lm_head` + `cross_entropy`, without the fp32 logits or anything k
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Model families whose logits are exactly `lm_head(decoder hidden states)`: no soft-capping, no
 # scaling, no bias. Others (Gemma's soft-capped logits, say) take the model's own loss.
@@ -75,6 +79,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 if dlogits is None:  # the logits' dtype: bf16 under CUDA autocast, say
                     dlogits = torch.empty((min(n, group), vocab), dtype=logits.dtype, device=logits.device)
                 total += ce(logits, targets[i:j], scale, dlogits[i - g0:j - g0])
+            assert dlogits is not None  # the group had a chunk
             d = dlogits[:g1 - g0]
             grad_hidden[g0:g1] = d @ weight
             if weight.requires_grad:
@@ -124,9 +129,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     return _FusedLinearCE.apply(hidden.contiguous(), weight, targets, chunk, compiled, group)
 
 
-def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_peft(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model inside a PEFT wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None) if hasattr(model, "peft_config") else None
+    return cast("PreTrainedModel", get_base_model() if callable(get_base_model) else model)
 
 
 def supports_fused_loss(model: torch.nn.Module) -> bool:

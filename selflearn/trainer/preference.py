@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..contracts import ProgressEvent, StepDone
 from ..feedback import FeedbackRecord, normalize
 from ..prompting import IGNORE, render_example
 from . import loop
@@ -73,6 +74,8 @@ def build(tokenizer: Any, corrections: Sequence[FeedbackRecord], ratings: Sequen
     """The training data of a round's selected feedback (selflearn.feedback.select)."""
     out = FeedbackData()
     for rec in corrections:
+        if not rec.prompt or not rec.correction:  # selected corrections have both
+            continue
         q, fix = rec.prompt.strip(), rec.correction
         for form in TRAIN_FORMS[:repeats]:
             out.examples.append(render_example(tokenizer, [{"role": "user", "content": form.format(q=q)}], fix))
@@ -81,7 +84,7 @@ def build(tokenizer: Any, corrections: Sequence[FeedbackRecord], ratings: Sequen
             out.pairs.append(Pair(q, fix, rec.reply.strip()))
             out.held_out.append(Pair(HELD_OUT_FORM.format(q=q), fix, rec.reply.strip()))
     for rec in ratings:
-        if rec.reply and rec.reply.strip():
+        if rec.prompt and rec.reply and rec.reply.strip():
             out.judged.append(Judged(rec.prompt.strip(), rec.reply.strip(), rec.rating == "up"))
     return out
 
@@ -204,13 +207,25 @@ class PreferenceConfig:
     max_grad_norm: float = 1.0
 
 
+@dataclass(frozen=True)
+class PreferenceStats:
+    """What the preference phase did."""
+
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    pairs: int = 0
+    judged: int = 0
+
+
 def train(model: torch.nn.Module, tokenizer: Any, fb: FeedbackData, refs: References, cfg: PreferenceConfig, *,
           master: "loop.MasterWeights | None" = None,
-          on_step: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """DPO on the pairs and KTO on the judged answers, in the same steps; -> what the manifest shows."""
+          on_step: Callable[[ProgressEvent], None] | None = None) -> PreferenceStats:
+    """DPO on the pairs and KTO on the judged answers, in the same steps, each told to `on_step`
+    as a `StepDone` of kind `preference`."""
     n_pairs, n_judged = len(fb.pairs), len(fb.judged)
     if not n_pairs and not n_judged:
-        return {"steps": 0}
+        return PreferenceStats()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if master is None and trainable[0].dtype != torch.float32:
         master = loop.MasterWeights(trainable)
@@ -260,7 +275,8 @@ def train(model: torch.nn.Module, tokenizer: Any, fb: FeedbackData, refs: Refere
             master.master_to_model()
         losses.append(round(loss.item(), 4))
         if on_step:
-            on_step({"event": "preference_step", "step": step + 1, "of": steps, "loss": losses[-1]})
+            took = time.perf_counter() - t0
+            on_step(StepDone(step + 1, steps, losses[-1], kind="preference", lr=cfg.learning_rate,
+                             eta_s=round(took / (step + 1) * (steps - step - 1), 1)))
     model.eval()
-    return {"steps": steps, "losses": losses, "seconds": round(time.perf_counter() - t0, 2), "pairs": n_pairs,
-            "judged": n_judged}
+    return PreferenceStats(steps, losses, round(time.perf_counter() - t0, 2), n_pairs, n_judged)

@@ -18,20 +18,22 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .. import basemodel
 from ..checkpoints import CheckpointRef, CheckpointStore
 from ..contracts import FeedbackMetrics, Pair, RoundMetrics, RoundResult
-from ..sources.base import Article
+from ..sources.base import Article, Source
 from ..sources.factory import general_language
 from ..sources.snapshot import general_set
 from ..spec import RunConfig
 from .. import precision as prec
 from . import data, feedback_learning, knowledge, loop, preference
-from .inputs import ARTICLES_FILE, STATE_KEY, RoundInputs, earlier_articles, gather
+from .context import Listener, Phases, Prepared, RoundContext
+from .data import Block
+from .inputs import ARTICLES_FILE, STATE_KEY, earlier_articles, gather
 from .model_io import load_for_training, save_for_checkpoint
 
 log = logging.getLogger("selflearn.trainer")
@@ -69,21 +71,20 @@ def resolve_parent(store: CheckpointStore, run: str, parent: str | None) -> Chec
     return store.promoted(run) or store.latest(run)
 
 
-def _parent_probe(store: CheckpointStore, run: str, parent: CheckpointRef | None) -> dict[str, Any] | None:
+def _parent_probe(store: CheckpointStore, run: str, parent: CheckpointRef | None) -> knowledge.KnownProbe | None:
     """The parent weights' answers on the fixed probe sets, measured when they were a candidate
-    (or, for the base model, in an earlier round of this run)."""
+    (or, for the base model, in an earlier round of this run); None: measure them afresh."""
     if parent is None:
-        return store.get_json(f"{run}/{BASE_PROBE_KEY}")
+        return knowledge.KnownProbe.parse(store.get_json(f"{run}/{BASE_PROBE_KEY}"))
     try:
-        return ((store.manifest(parent).get("probe") or {}).get("reusable")) or None
+        return knowledge.KnownProbe.parse((store.manifest(parent).get("probe") or {}).get("reusable"))
     except Exception:  # another store, an old manifest: measure afresh
         return None
 
 
-def _training_batches(config: RunConfig, round_: int, tok: Any, train_arts: list[Article],
-                      train_docs: list[list[int]], replay_docs: list[list[int]], refs: dict[str, list[dict]] | None,
-                      earlier: list[dict[str, Any]], fb: "preference.FeedbackData | None" = None,
-                      ) -> tuple[list, "knowledge.ChatData | None", int]:
+def _training_batches(ctx: RoundContext, train_docs: list[list[int]], replay_docs: list[list[int]],
+                      refs: knowledge.ChatReferences | None, earlier: list[dict[str, Any]],
+                      fb: preference.FeedbackData | None) -> tuple[list[Block], knowledge.ChatData | None, int]:
     """The round's training batches in its `training.format`; -> (batches, chat data, examples too long).
 
     text: the articles (and replayed earlier articles) packed as plain LM blocks. chat/mixed: the
@@ -92,19 +93,19 @@ def _training_batches(config: RunConfig, round_: int, tok: Any, train_arts: list
     corrections come as text here, in every format; as chat examples they get a pass of their own
     (`feedback_learning.correction_batches`).
     """
-    spec = config.spec
-    L, B, eos = spec.training.max_length, spec.training.batch_size, tok.eos_token_id
+    t, tok, train_arts = ctx.training, ctx.tokenizer, ctx.inputs.train
+    L, B, eos = t.max_length, t.batch_size, ctx.eos
     fb_docs = data.tokenize(tok, fb.texts) if fb and fb.texts else []
-    if spec.training.format == "text":
+    if t.format == "text":
         return data.batches(data.pack(train_docs + replay_docs + fb_docs, L, eos, fill_tail=True), B), None, 0
     # `earlier` is shuffled for this round: its first articles are the ones asked about again.
     review = [Article(title=a["title"], text=a["text"], source=a.get("source") or "snapshot:en",
-                      extra=a.get("extra") or {}) for a in earlier[:spec.training.qa_review]]
+                      extra=a.get("extra") or {}) for a in earlier[:t.qa_review]]
     chat = knowledge.build_chat_data(
-        tok, train_arts, per_article=spec.training.qa_pairs_per_article, round_=round_,
-        replay=refs["replay"] if refs else [], replay_n=spec.training.chat_replay,
-        generator=knowledge.load_generator(spec.training.pair_generator), review=review)
-    text = train_docs + replay_docs if spec.training.format == "mixed" else \
+        tok, train_arts, per_article=t.qa_pairs_per_article, review=review,
+        replay=knowledge.Replay(refs.replay if refs else [], t.chat_replay, ctx.round),
+        generator=knowledge.load_generator(t.pair_generator))
+    text = train_docs + replay_docs if t.format == "mixed" else \
         [d for a, d in zip(train_arts, train_docs) if a.title in chat.text_only]
     too_long = sum(1 for ids, _ in chat.examples if len(ids) > L)
     if too_long:
@@ -113,66 +114,32 @@ def _training_batches(config: RunConfig, round_: int, tok: Any, train_arts: list
     return data.batches(data.pack_examples(chat.examples, text + fb_docs, L, eos), B), chat, too_long
 
 
-def _probe_parent(store: CheckpointStore, run: str, parent: CheckpointRef | None, model: Any, tok: Any,
-                  probes: knowledge.ProbeSets, block: int, precision: str) -> dict[str, Any]:
+def _probe_parent(ctx: RoundContext, probes: knowledge.ProbeSets) -> knowledge.ProbeReport:
     """The parent's answers, reusing what is known of it on the fixed sets; the base model's are
     kept in the store for the run's later rounds that start from it again."""
-    report = knowledge.measure(model, tok, probes, block=block, precision=precision,
-                               known=_parent_probe(store, run, parent))
-    if parent is None and not report["reused"]:
-        store.put_json(f"{run}/{BASE_PROBE_KEY}", knowledge.reusable(report, knowledge.fingerprint(probes, precision)))
+    report = knowledge.measure(ctx.model, ctx.tokenizer, probes, block=ctx.training.max_length,
+                               precision=ctx.precision, known=_parent_probe(ctx.store, ctx.run, ctx.parent))
+    if ctx.parent is None and not report.reused:
+        ctx.store.put_json(f"{ctx.run}/{BASE_PROBE_KEY}", report.reusable())
     return report
 
 
-def _probe_candidate(model: Any, tok: Any, probes: knowledge.ProbeSets, before: dict[str, Any], block: int,
-                     precision: str) -> tuple[knowledge.ProbeMetrics, dict[str, Any]]:
+def _probe_candidate(ctx: RoundContext, probes: knowledge.ProbeSets,
+                     before: knowledge.ProbeReport) -> tuple[knowledge.ProbeMetrics, dict[str, Any]]:
     """-> (the metrics the gate reads, what the manifest shows): the candidate against its parent."""
-    after = knowledge.measure(model, tok, probes, block=block, precision=precision)
-    after["reusable"] = knowledge.reusable(after, knowledge.fingerprint(probes, precision))
+    after = knowledge.measure(ctx.model, ctx.tokenizer, probes, block=ctx.training.max_length,
+                              precision=ctx.precision)
     metrics, shown = knowledge.compare(before, after)
     log.info(knowledge.summary_line(metrics))
     return metrics, shown
 
 
-class _Phases:
-    """The round's phases as they start (shown live through `on_step`), and where its time went."""
+def _prepare(ctx: RoundContext) -> Prepared:
+    """Everything the round builds from its inputs before it measures the parent."""
+    spec, run, t, tok, inputs = ctx.spec, ctx.run, ctx.training, ctx.tokenizer, ctx.inputs
+    L, B, eos = t.max_length, t.batch_size, ctx.eos
 
-    def __init__(self, on_step: Callable[[dict], None] | None):
-        self.marks: list[tuple[str, float]] = [("loading", time.monotonic())]
-        self.on_step = on_step
-
-    def __call__(self, name: str) -> None:
-        self.marks.append((name, time.monotonic()))
-        if self.on_step:
-            self.on_step({"event": "phase", "phase": name})
-
-    def seconds(self) -> dict[str, float]:
-        """Seconds per phase so far."""
-        ends = [t for _, t in self.marks[1:]] + [time.monotonic()]
-        return {name: round(end - t, 1) for (name, t), end in zip(self.marks, ends)}
-
-
-@dataclass
-class _Prepared:
-    """Everything tokenised and built before the parent is measured."""
-
-    train_docs: list[list[int]]
-    replay_docs: list[list[int]]
-    train_batches: list
-    chat: "knowledge.ChatData | None"
-    too_long: int
-    sets: dict[str, list[torch.Tensor]]  # fresh | trained | general evaluation batches
-    refs: dict[str, list[dict]] | None  # the chat references (retention set, chat replay)
-    probes: "knowledge.ProbeSets | None"
-    fb_data: "preference.FeedbackData | None"
-
-
-def _prepare(config: RunConfig, round_: int, store: CheckpointStore, parent_ref: CheckpointRef | None,
-             inputs: RoundInputs, model: Any, tok: Any) -> _Prepared:
-    spec, run, t = config.spec, config.name, config.spec.training
-    L, B, eos = t.max_length, t.batch_size, tok.eos_token_id
-
-    def batches_of(docs: list[list[int]]) -> list[torch.Tensor]:
+    def batches_of(docs: list[list[int]]) -> list[Block]:
         return data.batches(data.pack(docs, L, eos, fill_tail=False), B)
 
     general = general_set(general_language(spec), t.general_articles)
@@ -181,28 +148,28 @@ def _prepare(config: RunConfig, round_: int, store: CheckpointStore, parent_ref:
     replay_docs: list[list[int]] = []
     wants_review = t.format != "text" and t.qa_review > 0
     # Earlier rounds' articles, read once, shuffled per round: for text replay and for review.
-    earlier = earlier_articles(store, run, 10_000) if t.replay_fraction > 0 or wants_review else []
-    random.Random(t.seed + round_).shuffle(earlier)
+    earlier = earlier_articles(ctx.store, run, 10_000) if t.replay_fraction > 0 or wants_review else []
+    random.Random(t.seed + ctx.round).shuffle(earlier)
     if t.replay_fraction > 0:
         # Replay earlier rounds' articles so this round's blocks are `replay_fraction` old text.
         want = int(len(inputs.train) * t.replay_fraction / (1 - t.replay_fraction))
         replay_docs = data.tokenize(tok, [a["text"] for a in earlier[:want]])
-    refs = knowledge.references(spec.base_model, store, run, model, tok,
-                                recorded_from=parent_ref.uri if parent_ref else "base") \
+    refs = knowledge.references(spec.base_model, ctx.store, run, ctx.model, tok,
+                                recorded_from=ctx.parent.uri if ctx.parent else "base") \
         if t.chat_eval or (t.format != "text" and t.chat_replay) else None
     fb = inputs.feedback
-    fb_data = preference.build(tok, fb.corrections, fb.ratings, repeats=spec.feedback.repeats) \
+    fb_data = preference.build(tok, fb.corrections, fb.ratings, repeats=ctx.feedback_spec.repeats) \
         if fb and fb.learned else None
-    train_batches, chat, too_long = _training_batches(config, round_, tok, inputs.train, train_docs, replay_docs,
-                                                      refs, earlier, fb_data)
+    train_batches, chat, too_long = _training_batches(ctx, train_docs, replay_docs, refs, earlier, fb_data)
     sets = {"fresh": batches_of(data.tokenize(tok, [a.text for a in inputs.held])),
             "trained": batches_of(train_docs),
             "general": batches_of(data.tokenize(tok, [a.text for a in general]))}
-    probes = knowledge.ProbeSets.of(inputs.train, inputs.held, general, refs["retention"]) if t.chat_eval else None
-    return _Prepared(train_docs, replay_docs, train_batches, chat, too_long, sets, refs, probes, fb_data)
+    probes = knowledge.ProbeSets.of(inputs.train, inputs.held, general, refs.retention) \
+        if t.chat_eval and refs else None
+    return Prepared(train_docs, replay_docs, train_batches, chat, too_long, sets, refs, probes, fb_data)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Measured:
     stats: loop.LoopStats
     ppl_before: dict[str, float | None]
@@ -212,49 +179,44 @@ class _Measured:
     fb_metrics: FeedbackMetrics | None
 
 
-def _train_and_measure(config: RunConfig, round_: int, store: CheckpointStore, parent_ref: CheckpointRef | None,
-                       inputs: RoundInputs, prep: _Prepared, model: Any, tok: Any, master: Any, precision: str,
-                       phase: _Phases, progress: bool) -> _Measured:
+def _train_and_measure(ctx: RoundContext, prep: Prepared) -> _Measured:
     """Measure the parent, train, measure the candidate: the same sets, probes and precision."""
-    spec, run, t = config.spec, config.name, config.spec.training
-    phase("evaluating the parent")
-    ppl_before = {k: loop.perplexity(model, v, precision) for k, v in prep.sets.items()}
-    report_before = _probe_parent(store, run, parent_ref, model, tok, prep.probes, t.max_length, precision) \
-        if prep.probes else None
+    t, precision = ctx.training, ctx.precision
+    ctx.phases("evaluating the parent")
+    ppl_before = {k: loop.perplexity(ctx.model, v, precision) for k, v in prep.sets.items()}
+    report_before = _probe_parent(ctx, prep.probes) if prep.probes else None
     fb_data = prep.fb_data
-    prefer = fb_data is not None and spec.feedback.preference != "off" and bool(fb_data.pairs or fb_data.judged)
-    fb_refs = preference.references(model, tok, fb_data, precision, train=prefer) if fb_data else None
+    prefer = fb_data is not None and ctx.feedback_spec.preference != "off" and bool(fb_data.pairs or fb_data.judged)
+    fb_refs = preference.references(ctx.model, ctx.tokenizer, fb_data, precision, train=prefer) if fb_data else None
     cfg = loop.LoopConfig(epochs=t.epochs, gradient_accumulation=t.gradient_accumulation,
                           learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
-                          precision=precision, seed=t.seed + round_, compile=t.compile)
-    phase("training")
-    stats = loop.train(model, prep.train_batches, cfg, master=master, on_step=phase.on_step, progress=progress)
-    fb_stats = feedback_learning.learn(model, tok, config, round_, fb_data, fb_refs, cfg, chat=prep.chat,
-                                       refs=prep.refs, text=prep.train_docs, master=master, on_step=phase.on_step,
-                                       progress=progress, phase=phase, prefer=prefer) if fb_data else {}
-    phase("evaluating the candidate")
-    ppl_after = {k: loop.perplexity(model, v, precision) for k, v in prep.sets.items()}
-    probed, shown = (None, None) if not prep.probes else \
-        _probe_candidate(model, tok, prep.probes, report_before, t.max_length, precision)
-    fb_metrics = feedback_learning.metrics(inputs.feedback, fb_data, fb_refs, fb_stats, model, tok, precision) \
-        if inputs.feedback is not None else None
+                          precision=precision, seed=t.seed + ctx.round, compile=t.compile)
+    ctx.phases("training")
+    stats = loop.train(ctx.model, prep.train_batches, cfg, master=ctx.master, on_step=ctx.on_step)
+    fb_stats = feedback_learning.learn(ctx, prep, fb_data, fb_refs, cfg, prefer=prefer) \
+        if fb_data is not None and fb_refs is not None else feedback_learning.FeedbackStats()
+    ctx.phases("evaluating the candidate")
+    ppl_after = {k: loop.perplexity(ctx.model, v, precision) for k, v in prep.sets.items()}
+    probed, shown = _probe_candidate(ctx, prep.probes, report_before) \
+        if prep.probes and report_before is not None else (None, None)
+    fb_metrics = feedback_learning.metrics(ctx, fb_data, fb_refs, fb_stats)
     return _Measured(stats, ppl_before, ppl_after, probed, shown, fb_metrics)
 
 
-def _save(model: Any, tok: Any, spec: Any, out: Path, master: Any, articles: list[Article]) -> None:
+def _save(ctx: RoundContext, out: Path) -> None:
     """The candidate's weights in fp32, its tokenizer, and the articles it learned."""
-    if master:
-        master.restore_fp32(model)
-    save_for_checkpoint(model, tok, spec, out)
+    if ctx.master:
+        ctx.master.restore_fp32(ctx.model)
+    save_for_checkpoint(ctx.model, ctx.tokenizer, ctx.spec, out)
     with open(out / ARTICLES_FILE, "w") as f:
-        for a in articles:
+        for a in ctx.inputs.train:
             # source and extra (topic, description): a later round rebuilds the same questions.
             f.write(json.dumps({"title": a.title, "sha256": a.sha256, "text": a.text, "source": a.source,
                                 "extra": a.extra}, default=str) + "\n")
 
 
-def _metrics(spec: Any, inputs: RoundInputs, prep: _Prepared, m: _Measured, phase: _Phases) -> RoundMetrics:
-    stats, chat, probed = m.stats, prep.chat, m.probe
+def _metrics(ctx: RoundContext, prep: Prepared, m: _Measured) -> RoundMetrics:
+    inputs, stats, chat, probed = ctx.inputs, m.stats, prep.chat, m.probe
     return RoundMetrics(
         train_loss=stats.final_loss,
         losses=[round(x, 4) for x in stats.losses],
@@ -267,7 +229,7 @@ def _metrics(spec: Any, inputs: RoundInputs, prep: _Prepared, m: _Measured, phas
         held_out=len(inputs.held),
         replayed=len(prep.replay_docs),
         dropped=len(inputs.dropped),
-        format=spec.training.format,
+        format=ctx.training.format,
         qa_pairs=len(chat.pairs) if chat else None,
         chat_replayed=chat.replayed if chat else None,
         qa_reviewed=chat.reviewed if chat else None,
@@ -278,21 +240,19 @@ def _metrics(spec: Any, inputs: RoundInputs, prep: _Prepared, m: _Measured, phas
         probe_seconds=probed.probe_seconds if probed else None,
         parent_probe_reused=probed.parent_probe_reused if probed else None,
         feedback=m.fb_metrics,
-        phase_seconds=phase.seconds(),
+        phase_seconds=ctx.phases.seconds(),
     )
 
 
-def _manifest(spec: Any, parent_ref: CheckpointRef | None, device: torch.device, precision: str,
-              inputs: RoundInputs, prep: _Prepared, m: _Measured, metrics: RoundMetrics,
-              t_start: float) -> dict[str, Any]:
-    chat, fb = prep.chat, inputs.feedback
+def _manifest(ctx: RoundContext, prep: Prepared, m: _Measured, metrics: RoundMetrics) -> dict[str, Any]:
+    spec, inputs, chat, fb = ctx.spec, ctx.inputs, prep.chat, ctx.inputs.feedback
     return {
         "base_model": spec.base_model,
-        "parent": parent_ref.uri if parent_ref else None,
+        "parent": ctx.parent.uri if ctx.parent else None,
         "method": spec.training.method,
         "adapter": spec.training.method == "lora" and not spec.training.lora.merge,
-        "precision": precision,
-        "device": device.type,
+        "precision": ctx.precision,
+        "device": ctx.device.type,
         "hyperparameters": spec.training.model_dump(by_alias=True, mode="json"),
         "metrics": metrics.to_json(),
         "articles": [a.provenance() for a in inputs.train],
@@ -305,7 +265,7 @@ def _manifest(spec: Any, parent_ref: CheckpointRef | None, device: torch.device,
            if fb else {}),
         "cursors": inputs.cursors,
         "software": {"torch": torch.__version__, "python": platform.python_version()},
-        "started_at": t_start,
+        "started_at": ctx.started_at,
     }
 
 
@@ -316,10 +276,11 @@ def run_round(
     parent: str | None = None,
     store: CheckpointStore | None = None,
     workdir: Path | None = None,
-    sources: list | None = None,
-    on_step: Callable[[dict], None] | None = None,
-    progress: bool = True,
+    sources: list[Source] | None = None,
+    on_step: Listener | None = None,
 ) -> RoundResult:
+    """Train, measure and publish round `round_` of `config`'s run from `parent` (see
+    `resolve_parent`); `on_step` hears each phase as it starts and each training step."""
     if round_ < 1:
         raise ValueError(f"round must be >= 1, got {round_}")
     spec, run, t_start = config.spec, config.name, time.time()
@@ -336,22 +297,23 @@ def run_round(
         log.warning(reason)
         return RoundResult("empty", round_, reason=reason)
 
-    phase = _Phases(on_step)
+    phases = Phases(on_step)
     device = prec.pick_device()
     precision = prec.resolve(spec.training.precision, device)
     torch.manual_seed(spec.training.seed + round_)
-    with tempfile.TemporaryDirectory(prefix="selflearn-round-", dir=workdir) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="selflearn-round-", dir=workdir) as tmp_dir:
+        tmp = Path(tmp_dir)
         model, tok = load_for_training(spec, parent_ref, store, tmp / "parent", device)
         # CPU bf16: the model runs in bf16 while exact fp32 masters take the updates.
         master = loop.MasterWeights.for_cpu_bf16(model) if device.type == "cpu" and precision == "bf16" else None
-        prep = _prepare(config, round_, store, parent_ref, inputs, model, tok)
-        measured = _train_and_measure(config, round_, store, parent_ref, inputs, prep, model, tok, master, precision,
-                                      phase, progress)
-        _save(model, tok, spec, tmp / "checkpoint", master, inputs.train)
-        metrics = _metrics(spec, inputs, prep, measured, phase)
-        manifest = _manifest(spec, parent_ref, device, precision, inputs, prep, measured, metrics, t_start)
-        phase("publishing")
+        ctx = RoundContext(config, round_, store, parent_ref, inputs, model, tok, device, precision, master, phases,
+                           started_at=t_start)
+        prep = _prepare(ctx)
+        measured = _train_and_measure(ctx, prep)
+        _save(ctx, tmp / "checkpoint")
+        metrics = _metrics(ctx, prep, measured)
+        manifest = _manifest(ctx, prep, measured, metrics)
+        phases("publishing")
         ref = store.publish(run, round_, tmp / "checkpoint", manifest)
     store.put_json(f"{run}/{STATE_KEY}", {**inputs.state, "cursors": inputs.cursors, "last_round": round_})
     store.retain(run, spec.storage.keep_checkpoints, protect=[parent_ref.uri] if parent_ref else [])

@@ -36,7 +36,7 @@ def gate_config(storage: dict[str, Any], *, sources=None, promotion=None, **trai
 
 def judge(config: RunConfig, round_: int, *, parent: str = "base") -> tuple[RoundResult, Decision]:
     """Train round `round_` of `config` from `parent`, and the one promotion policy's verdict on it."""
-    res = run_round(config, round_, parent=parent, progress=False)
+    res = run_round(config, round_, parent=parent)
     assert res.status == "published", res.reason
     return res, decide(config.spec, res.metrics, candidate=res.checkpoint)
 

@@ -1,14 +1,15 @@
 """Test support: one real local Serve instance per test process, shared by every test module.
 
 Imported as `tests.support.serving` (from the repository root, which tests/conftest.py puts on
-sys.path): the Serve replicas import this module's `extra_routes` hook by that name, and Ray puts
-the driver's working directory on its workers' sys.path, so run the tests from the repository root.
+sys.path).
 
 Starting Ray, Serve and the model takes tens of seconds on a small machine, so the serving tests
-share one instance with two applications:
+share one instance with two applications, deployed as one declarative config, as `start_local`
+deploys its one (the package's public pieces: `serve_config`, `application`, `deploy`, `LocalServe`):
 
 * `selflearn` at `/`: the embedded model, open (no key), feedback to a temporary file store, CORS for
-  one origin. The hot-swap tests reconfigure this one.
+  one origin, and the one-machine driver's pages (a dashboard directory and a run state file). The
+  hot-swap tests reconfigure this one.
 * `secure` at `/secure`: a tiny random OPT (the no-chat-template path), API key, a small rate
   limit keyed on X-Forwarded-For, a blocklist, and a one-slot engine with a one-deep queue.
 
@@ -21,6 +22,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tests.support.waiting import wait_until
+
+if TYPE_CHECKING:
+    from selflearn.serving.app import LocalServe
 
 API_KEY = "test-key-0123456789"
 SECURE_PREFIX = "/secure"
@@ -28,7 +35,7 @@ SECURE_PREFIX = "/secure"
 
 @dataclass
 class SharedServer:
-    server: object  # app.LocalServe
+    server: LocalServe
     url: str
     secure_url: str
     workdir: Path
@@ -48,7 +55,7 @@ def shared_server(*, tiny_model_dir: str, workdir: Path, port: int) -> SharedSer
         return _shared
     import ray
 
-    from selflearn.serving.app import application, start_local
+    from selflearn.serving.app import LocalServe, application, deploy, serve_config
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="selflearn-tests")
@@ -59,7 +66,6 @@ def shared_server(*, tiny_model_dir: str, workdir: Path, port: int) -> SharedSer
     main_args = {"feedback_uri": f"file://{workdir / 'feedback'}", "cors_origins": ["http://allowed.example"],
                  "max_message_chars": 2000, "history_turns": 4, "max_body_bytes": 65536,
                  "dashboard_dir": str(workdir / "dashboard"), "state_file": str(workdir / "state.json"),
-                 "extra_routes": "tests.support.serving:extra_routes",
                  # Every module's feedback comes from 127.0.0.1 here: /feedback's default limit (30 a
                  # minute per client) has its own tests (tests/test_feedback_guard.py).
                  "feedback_rate_limit_per_minute": 0,
@@ -68,21 +74,26 @@ def shared_server(*, tiny_model_dir: str, workdir: Path, port: int) -> SharedSer
                    "trust_forwarded_for": True, "blocklist": ["forbiddenword"], "max_inflight": 3,
                    "feedback_uri": f"file://{workdir / 'feedback-secure'}",
                    "engine": {"max_batch_size": 1, "max_queue": 1, "max_new_tokens_cap": 200, "torch_threads": 1}}
-    secure = application(app_name="secure", route_prefix=SECURE_PREFIX, user_config={"base_model": tiny_model_dir},
-                         args=secure_args)
-    server = start_local(port=port, user_config={}, args=main_args, extra_applications=[secure])
-    url = f"http://127.0.0.1:{port}"
+    config = serve_config(port=port, user_config={}, args=main_args)
+    config["applications"].append(application(app_name="secure", route_prefix=SECURE_PREFIX, args=secure_args,
+                                              user_config={"base_model": tiny_model_dir}))
+    deploy(config)
+    server = LocalServe(config)
+    url = server.url
+    wait_until(lambda: _answers(url + "/healthz") and _answers(url + SECURE_PREFIX + "/healthz"), timeout=60,
+               what="both applications to answer over HTTP")
     _shared = SharedServer(server=server, url=url, secure_url=url + SECURE_PREFIX, workdir=workdir,
                          store_uri=f"file://{workdir / 'store'}")
     return _shared
 
 
-def extra_routes(app, settings) -> None:
-    """An `extra_routes` hook as the one-machine driver would write one."""
+def _answers(url: str) -> bool:
+    import httpx
 
-    @app.get("/extra")
-    async def extra():
-        return {"ok": True, "state_file": settings.state_file}
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def stop_shared() -> None:

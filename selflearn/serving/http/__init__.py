@@ -1,10 +1,10 @@
 """The HTTP API (FastAPI), independent of Ray: `build_api(backend, settings)`.
 
 `backend` is anything with `stream(request) -> async iterator of engine events`,
-`complete(request) -> {"start": Start | None, "end": Done | Error}` and `status() -> dict`
-(`service.Backend`); in Ray Serve it wraps the ChatModel deployment handle (see ../app.py). A
-request is `{"messages": [...], "params": {...}}`; the events are `selflearn.contracts`'
-`Start`, `Token`, `Done` and `Error`.
+`complete(request) -> Completion` and `status() -> EngineStatus` (`service.Backend`); in Ray
+Serve it wraps the ChatModel deployment handle (see ../app.py). The request (`EngineRequest`:
+messages and `RequestParams`), the status and the events (`Start`, `Token`, `Done`, `Error`) are
+`selflearn.contracts`' types.
 
 Every answer names the checkpoint that produced it: `checkpoint` in the JSON body (`model` and
 `system_fingerprint` on the OpenAI routes) and the `X-Model-Checkpoint` header.

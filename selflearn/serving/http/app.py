@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 from fastapi import FastAPI
 
 from ..config import ServeSettings
@@ -24,9 +22,6 @@ def build_api(backend: Backend, settings: ServeSettings) -> FastAPI:
         from fastapi.staticfiles import StaticFiles
 
         app.mount("/dashboard", StaticFiles(directory=settings.dashboard_dir, html=True), name="dashboard")
-    if settings.extra_routes:  # the driver's own pages, behind the same key: "module:function"
-        module_name, _, attr = settings.extra_routes.partition(":")
-        getattr(importlib.import_module(module_name), attr)(app, settings)
     app.add_middleware(Guard, settings=settings, metrics=svc.metrics, api_key=svc.api_key)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

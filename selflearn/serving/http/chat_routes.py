@@ -9,14 +9,14 @@ settings (`RequestModels`) as real objects, not strings.
 
 import dataclasses
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncGenerator, AsyncIterator, Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from ...contracts import Done, EngineEvent, Error, Start
+from ...contracts import Done, EngineEvent, EngineRequest, Error, Message, Start
 from .responses import SSE_HEADERS, SSE_MEDIA_TYPE, ApiError, sse
-from .service import ChatService, engine_params, new_nonce
+from .service import ChatService, SamplingBody, engine_params, new_nonce
 
 WEB = Path(__file__).parent.parent / "web"
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
@@ -26,6 +26,14 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; script-src 'self
 
 # The engine request's `messages` is, here, the body's one `message` (plus the remembered turns).
 FIELDS = {"messages": "message"}
+
+
+class ChatBody(SamplingBody, Protocol):
+    """What the routes read of a `ChatRequest` (`config.RequestModels`, a class built per settings)."""
+    message: str
+    conversation_id: str | None
+    max_length: int | None
+    stop: list[str] | None
 
 
 def router(svc: ChatService) -> APIRouter:
@@ -53,16 +61,15 @@ class _Turn:
     """One user message of a conversation, and what the engine is asked for it."""
     cid: str
     message: str
-    messages: list[dict]  # the conversation so far, then this message
-    request: dict  # the engine request
+    request: EngineRequest  # the conversation so far, then this message
 
     @classmethod
-    def of(cls, svc: ChatService, body) -> "_Turn":
-        svc.check_input([{"role": "user", "content": body.message}])
+    def of(cls, svc: ChatService, body: ChatBody) -> "_Turn":
+        asked: Message = {"role": "user", "content": body.message}
+        svc.check_input([asked])
         cid = body.conversation_id or svc.conversations.new_id()
-        messages = svc.conversations.history(cid) + [{"role": "user", "content": body.message}]
-        params = engine_params(body, body.max_length, body.stop)
-        return cls(cid, body.message, messages, {"messages": messages, "params": params})
+        messages = (*svc.conversations.history(cid), asked)
+        return cls(cid, body.message, EngineRequest(messages, engine_params(body, body.max_length, body.stop)))
 
     def answered(self, svc: ChatService, done: Done, checkpoint: str, rid: str) -> dict:
         """Keep a complete answer in the conversation; the answer's JSON document."""
@@ -76,18 +83,19 @@ class _Turn:
 def _chat_routes(r: APIRouter, svc: ChatService) -> None:
     M = svc.models
 
+    # `M.ChatRequest` is a class built per settings: FastAPI reads it, mypy cannot.
     @r.post("/chat")
-    async def chat(body: M.ChatRequest, request: Request):
+    async def chat(body: M.ChatRequest, request: Request):  # type: ignore[name-defined]
         svc.admit(request)
         turn = _Turn.of(svc, body)
-        start, done = await svc.collect(turn.request, FIELDS)
-        rid = svc.remember(done, turn.messages, turn.cid)
-        ckpt = done.checkpoint or start.checkpoint
+        done = await svc.collect(turn.request, FIELDS)
+        rid = svc.remember(done, turn.request.messages, turn.cid)
+        ckpt = done.checkpoint or ""
         return JSONResponse(turn.answered(svc, done, ckpt, rid),
                             headers={"X-Model-Checkpoint": ckpt, "X-Response-Id": rid})
 
     @r.post("/chat/stream")
-    async def chat_stream(body: M.ChatRequest, request: Request):
+    async def chat_stream(body: M.ChatRequest, request: Request):  # type: ignore[name-defined]
         svc.admit(request)
         turn = _Turn.of(svc, body)
         events = svc.events(turn.request)
@@ -99,7 +107,7 @@ def _chat_routes(r: APIRouter, svc: ChatService) -> None:
                                           "X-Conversation-Id": turn.cid, **SSE_HEADERS})
 
 
-async def _chat_stream(svc: ChatService, turn: _Turn, events: AsyncIterator[EngineEvent], start: Start,
+async def _chat_stream(svc: ChatService, turn: _Turn, events: AsyncGenerator[EngineEvent, None], start: Start,
                        rid: str) -> AsyncIterator[bytes]:
     """The SSE body: `start`, `token`s, then `done` (the answer's document) or `error`."""
     ckpt = start.checkpoint
@@ -108,7 +116,7 @@ async def _chat_stream(svc: ChatService, turn: _Turn, events: AsyncIterator[Engi
         if isinstance(ev, Error):
             return sse({"status": ev.status, "message": ev.message}, "error")
         ev = dataclasses.replace(ev, checkpoint=ckpt)
-        signed = svc.remember(ev, turn.messages, turn.cid, nonce=rid)
+        signed = svc.remember(ev, turn.request.messages, turn.cid, nonce=rid)
         return sse(turn.answered(svc, ev, ckpt, signed), "done")
 
     try:

@@ -8,6 +8,8 @@ import hmac
 import ipaddress
 import time
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from ..config import ServeSettings
 from ..state import Metrics
 from .responses import ApiError, json_error
@@ -29,10 +31,10 @@ def body_too_large(cap: int) -> ApiError:
 class Guard:
     """Pure ASGI middleware (a streamed answer is measured to its last byte, not its headers)."""
 
-    def __init__(self, app, settings: ServeSettings, metrics: Metrics, api_key: str | None):
+    def __init__(self, app: ASGIApp, settings: ServeSettings, metrics: Metrics, api_key: str | None):
         self.app, self.settings, self.metrics, self.api_key = app, settings, metrics, api_key
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
@@ -73,7 +75,7 @@ class _Exchange:
     instead would not do: FastAPI turns any error while reading a body into its own 400.
     """
 
-    def __init__(self, scope, receive, send, *, cap: int, metrics: Metrics, route: str):
+    def __init__(self, scope: Scope, receive: Receive, send: Send, *, cap: int, metrics: Metrics, route: str):
         self.scope, self._receive, self._send = scope, receive, send
         self.cap, self.metrics, self.route = cap, metrics, route
         self.t0, self.status = time.monotonic(), 500
@@ -81,7 +83,7 @@ class _Exchange:
         self.started = False  # a response has started
         self.refused = False  # answered 413 mid-body: what the app sends after that is dropped
 
-    async def receive(self) -> dict:
+    async def receive(self) -> Message:
         if self.refused:
             return {"type": "http.disconnect"}
         message = await self._receive()
@@ -94,11 +96,11 @@ class _Exchange:
                 return {"type": "http.disconnect"}
         return message
 
-    async def send(self, message: dict) -> None:
+    async def send(self, message: Message) -> None:
         if not self.refused:
             await self._emit(message)
 
-    async def _emit(self, message: dict) -> None:
+    async def _emit(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started, self.status = True, message["status"]
         await self._send(message)

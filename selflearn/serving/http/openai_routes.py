@@ -10,12 +10,12 @@ settings (`RequestModels`) as real objects, not strings.
 import dataclasses
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncGenerator, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ...contracts import Done, EngineEvent, Error, base_id
+from ...contracts import Done, EngineEvent, EngineRequest, EngineStatus, Error, base_id
 from .responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, ApiError, engine_error, sse
 from .service import ChatService, engine_params
 
@@ -27,8 +27,8 @@ def router(svc: ChatService) -> APIRouter:
 
     @r.get("/v1/models")
     async def models():
-        st = await svc.status()
-        ckpt, created = st.get("checkpoint"), int(st.get("loaded_at") or time.time())
+        weights = (await svc.status()).weights
+        ckpt, created = weights.checkpoint, int(weights.loaded_at or time.time())
         data = [{"id": "selflearn", "object": "model", "created": created, "owned_by": "selflearn",
                  "checkpoint": ckpt}]
         if ckpt:
@@ -36,14 +36,15 @@ def router(svc: ChatService) -> APIRouter:
                          "checkpoint": ckpt})
         return JSONResponse({"object": "list", "data": data}, headers={"X-Model-Checkpoint": ckpt or ""})
 
+    # `M.ChatCompletionRequest` is a class built per settings: FastAPI reads it, mypy cannot.
     @r.post("/v1/chat/completions")
-    async def completions(body: M.ChatCompletionRequest, request: Request):
+    async def completions(body: M.ChatCompletionRequest, request: Request):  # type: ignore[name-defined]
         svc.admit(request)
         await _check_model(svc, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         svc.check_input(messages)
         params = engine_params(body, body.max_completion_tokens or body.max_tokens, body.stops())
-        req = {"messages": messages, "params": params}
+        req = EngineRequest(tuple(messages), params)
         cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         if not body.stream:
             return await _completion(svc, req, cid, created)
@@ -58,22 +59,24 @@ def router(svc: ChatService) -> APIRouter:
     return r
 
 
-async def _check_model(svc: ChatService, name: str) -> dict:
+async def _check_model(svc: ChatService, name: str) -> EngineStatus:
     """The model's status if `name` is one of the served model's names, else 404. A name the
     cached status does not know is checked again on a fresh one (the model may just have swapped)."""
     for max_age in (5.0, 0.0):
         st = await svc.status(max_age=max_age)
-        names = {"selflearn", st.get("checkpoint"), st.get("base_model"), base_id(st.get("base_model"))}
+        weights = st.weights
+        names = {"selflearn", weights.checkpoint, weights.base_model,
+                 base_id(weights.base_model) if weights.base_model else None}
         if name in names:
             return st
     raise ApiError(404, f"the model {name!r} does not exist; GET /v1/models lists what is served",
                    param="model", code="model_not_found")
 
 
-async def _completion(svc: ChatService, req: dict, cid: str, created: int) -> JSONResponse:
-    start, done = await svc.collect(req)
-    ckpt = done.checkpoint or start.checkpoint
-    rid = svc.remember(done, req["messages"], None)
+async def _completion(svc: ChatService, req: EngineRequest, cid: str, created: int) -> JSONResponse:
+    done = await svc.collect(req)
+    ckpt = done.checkpoint or ""
+    rid = svc.remember(done, req.messages, None)
     return JSONResponse({
         "id": cid, "object": "chat.completion", "created": created, "model": ckpt,
         "system_fingerprint": ckpt, "checkpoint": ckpt, "response_id": rid,
@@ -108,7 +111,7 @@ class _Chunks:
         return out
 
 
-async def _completion_stream(svc: ChatService, events: AsyncIterator[EngineEvent], chunks: _Chunks,
+async def _completion_stream(svc: ChatService, events: AsyncGenerator[EngineEvent, None], chunks: _Chunks,
                              include_usage: bool) -> AsyncIterator[bytes]:
     try:
         yield chunks.delta({"role": "assistant", "content": ""})

@@ -24,27 +24,27 @@ def router(svc: ChatService) -> APIRouter:
     @r.get("/readyz")
     async def readyz():
         try:
-            st = await svc.status(max_age=0.5)
+            weights = (await svc.status(max_age=0.5)).weights
         except Exception as err:  # the model deployment is down or not reachable
             return JSONResponse({"ready": False, "reason": f"model unavailable: {type(err).__name__}"}, 503)
-        body = {"ready": bool(st.get("ready")), "checkpoint": st.get("checkpoint"),
-                "degraded": bool(st.get("degraded")), "degraded_reason": st.get("degraded_reason"),
-                "loading": st.get("loading")}
-        headers = {"X-Model-Checkpoint": st["checkpoint"]} if st.get("checkpoint") else None
-        return JSONResponse(body, 200 if body["ready"] else 503, headers=headers)
+        body = {"ready": weights.ready, "checkpoint": weights.checkpoint, "degraded": weights.degraded,
+                "degraded_reason": weights.degraded_reason, "loading": weights.loading}
+        headers = {"X-Model-Checkpoint": weights.checkpoint} if weights.checkpoint else None
+        return JSONResponse(body, 200 if weights.ready else 503, headers=headers)
 
     @r.get("/status")
     async def status():
         st = await svc.status(max_age=0)
-        return JSONResponse({"model": st, "ingress": {"inflight": svc.inflight, "feedback_uri": svc.feedback.uri}},
-                            headers={"X-Model-Checkpoint": st.get("checkpoint") or ""})
+        return JSONResponse({"model": st.to_json(),
+                             "ingress": {"inflight": svc.inflight, "feedback_uri": svc.feedback.uri}},
+                            headers={"X-Model-Checkpoint": st.weights.checkpoint or ""})
 
     @r.get("/metrics")
     async def metrics():
         try:
             await svc.status(max_age=0)
         except Exception:  # the model's figures go blank; the ingress's own still count
-            svc.metrics.engine.status = {}
+            svc.metrics.engine.status = None
         return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     if svc.settings.state_file:

@@ -18,12 +18,13 @@ import os
 import secrets
 import time
 import uuid
-from typing import AsyncIterator, Callable, Iterator, Mapping, Protocol, TypedDict, TypeVar
+from typing import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Protocol, TypeVar
 
 from fastapi import Request
 
 from ...basemodel import cache_root
-from ...contracts import END_EVENTS, Done, EngineEvent, Error, Start, Token
+from ...contracts import (END_EVENTS, Completion, Done, EngineEvent, EngineRequest, EngineStatus, Error, Message,
+                          RequestParams, Start, Token)
 from ...feedback import answer_mac, client_hash
 from ..config import RequestModels, ServeSettings, api_key_of
 from ..safety import load_filter
@@ -35,17 +36,20 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Completion(TypedDict):
-    """A whole answer: the Start event (None if the request never got a slot) and how it ended."""
-    start: Start | None
-    end: Done | Error
-
-
 class Backend(Protocol):
     """The model, as the HTTP API sees it (in Ray Serve, the ChatModel handle: see app.py)."""
-    def stream(self, request: dict) -> AsyncIterator[EngineEvent]: ...
-    async def complete(self, request: dict) -> Completion: ...
-    async def status(self) -> dict: ...
+    def stream(self, request: EngineRequest) -> AsyncGenerator[EngineEvent, None]: ...
+    async def complete(self, request: EngineRequest) -> Completion: ...
+    async def status(self) -> EngineStatus: ...
+
+
+class SamplingBody(Protocol):
+    """The sampling fields every chat body has (`config.RequestModels`)."""
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    repetition_penalty: float | None
+    seed: int | None
 
 
 def new_nonce() -> str:
@@ -53,10 +57,11 @@ def new_nonce() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def engine_params(body, max_new_tokens: int | None, stop: list[str] | None) -> dict:
-    """A request body's sampling fields as the engine request's `params`."""
-    return {"max_new_tokens": max_new_tokens, "temperature": body.temperature, "top_p": body.top_p,
-            "top_k": body.top_k, "repetition_penalty": body.repetition_penalty, "seed": body.seed, "stop": stop}
+def engine_params(body: SamplingBody, max_new_tokens: int | None, stop: list[str] | None) -> RequestParams:
+    """A request body's sampling fields as the engine request's parameters."""
+    return RequestParams(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
+                         top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed,
+                         stop=None if stop is None else tuple(stop))
 
 
 class ChatService:
@@ -69,7 +74,7 @@ class ChatService:
         self.answers = LRU(10_000)  # response_id -> what feedback refers to
         self.safety = load_filter(settings.safety_filter, settings.blocklist)
         self.inflight = 0
-        self._status: tuple[float, dict] = (0.0, {})
+        self._status: tuple[float, EngineStatus | None] = (0.0, None)
         feedback_uri = settings.feedback_uri or f"file://{cache_root() / 'feedback'}"
         self.feedback = FeedbackStore(feedback_uri, endpoint=settings.storage_endpoint, region=settings.storage_region)
         # A named variable without a key refuses to start (ValueError) rather than run open.
@@ -83,6 +88,12 @@ class ChatService:
                                             settings.feedback_max_bytes_per_day)
         self._secret_read_at = 0.0
         self.answer_secret = self._answer_secret()
+
+    @property
+    def model(self) -> Backend:
+        if self.backend is None:  # built without a model: only admission and feedback work
+            raise RuntimeError("this chat service has no model backend")
+        return self.backend
 
     # -- admission -------------------------------------------------------------------------------
     def client(self, request: Request) -> str:
@@ -104,7 +115,7 @@ class ChatService:
             raise ApiError(503, f"server busy: {self.inflight} requests in flight", "server_busy",
                            code="queue_full", headers={"Retry-After": "1"})
 
-    def check_input(self, messages: list[dict]) -> None:
+    def check_input(self, messages: list[Message]) -> None:
         """Raise 400 if the safety filter refuses a message (the assistant's own turns are not checked)."""
         for m in messages:
             if m["role"] == "assistant":
@@ -115,11 +126,11 @@ class ChatService:
                 raise ApiError(400, f"blocked by the safety filter: {verdict.reason}", "content_filter",
                                code="content_filter")
 
-    async def status(self, max_age: float = 1.0) -> dict:
+    async def status(self, max_age: float = 1.0) -> EngineStatus:
         """The model's status, at most `max_age` seconds old (probes and scrapes come often)."""
         at, cached = self._status
-        if time.monotonic() - at > max_age or not cached:
-            cached = await asyncio.wait_for(self.backend.status(), 10)
+        if cached is None or time.monotonic() - at > max_age:
+            cached = await asyncio.wait_for(self.model.status(), 10)
             self._status = (time.monotonic(), cached)
             self.metrics.engine.status = cached
         return cached
@@ -143,11 +154,11 @@ class ChatService:
         log.warning("model call failed: %s", err)
         return f"the model is unavailable ({type(err).__name__}); retry shortly"
 
-    async def events(self, req: dict) -> AsyncIterator[EngineEvent]:
+    async def events(self, req: EngineRequest) -> AsyncGenerator[EngineEvent, None]:
         """Engine events under the request timeout, ending with `Done` or `Error` (timeout: 504,
         model unreachable: 503). Counts in flight."""
         deadline = time.monotonic() + self.settings.request_timeout_s
-        agen = self.backend.stream(req).__aiter__()
+        agen = self.model.stream(req)
         try:
             with self._in_flight():
                 while True:
@@ -171,34 +182,37 @@ class ChatService:
             await agen.aclose()
 
     @staticmethod
-    async def first(events: AsyncIterator[EngineEvent], fields: Mapping[str, str] | None = None) -> Start:
+    async def first(events: AsyncGenerator[EngineEvent, None], fields: Mapping[str, str] | None = None) -> Start:
         """The stream's `Start` event, before any response is sent: an `Error` is raised instead
         (`fields`: the route's names for the engine request's fields, see `engine_error`)."""
         ev = await events.__anext__()
-        if isinstance(ev, Error):
-            await events.aclose()
-            raise engine_error(ev, fields)
-        return ev
+        if isinstance(ev, Start):
+            return ev
+        await events.aclose()
+        raise engine_error(ev if isinstance(ev, Error) else Error(500, "the generation did not start"), fields)
 
-    async def collect(self, req: dict, fields: Mapping[str, str] | None = None) -> tuple[Start | None, Done]:
-        """Run a request to the end without streaming: its Start and Done events, output filtered.
-        Raises ApiError for an Error event, a timeout (504) or an unreachable model (503)."""
+    async def collect(self, req: EngineRequest, fields: Mapping[str, str] | None = None) -> Done:
+        """Run a request to the end without streaming: its Done event, output filtered, naming the
+        checkpoint that wrote it. Raises ApiError for an Error event, a timeout (504) or an
+        unreachable model (503)."""
         with self._in_flight():
             try:
-                res = await asyncio.wait_for(self.backend.complete(req), self.settings.request_timeout_s)
+                res = await asyncio.wait_for(self.model.complete(req), self.settings.request_timeout_s)
             except asyncio.TimeoutError:
                 raise ApiError(504, self._timed_out(), "timeout", code="timeout") from None
             except Exception as err:  # replica gone, back-pressure, transport errors
                 raise ApiError(503, self._unavailable(err), "server_busy", headers={"Retry-After": "1"}) from None
-        done = res["end"]
+        done = res.end
         if isinstance(done, Error):
             raise engine_error(done, fields)
+        if done.checkpoint is None and res.start is not None:
+            done = dataclasses.replace(done, checkpoint=res.start.checkpoint)
         self.metrics.observe_done(done)
         if not self.safety.check_output(done.text).allowed:
             done = dataclasses.replace(done, text="", finish_reason="content_filter")
-        return res["start"], done
+        return done
 
-    async def stream_text(self, events: AsyncIterator[EngineEvent], on_token: Callable[[str], T],
+    async def stream_text(self, events: AsyncGenerator[EngineEvent, None], on_token: Callable[[str], T],
                           on_end: Callable[[Done | Error], T]) -> AsyncIterator[T]:
         """Relay `Token`s through the output filter as `on_token(text)` and the end as `on_end(event)`;
         stops the generation if the filter trips (then the end is a `content_filter` Done)."""
@@ -246,7 +260,8 @@ class ChatService:
                                f"retry in {wait:.1f}s", "rate_limit_error", code="rate_limited",
                                headers={"Retry-After": str(max(1, int(wait + 0.999)))})
 
-    def remember(self, done: Done, messages: list[dict], cid: str | None, nonce: str | None = None) -> str:
+    def remember(self, done: Done, messages: list[Message] | tuple[Message, ...], cid: str | None,
+                 nonce: str | None = None) -> str:
         """A response id that signs the answer: feedback can name it to any replica, later. A
         stream names its answer before it exists: by `nonce` alone, which this replica also
         remembers, until its end gives the signed id."""
