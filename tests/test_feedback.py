@@ -14,7 +14,7 @@ from selflearn.feedback import FeedbackRecord, client_hash, parse_record, record
 from selflearn.policy import decide
 from selflearn.serving.state import FeedbackStore
 from selflearn.sources.feedback import FeedbackReader, collect
-from selflearn.spec import FeedbackSource, parse_spec
+from selflearn.spec import FeedbackSource, StorageSpec, parse_spec
 from selflearn.trainer import preference
 
 
@@ -128,7 +128,7 @@ def test_an_unreachable_feedback_store_makes_a_round_without_feedback(tmp_path, 
     endpoint, _ = s3_server
     store = CheckpointStore.from_uri(f"file://{tmp_path}")
     src = FeedbackSource(uri="s3://no-such-bucket/fb")
-    got = collect(src, store, "run", {}, learned_before=set(), blocklist=[], endpoint=endpoint)
+    got = collect(src, store, "run", {}, storage=StorageSpec(endpoint=endpoint))
     assert got.error and "feedback store unavailable" in got.error and got.cursor is None
     assert got.summary()["error"] == got.error
 

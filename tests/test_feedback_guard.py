@@ -90,7 +90,7 @@ def rejected(c: httpx.Client, reason: str) -> float:
 def learned_ids(root: Path) -> tuple[set[str], list[tuple[str, str]]]:
     """What the next round would learn from the store at `root`: (ids, dropped)."""
     got = collect(FeedbackSource(uri=f"file://{root}", grace_seconds=0), CheckpointStore.from_uri(f"file://{root}"),
-                  "run", {}, learned_before=set(), blocklist=[])
+                  "run", {})
     assert got.error is None, got.error
     return {r.id for r in got.learned}, got.dropped
 

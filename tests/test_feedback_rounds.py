@@ -82,7 +82,7 @@ def test_corrections_from_the_chat_are_learned_by_the_next_round(http, srv, tmp_
     # Read once, learned once: the next round finds nothing new in what it already consumed.
     cursor = (store.get_json("fb/state.json") or {})["cursors"]["feedback"]
     again = feedback_source.collect(cfg.spec.feedback, store, "fb", cursor,
-                                    learned_before={f["sha256"] for f in manifest["feedback"]}, blocklist=[])
+                                    history=feedback_source.FeedbackHistory({f["sha256"] for f in manifest["feedback"]}))
     assert not again.learned and again.error is None
 
 

@@ -24,7 +24,7 @@ One machine (what `selflearn serve` and `selflearn local` use)::
 
     from selflearn.serving.app import start_local
     server = start_local(port=8000, user_config={"checkpoint": "file:///abs/store/local/r000003"},
-                         args={"state_file": "/abs/.selflearn/state.json", "dashboard_dir": "/abs/web"})
+                         args={"state_file": "/abs/.selflearn/local-state.json", "dashboard_dir": "/abs/web"})
     server.update_checkpoint({"checkpoint": "file:///abs/store/local/r000004"})  # in-place reconfigure
     server.wait_for_checkpoint("local/r000004", timeout=300)                      # optional
     server.status()          # the replica's EngineStatus (weights.checkpoint, weights.degraded, counters, ...)

@@ -32,7 +32,7 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """transformers' attention-function contract: query [B, H, T, D], key/value [B, Hkv, S, D]
     -> ([B, T, H, D], no weights). `attention_mask`: None or sdpa's boolean [B, 1, T, S] (True = attend)."""
     B, H, T, D = query.shape
-    Hkv, S = key.shape[1], key.shape[2]
+    Hkv = key.shape[1]
     if T != 1 or H % Hkv or (dropout and module.training):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

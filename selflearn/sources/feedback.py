@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import AbstractSet, Any, Mapping, Sequence
 
 from ..checkpoints import CheckpointStore
 from ..feedback import FeedbackRecord, feedback_uri, is_record_key, parse_record, record_key
+from ..spec import FeedbackSource, StorageSpec
 
 log = logging.getLogger("selflearn.sources.feedback")
 
@@ -109,19 +110,29 @@ class FeedbackRound:
                 "dropped": dropped}
 
 
-def collect(source: Any, run_store: CheckpointStore, run: str, cursor: dict[str, Any], *,
-            learned_before: set[str], blocklist: list[str], retry: dict[str, int] | None = None,
-            endpoint: str | None = None, region: str | None = None) -> FeedbackRound:
-    """Read and select a round's feedback (`source`: the spec's FeedbackSource). `retry`: keys a
-    rejected candidate learned, with how often; offered once more. A store that cannot be read
-    makes a round without feedback, which says why; the cursor then stays put."""
+@dataclass(frozen=True)
+class FeedbackHistory:
+    """What the run's rounds did with feedback before this one."""
+
+    learned: AbstractSet[str] = frozenset()  # digests of the feedback the parent's line of checkpoints learned
+    retry: Mapping[str, int] = field(default_factory=dict)  # keys only rejected candidates learned: times tried
+
+
+def collect(source: FeedbackSource, run_store: CheckpointStore, run: str, cursor: dict[str, Any], *,
+            history: FeedbackHistory = FeedbackHistory(), blocklist: Sequence[str] = (),
+            storage: StorageSpec | None = None) -> FeedbackRound:
+    """Read and select a round's feedback. Keys a rejected candidate learned once are offered once
+    more (`history.retry`). `storage`: the run's store settings, whose endpoint and region reach a
+    feedback store outside the run's. A store that cannot be read makes a round without feedback,
+    which says why; the cursor then stays put."""
     from ..feedback import select
     from ..serving.safety import text_filter
     from .pipeline import DEFAULT_BLOCKLIST
 
     try:
-        reader = FeedbackReader.for_run(source.uri, run_store, run, endpoint=endpoint, region=region)
-        again = [k for k, n in (retry or {}).items() if n == 1]
+        reader = FeedbackReader.for_run(source.uri, run_store, run, endpoint=storage.endpoint if storage else None,
+                                        region=storage.region if storage else None)
+        again = [k for k, n in history.retry.items() if n == 1]
         read = reader.read({**cursor, "pending": [*(cursor.get("pending") or []), *again]},
                            grace_seconds=source.grace_seconds)
     except Exception as err:  # unreachable, denied, misconfigured: the round goes on without it
@@ -130,7 +141,7 @@ def collect(source: Any, run_store: CheckpointStore, run: str, cursor: dict[str,
         return FeedbackRound(error=why.strip().rstrip(":"))
     # Again, whatever /feedback checked: the round's blocklist may differ from serving's, and the
     # same rules (control tokens, injection phrases, whitespace and Unicode folded) on every text.
-    sel = select(read.records, learned_before=learned_before, per_client_cap=source.per_client_cap,
+    sel = select(read.records, learned_before=set(history.learned), per_client_cap=source.per_client_cap,
                  max_items=source.max_items, min_ratings=source.min_ratings,
                  content_filter=text_filter(list(DEFAULT_BLOCKLIST) + list(blocklist)))
     out = FeedbackRound(corrections=sel.corrections, ratings=sel.ratings, pending=len(sel.pending),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,9 +115,9 @@ def gather(config: RunConfig, store: CheckpointStore, parent: CheckpointRef | No
     fb_round = None
     if spec.feedback is not None:
         fb_round = feedback_source.collect(
-            spec.feedback, store, run, cursors.get("feedback") or {}, learned_before=learned.feedback,
-            retry=learned.retry, blocklist=spec.training.blocklist,
-            endpoint=spec.storage.endpoint or os.environ.get("S3_ENDPOINT"), region=spec.storage.region)
+            spec.feedback, store, run, cursors.get("feedback") or {},
+            history=feedback_source.FeedbackHistory(learned.feedback, learned.retry), blocklist=spec.training.blocklist,
+            storage=spec.storage)
         if fb_round.cursor is not None:
             cursors["feedback"] = fb_round.cursor
     return RoundInputs(state, train, held, dropped, cursors, fb_round)
