@@ -3,9 +3,13 @@
 Runs the default `selflearn local` loop (headless: the same driver, trainer subprocesses, store and
 gate) for 3 rounds on the embedded model and the offline snapshot, then asks the base model and
 the final promoted checkpoint, greedy, through the chat prompt:
-  * "What is / Who was <title>?" about every article the rounds learned, and about held-out
-    articles no round saw (scored on the answers: content words and exact facts of the article's
-    first sentence);
+  * about every article the rounds learned, and about held-out articles no round saw, in the
+    probe's three phrasings no round trains on ("What should I know about <title>?", ...) and the
+    reverse question where the first sentence allows it (from its fact back to the title), scored
+    on the answers (content words and exact facts of the first sentence; the title's words for the
+    reverse question): closed book, the weights alone;
+  * the same first phrasing about the learned articles with the article's lead in the prompt:
+    open book, the ceiling of what the model makes of facts it can read;
   * the chat-retention prompts (reference-answer perplexity, format health).
 For the round time it also runs one round of today's text-only format on the same articles'
 kind, side by side. Prints one JSON object as its last line.
@@ -46,6 +50,18 @@ def phases_of(cfg, uri: str | None) -> dict | None:
 
     store = CheckpointStore.from_uri(cfg.spec.storage.uri)
     return RoundManifest.parse(store.manifest(store.ref_for_uri(uri))).metrics.phase_seconds
+
+
+def by_form(answers: dict) -> dict:
+    """Mean score per set and question form: the three probe phrasings and the reverse question."""
+    out: dict = {}
+    for name, rows in answers.items():
+        groups: dict[str, list[float]] = {}
+        for row in rows:
+            form = "reverse" if row.get("kind") == "reverse" else row["question"].replace(row["title"], "<t>")
+            groups.setdefault(form, []).append(row["score"])
+        out[name] = {f: round(sum(v) / len(v), 4) for f, v in groups.items()}
+    return out
 
 
 def main() -> None:
@@ -110,14 +126,15 @@ def main() -> None:
 
         tok = basemodel.load_tokenizer(basemodel.resolve(cfg.spec.base_model))
         retention_items = probe.chat_references(probe.RETENTION_FILE)["items"]
-        sets = knowledge.ProbeSets.of(learned, held, [], retention_items)
+        sets = knowledge.ProbeSets.of(learned, held, [], retention_items, phrasings=3, open_book=len(learned))
         L = cfg.spec.training.max_length
 
         def evaluate(model):
             model = model.to(torch.bfloat16).eval()
             rep = knowledge.measure(model, tok, sets, block=L, precision="bf16")
             docs = data.batches(data.pack(data.tokenize(tok, [x.text for x in learned]), L, tok.eos_token_id), 4)
-            return {"answers": rep.answers, "knowledge": rep.knowledge, "chat_ppl": rep.chat_ppl,
+            return {"answers": rep.answers, "knowledge": rep.knowledge, "by_form": by_form(rep.answers),
+                    "chat_ppl": rep.chat_ppl,
                     "format_ok": rep.format_ok, "format_failures": rep.format_failures,
                     "ppl_learned": loop.perplexity(model, docs, "bf16")}
 
@@ -154,13 +171,18 @@ def main() -> None:
         "final_checkpoint": drv.state.promoted_id,
         "articles_learned": len(learned),
         "held_out_articles": len(held),
-        "knowledge_learned_base": r4(base["knowledge"]["learned"]),
-        "knowledge_learned_after": r4(final["knowledge"]["learned"]),
-        "knowledge_learned_ratio": r4(final["knowledge"]["learned"] / base["knowledge"]["learned"])
+        "questions_learned": len(base["answers"]["learned"]),
+        "closedbook_learned_base": r4(base["knowledge"]["learned"]),
+        "closedbook_learned_after": r4(final["knowledge"]["learned"]),
+        "closedbook_learned_ratio": r4(final["knowledge"]["learned"] / base["knowledge"]["learned"])
         if base["knowledge"]["learned"] else None,
+        "closedbook_learned_by_form_base": base["by_form"]["learned"],
+        "closedbook_learned_by_form_after": final["by_form"]["learned"],
         "answers_better": better, "answers_worse": worse,
-        "knowledge_heldout_base": r4(base["knowledge"]["held_out"]),
-        "knowledge_heldout_after": r4(final["knowledge"]["held_out"]),
+        "heldout_base": r4(base["knowledge"]["held_out"]),
+        "heldout_after": r4(final["knowledge"]["held_out"]),
+        "openbook_base": r4(base["knowledge"]["open_book"]),
+        "openbook_after": r4(final["knowledge"]["open_book"]),
         "chat_retention": r4(probe.retention(base["chat_ppl"], final["chat_ppl"])),
         "format_ok_fraction_base": r4(base["format_ok"]),
         "format_ok_fraction": r4(final["format_ok"]),

@@ -39,6 +39,15 @@ def test_a_normal_round_is_promoted_and_knows_more(learned_round):
     assert k.after > k.before, "it answers better about what it learned"
     assert chat.after >= chat.before
     assert "chat retention" in d.reason and "knowledge" in d.reason and d.reason.startswith("promoted")
+    # Asked in words it never trained on: no probe question is one of the round's training pairs.
+    store = learned_round.store
+    manifest = store.manifest(store.ref_for_uri(res.checkpoint))
+    trained = {p["question"] for p in manifest["qa_pairs"]}
+    asked = {r["question"] for r in manifest["probe"]["answers"]["candidate"]["learned"]}
+    assert asked and not asked & trained
+    # The open-book ceiling is measured beside it, for parent and candidate.
+    book = res.metrics.knowledge.open_book
+    assert book is not None and book.known and res.metrics.knowledge.asked["open_book"] > 0
 
 
 # The bad rounds train in the shared round's store and run, from the base model: the base model's

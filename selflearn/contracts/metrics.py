@@ -30,11 +30,14 @@ class Pair(_Metrics):
 
 
 class KnowledgeMetrics(_Metrics):
-    """Scores in [0, 1] of greedy answers about the learned, held-out and general articles."""
+    """Scores in [0, 1] of greedy answers about the learned, held-out and general articles, asked
+    in phrasings no round trains on (closed book: the weights alone), and about learned articles
+    with the article's lead in the prompt (`open_book`: what the model makes of facts it can read)."""
 
     learned: Pair | None = None
     held_out: Pair | None = None
     general: Pair | None = None
+    open_book: Pair | None = None
     # Questions asked per set: 0 means there was nothing to ask (no article yielded a question),
     # which the gate tells apart from a score that went missing.
     asked: dict[str, int] | None = None

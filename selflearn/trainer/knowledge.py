@@ -2,7 +2,8 @@
 
     articles --qa.make_pairs--> questions/answers --prompting.render_example--> (ids, labels)
     + a replay of chat examples (the base model's own answers)       -> packed beside the raw text
-    parent and candidate --probe--> knowledge (learned / held-out / general), chat retention
+    parent and candidate --probe--> knowledge (learned / held-out / general, in phrasings never
+                                    trained; open book), chat retention
 
 The shipped chat references (selflearn/data) are the embedded model's own answers. Another base
 model gets its own, recorded once with its base weights into the run's store, so that retention
@@ -156,20 +157,32 @@ def references(base_model: str, store: CheckpointStore, run: str, model: Any, to
 
 
 # -- measuring -------------------------------------------------------------------------------------------
+OPEN_BOOK_ARTICLES = 8  # learned articles a round also asks about with the article in the prompt
+
+
 @dataclass
 class ProbeSets:
+    """The probe's questions (`probe.questions_for`: probe-only phrasings, and the reverse question
+    where an article allows it), per set, and the open-book questions about learned articles."""
+
     learned: list[probe.Question]
     held_out: list[probe.Question]
     general: list[probe.Question]
     retention: list[dict]
+    open_book: list[probe.Question] = field(default_factory=list)
 
     @classmethod
     def of(cls, learned: Sequence[Article], held_out: Sequence[Article], general: Sequence[Article],
-           retention: Sequence[dict]) -> "ProbeSets":
-        def qs(arts):
-            return [q for q in (probe.question_for(a) for a in arts) if q is not None]
+           retention: Sequence[dict], *, phrasings: int = 1, open_book: int = OPEN_BOOK_ARTICLES) -> "ProbeSets":
+        """`phrasings` probe forms per article (a round asks one, rotating through the forms from
+        article to article; the bench asks all); `open_book`: how many learned articles are also
+        asked with their lead in the prompt."""
+        def qs(arts: Sequence[Article]) -> list[probe.Question]:
+            return [q for i, a in enumerate(arts) for q in probe.questions_for(a, phrasings=phrasings, offset=i)]
 
-        return cls(qs(learned), qs(held_out), qs(general), list(retention))
+        books = [probe.open_book(q, a) for i, a in enumerate(learned[:open_book])
+                 for q in probe.questions_for(a, phrasings=1, offset=i, reverse=False)]
+        return cls(qs(learned), qs(held_out), qs(general), list(retention), books)
 
 
 def fingerprint(sets: ProbeSets, precision: str) -> str:
@@ -178,7 +191,7 @@ def fingerprint(sets: ProbeSets, precision: str) -> str:
     import hashlib
 
     doc = {"general": [q.__dict__ for q in sets.general], "retention": sets.retention, "precision": precision,
-           "tokens": [PROBE_NEW_TOKENS, CHAT_NEW_TOKENS], "version": 1}
+           "tokens": [PROBE_NEW_TOKENS, CHAT_NEW_TOKENS], "version": 2}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -254,6 +267,8 @@ def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: i
     for name in names:
         n = len(getattr(sets, name))
         answers[name], i = rows[i:i + n], i + n
+    # Asked on their own: a batch pads every row to its longest prompt, and these are ~300 tokens.
+    answers["open_book"] = probe.ask(model, tokenizer, sets.open_book, max_new_tokens=PROBE_NEW_TOKENS)
     if prior:
         answers["general"] = prior.general
         chat_ppl, format_ok, failures = prior.chat_ppl, prior.format_ok, prior.format_failures
@@ -264,7 +279,7 @@ def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: i
                        seconds=round(time.time() - t0, 1))
 
 
-SETS = ("learned", "held_out", "general")
+SETS = ("learned", "held_out", "general", "open_book")
 
 
 def compare(before: ProbeReport, after: ProbeReport) -> tuple[ProbeMetrics, dict[str, Any]]:

@@ -1,9 +1,13 @@
 """What a chat user would notice, measured on generated answers: knowledge and chat manners.
 
-* Knowledge: ask "What is / Who was <title>?" (greedy, through the chat prompt serving uses) and
-  score the answer against the article's first sentence: the share of its content words the
-  answer contains and the share of its exact facts (years, numbers, names) it repeats, averaged.
-  The title's own words do not count: echoing the question is not knowing the answer.
+* Knowledge: ask about an article in phrasings training never uses (`qa.PROBE_TEMPLATES`: "What
+  should I know about <title>?", ...; greedy, through the chat prompt serving uses) and score the
+  answer against the article's first sentence: the share of its content words the answer contains
+  and the share of its exact facts (years, numbers, names) it repeats, averaged. The title's own
+  words do not count: echoing the question is not knowing the answer. Where the first sentence
+  allows, also ask back from its fact to the subject ("Who or what was a Central American
+  politician who ...?"), scored on the title's words. Open book: the same question with the
+  article's lead in the prompt, the ceiling of what the model makes of facts it can read.
 * Chat retention: a fixed set of chat prompts (selflearn/data/chat_retention.json) with reference
   answers recorded from the base model. Per model: the perplexity of those references (a model
   that still answers like an assistant keeps it low) and the format health of its own greedy
@@ -12,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -25,7 +30,7 @@ import torch
 from ..prompting import PLAIN_STOP, end_of_turn_ids, has_chat_template, render_example, render_prompt
 from ..sources.base import Article
 from . import data
-from .qa import language_of, make_pairs, split_sentences, templates_for
+from .qa import language_of, probe_templates_for, reverse_question, split_sentences, templates_for
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 RETENTION_FILE = DATA_DIR / "chat_retention.json"
@@ -106,23 +111,64 @@ def format_health(answer: str, token_ids: Sequence[int], ended: bool) -> Health:
 
 
 # -- the probe sets --------------------------------------------------------------------------------
+OPEN_BOOK_CHARS = 1200  # of the article shown with an open-book question (its lead, where the facts are)
+
+
 @dataclass(frozen=True)
 class Question:
     title: str
     question: str
-    reference: str
+    reference: str  # what a good answer contains: the first sentence ("ask"), the title ("reverse")
     language: str
+    kind: str = "ask"  # ask: about the subject | reverse: from the first fact back to the subject
+    context: str | None = None  # open book: the article's lead, shown before the question
+
+    @property
+    def prompt(self) -> str:
+        """The user's message: the question, after the article when the book is open."""
+        if self.context is None:
+            return self.question
+        return f"{self.title}\n\n{self.context}\n\n{self.question}"
+
+    def score(self, answer: str) -> float:
+        if self.kind == "reverse":
+            return title_score(answer, self.title, self.language)
+        return knowledge_score(answer, self.reference, self.title, self.language)
 
 
-def question_for(article: Article) -> Question | None:
-    """The question a user asks first about an article, and what a good answer contains."""
+def title_score(answer: str, title: str, language: str = "en") -> float:
+    """In [0, 1]: the share of the title's words (a parenthesis left out, stopwords too) in `answer`."""
+    stop = STOPWORDS.get(language.split("-")[0], STOPWORDS["en"])
+    bare = re.sub(r"\s*\([^)]*\)$", "", title)
+    want = {w for w in _words(bare) if w not in stop} or set(_words(bare))
+    return len(want & set(_words(answer))) / len(want) if want else 0.0
+
+
+def questions_for(article: Article, *, phrasings: int = 1, offset: int = 0, reverse: bool = True) -> list[Question]:
+    """The probe's questions about `article`: `phrasings` of the probe-only forms (starting at form
+    `offset`, so a set of articles asked one form each covers every form) and, where the first
+    sentence supports it, the reverse question. None of them is a form training uses
+    (`qa.PROBE_TEMPLATES`). [] for a language without templates."""
     lang = language_of(article)
-    if templates_for(lang) is None:
-        return None
-    pairs = make_pairs(article, language=lang, per_article=1)
-    if not pairs:
-        return None
-    return Question(article.title, pairs[0].question, split_sentences(article.text)[0], lang)
+    forms = probe_templates_for(lang)
+    sentences = split_sentences(article.text)
+    if forms is None or templates_for(lang) is None or not sentences:
+        return []
+    first = sentences[0]
+    n = len(forms.asks)
+    out = [Question(article.title, forms.asks[(offset + i) % n].format(t=article.title), first, lang)
+           for i in range(min(phrasings, n))]
+    back = reverse_question(article, first, lang) if reverse else None
+    if back:
+        out.append(Question(article.title, back, article.title, lang, kind="reverse"))
+    return out
+
+
+def open_book(question: Question, article: Article) -> Question:
+    """The same question with the article's lead in front of it: what the model makes of the facts
+    when it can read them (the ceiling its memory could reach)."""
+    lead = " ".join(article.text.split())[:OPEN_BOOK_CHARS]
+    return dataclasses.replace(question, context=lead)
 
 
 @lru_cache(maxsize=4)
@@ -231,9 +277,9 @@ def ask(model: torch.nn.Module, tokenizer: Any, questions: Sequence[Question], *
     """Greedy answers to `questions`, each with its knowledge score."""
     if not questions:
         return []
-    gens = generate(model, tokenizer, [q.question for q in questions], max_new_tokens=max_new_tokens)
-    return [{"title": q.title, "question": q.question, "answer": g.text,
-             "score": round(knowledge_score(g.text, q.reference, q.title, q.language), 4)}
+    gens = generate(model, tokenizer, [q.prompt for q in questions], max_new_tokens=max_new_tokens)
+    return [{"title": q.title, "question": q.question, "kind": q.kind, "open_book": q.context is not None,
+             "answer": g.text, "score": round(q.score(g.text), 4)}
             for q, g in zip(questions, gens)]
 
 

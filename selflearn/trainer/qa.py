@@ -82,6 +82,56 @@ TEMPLATES: dict[str, Templates] = {
         joiners=frozenset({"de", "del", "la", "las", "los", "el", "y", "von"})),
 }
 
+
+@dataclass(frozen=True)
+class ProbeTemplates:
+    """How the knowledge probe asks (trainer/probe.py): phrasings no training pair ever uses, so the
+    probe measures knowledge the weights can give when asked in new words, not recitation of the
+    strings they trained on. `reverse` asks back from the article's first fact to its subject."""
+
+    asks: tuple[str, ...]  # {t}: the title
+    reverse: str  # {c}: the first sentence's copula, {p}: what it says of the subject
+
+
+PROBE_TEMPLATES: dict[str, ProbeTemplates] = {
+    "en": ProbeTemplates(asks=("What should I know about {t}?", "Explain {t} briefly.",
+                               "Describe {t} in a few words."),
+                         reverse="Who or what {c} {p}?"),
+    "fr": ProbeTemplates(asks=("Que faut-il savoir sur {t} ?", "Explique brièvement {t}.",
+                               "Décris {t} en quelques mots."),
+                         reverse="Qui ou qu'est-ce qui {c} {p} ?"),
+    "es": ProbeTemplates(asks=("¿Qué debería saber sobre {t}?", "Explica brevemente {t}.",
+                               "Describe {t} en pocas palabras."),
+                         reverse="¿Quién o qué {c} {p}?"),
+}
+
+
+def probe_templates_for(language: str) -> ProbeTemplates | None:
+    return PROBE_TEMPLATES.get((language or "").split("-")[0].lower())
+
+
+def reverse_question(article: Article, first: str, language: str) -> str | None:
+    """From the first sentence's fact back to its subject: "Francisco Morazán was a Central American
+    politician who ..." -> "Who or what was a Central American politician who ...?". None unless
+    the sentence opens with the title (a parenthesis or an apposition may follow it) and a copula,
+    and what it says is at least four words."""
+    t, pt = templates_for(language), probe_templates_for(language)
+    if t is None or pt is None:
+        return None
+    title = re.sub(r"\s*\([^)]*\)$", "", article.title).strip()  # "Mercury (planet)" opens "Mercury is"
+    if not title or not first.lower().startswith(title.lower()):
+        return None
+    rest = _YEARS_PAREN.sub("", first[len(title):])
+    rest = re.sub(r"^\s*\([^)]*\)", "", rest)  # "(born 1952)", "(Spanish: ...)"
+    m = re.match(r"^\s*(?:,[^,]{1,80},)?\s*(\S+)\s+(.+?)[.!?]?$", rest)
+    if m is None or m.group(1).lower() not in (*t.past_copulas, *t.present_copulas):
+        return None
+    said = m.group(2).strip().rstrip(",;:")
+    if len(said.split()) < 4:
+        return None
+    return pt.reverse.format(c=m.group(1).lower(), p=said)
+
+
 # The order pairs are taken in when an article yields more than `per_article`: the question
 # everyone asks first, then the rest of the article's facts, then other phrasings of the same.
 KINDS = ("define", "more", "summary", "when", "relation", "where", "described")
