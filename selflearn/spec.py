@@ -171,6 +171,9 @@ class TrainingSpec(_Spec):
     qa_review: int = Field(16, ge=0, le=1000)
     # Ask parent and candidate questions about the articles and the chat-retention prompts.
     chat_eval: bool = True
+    # Keep every learned article in the checkpoint's memory (selflearn/memory.py), searched at
+    # answer time; off: checkpoints carry weights only.
+    memory: bool = True
     # Optional 'package.module:function' returning question/answer pairs for an article.
     pair_generator: str | None = None
 
@@ -236,11 +239,27 @@ class IngressSpec(_Spec):
     tls_secret: str | None = None
 
 
+class MemoryUseSpec(_Spec):
+    """How answers read the checkpoint's memory of learned articles (selflearn/memory.py)."""
+
+    enabled: bool = True
+    passages: int = Field(2, ge=1, le=8)  # passages read before a question, at most
+    # BM25 score a passage needs when the question describes it without naming its title.
+    threshold: float = Field(5.0, ge=0, le=1000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, v: Any) -> Any:
+        # `memory: off` (YAML reads it as false) and `memory: on` are the short forms.
+        return {"enabled": v} if isinstance(v, bool) else v
+
+
 class ServingSpec(_Spec):
     image: str = "ghcr.io/selflearn/serve:0.1.0"
     replicas: int = Field(1, ge=0, le=64)
     resources: dict[str, Any] = Field(default_factory=dict)
     ingress: IngressSpec = Field(default_factory=IngressSpec)
+    memory: MemoryUseSpec = Field(default_factory=MemoryUseSpec)
 
 
 class LearnerRunSpec(_Spec):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
 
 from selflearn.checkpoints import CheckpointStore
+from selflearn.memory import Memory
 from selflearn.sources.base import Article
 from selflearn.spec import RunConfig, load_run_config, parse_spec
 from selflearn.trainer.round import run_round
@@ -50,6 +53,13 @@ def test_a_round_on_the_embedded_model_learns_and_publishes_to_s3(learned_round,
     assert manifest["hyperparameters"]["learningRate"] == cfg.spec.training.learning_rate
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
     assert {p.name for p in (tmp_path / "dl").iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    # Its memory is checkpoint files like the weights (sha256 in the manifest) and holds what it learned.
+    assert {"memory/memory.json", "memory/passages.jsonl"} <= set(manifest["files"])
+    assert all(len(manifest["files"][f]["sha256"]) == 64 for f in manifest["files"] if f.startswith("memory/"))
+    memory = Memory.load(tmp_path / "dl")
+    assert memory is not None and res.metrics.memory_passages == len(memory.passages)
+    assert {p.title for p in memory.passages} == {a["title"] for a in arts}
+    assert {p.learned_in for p in memory.passages} == {res.id}
 
 
 def next_round_continues(cfg: RunConfig, first, round_: int, store: CheckpointStore):
@@ -64,6 +74,15 @@ def next_round_continues(cfg: RunConfig, first, round_: int, store: CheckpointSt
     g1, g2 = first.metrics.ppl["general"], res.metrics.ppl["general"]
     assert g1.after != pytest.approx(g1.before, rel=2e-3)
     assert g2.before == pytest.approx(g1.after, rel=2e-3)
+    # The new memory is self-contained: the parent's passages and this round's articles, nothing else.
+    dl = Path(tempfile.mkdtemp(prefix="memory-"))
+    store.download(first.checkpoint, dl / "m1")
+    store.download(res.checkpoint, dl / "m2")
+    mem1, mem2 = Memory.load(dl / "m1"), Memory.load(dl / "m2")
+    assert mem1 is not None and mem2 is not None
+    assert mem2.passages[:len(mem1.passages)] == mem1.passages
+    assert {p.title for p in mem2.passages[len(mem1.passages):]} == {a["title"] for a in m2["articles"]}
+    assert {p.learned_in for p in mem2.passages[len(mem1.passages):]} == {res.id}
 
 
 def test_the_next_round_on_s3_starts_from_the_last_and_never_repeats_an_article(tmp_path, s3_server, tiny_llama_dir):
@@ -82,8 +101,10 @@ def test_the_next_round_on_the_embedded_model_starts_from_the_last(learned_round
 
 
 def test_opt_path_full_replay_and_lora(tmp_path, tiny_opt_dir):
-    res = run_round(config(tmp_path, tiny_opt_dir), 1)
-    assert res.status == "published"
+    res = run_round(config(tmp_path, tiny_opt_dir, memory=False), 1)
+    assert res.status == "published" and res.metrics.memory_passages is None
+    files = CheckpointStore.from_uri(f"file://{tmp_path}/store").manifest(res.checkpoint)["files"]
+    assert not any(f.startswith("memory/") for f in files)  # training.memory: false keeps weights only
     assert res.metrics.ppl["trained"].after < res.metrics.ppl["trained"].before
     # Replay mixes round 1's articles back into round 2.
     res2 = run_round(config(tmp_path, tiny_opt_dir, replayFraction=0.5), 2)

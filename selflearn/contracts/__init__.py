@@ -28,7 +28,7 @@ Each has its module (metrics, result, progress, ids, engine); import them from h
 """
 
 from .engine import (END_EVENTS, BatchStatus, Completion, Done, EngineCounters, EngineEvent, EngineRequest,
-                     EngineStatus, Error, Message, RequestParams, Start, Token, WeightsStatus)
+                     EngineStatus, Error, Message, RequestParams, Source, Start, Token, WeightsStatus)
 from .ids import BASE_PREFIX, CHECKPOINT_URI_RE, base_id, checkpoint_id, checkpoint_id_of_uri, parse_round_dir, round_dir
 from .metrics import ChatMetrics, FeedbackMetrics, KnowledgeMetrics, Pair, PreferenceMetrics, ResultError, RoundMetrics
 from .progress import PhaseStarted, ProgressEvent, RoundProgress, StepDone
@@ -37,7 +37,7 @@ from .result import (ROUND_STATUSES, TERMINATION_LOG, TERMINATION_LOG_ENV, TERMI
 
 __all__ = [
     "END_EVENTS", "BatchStatus", "Completion", "Done", "EngineCounters", "EngineEvent", "EngineRequest",
-    "EngineStatus", "Error", "Message", "RequestParams", "Start", "Token", "WeightsStatus",
+    "EngineStatus", "Error", "Message", "RequestParams", "Source", "Start", "Token", "WeightsStatus",
     "BASE_PREFIX", "CHECKPOINT_URI_RE", "base_id", "checkpoint_id", "checkpoint_id_of_uri", "parse_round_dir",
     "round_dir",
     "ChatMetrics", "FeedbackMetrics", "KnowledgeMetrics", "Pair", "PreferenceMetrics", "ResultError", "RoundMetrics",

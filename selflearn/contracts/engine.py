@@ -9,12 +9,22 @@ from typing import Any, Mapping, Union
 from pydantic import TypeAdapter, ValidationError
 
 @dataclass(frozen=True)
+class Source:
+    """A passage of the checkpoint's memory the answer was given to read: the article it comes
+    from and the checkpoint whose round learned it."""
+    title: str
+    url: str
+    checkpoint: str
+
+
+@dataclass(frozen=True)
 class Start:
     """The request got a batch slot on `checkpoint`."""
     checkpoint: str
     prompt_tokens: int
     dropped_messages: int = 0  # oldest turns left out to fit the context
     queue_ms: float = 0.0
+    sources: tuple[Source, ...] = ()  # what the memory put in front of the question
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,7 @@ class Done:
     usage: dict[str, int] | None = None
     ttft_ms: float | None = None
     total_ms: float | None = None
+    sources: tuple[Source, ...] = ()  # what the memory put in front of the question
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,7 @@ class RequestParams:
     repetition_penalty: float | None = None
     stop: tuple[str, ...] | None = None
     seed: int | None = None
+    memory: bool | None = None  # read the checkpoint's memory (None: the deployment's `memory.enabled`)
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class WeightsStatus:
     desired: str | None = None  # the id asked for while it is not yet (or cannot be) the one serving
     degraded: bool = False  # what answers (if anything) is not what was asked for
     degraded_reason: str | None = None
+    memory_passages: int | None = None  # passages in the serving checkpoint's memory; None: it has none
 
 
 @dataclass

@@ -101,6 +101,7 @@ class RoundMetrics(_Metrics):
     parent_probe_reused: bool | None = None
     feedback: FeedbackMetrics | None = None
     phase_seconds: dict[str, float] = Field(default_factory=dict)
+    memory_passages: int | None = None  # passages in the checkpoint's memory (None: it keeps none)
 
     @classmethod
     def parse(cls, doc: Mapping[str, Any] | None, *, what: str = "round metrics") -> RoundMetrics:

@@ -13,7 +13,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..contracts import Done, EngineEvent, Error, Message, Start, Token
+from ..contracts import Done, EngineEvent, Error, Message, Source, Start, Token
+from ..memory import reading_prompt
+from ..spec import MemoryUseSpec
 from . import loader as loader_mod
 from .sampling import SamplingParams, repetition_penalty, sample
 
@@ -44,6 +46,8 @@ class Ticket:
         self.sent = 0
         self.first_token_at: float | None = None
         self.wake: Callable[[], None] | None = None  # wakes the engine's scheduler, to see a cancel soon
+        self.memory: MemoryUseSpec | None = None  # how it reads the memory of its weights (None: it does not)
+        self.sources: tuple[Source, ...] = ()  # what the memory put in front of its question
         self.generator: torch.Generator | None = None  # when the request carries a seed
 
     def cancel(self) -> None:
@@ -65,7 +69,24 @@ class Ticket:
     def start(self, lm: loader_mod.LoadedModel, prompt_len: int, dropped: int) -> None:
         self.lm, self.prompt_len = lm, prompt_len
         self._emit(Start(lm.checkpoint_id, prompt_len, dropped_messages=dropped,
-                         queue_ms=round((time.monotonic() - self.created) * 1000, 1)))
+                         queue_ms=round((time.monotonic() - self.created) * 1000, 1), sources=self.sources))
+
+    def recall(self, lm: loader_mod.LoadedModel) -> list[Message]:
+        """The messages to prompt `lm` with: with the passages of its memory that are about the
+        newest user message put in front of it (the sources the answer names), else as asked."""
+        last = self.messages[-1] if self.messages else None
+        if self.memory is None or lm.memory is None or last is None or last.get("role") != "user":
+            return self.messages
+        hits = lm.memory.search(last["content"], k=self.memory.passages, threshold=self.memory.threshold)
+        if not hits:
+            return self.messages
+        sources: dict[tuple[str, str], Source] = {}
+        for h in hits:
+            sources.setdefault((h.passage.title, h.passage.learned_in),
+                               Source(h.passage.title, h.passage.url, h.passage.learned_in))
+        self.sources = tuple(sources.values())
+        read = reading_prompt(last["content"], [(h.passage.title, h.passage.text) for h in hits])
+        return [*self.messages[:-1], {**last, "content": read}]
 
     def push(self, token: int) -> None:
         """Take one sampled token: extend the text, stream what is safe to show, finish if due."""
@@ -108,7 +129,7 @@ class Ticket:
                         usage={"prompt_tokens": self.prompt_len, "completion_tokens": n,
                                "total_tokens": self.prompt_len + n},
                         ttft_ms=round(((self.first_token_at or now) - self.created) * 1000, 1),
-                        total_ms=round((now - self.created) * 1000, 1)))
+                        total_ms=round((now - self.created) * 1000, 1), sources=self.sources))
 
 
 class Batch:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..contracts import CHECKPOINT_URI_RE
 from ..feedback import Correction
-from ..spec import EMBEDDED_MODEL
+from ..spec import EMBEDDED_MODEL, MemoryUseSpec
 from ..validation import field_path, one_line
 
 CONVERSATION_ID_RE = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -57,6 +57,7 @@ class ModelConfig(_Strict):
     storage_endpoint: str | None = None
     storage_region: str | None = None
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    memory: MemoryUseSpec = Field(default_factory=MemoryUseSpec)  # changed in place, no reload
 
     @field_validator("checkpoint")
     @classmethod
@@ -284,6 +285,8 @@ class RequestModels:
             top_k: int | None = Field(None, ge=0, le=100_000)
             repetition_penalty: float | None = Field(None, gt=0, le=10)
             seed: int | None = Field(None, ge=0, le=2**63 - 1)
+            # Read the checkpoint's memory of learned articles (None: the deployment's `memory.enabled`).
+            memory: bool | None = None
 
         class ChatRequest(Sampling):
             """The seed's body, plus conversation memory and a few extras."""

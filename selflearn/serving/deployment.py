@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..spec import MemoryUseSpec
+
 if TYPE_CHECKING:
     from ..spec import LearnerRunSpec
 
@@ -36,20 +38,23 @@ def controller_options() -> dict[str, Any]:
 
 
 def model_user_config(*, base_model: str, checkpoint: str | None, storage_endpoint: str | None = None,
-                      storage_region: str | None = None) -> dict[str, Any]:
+                      storage_region: str | None = None, memory: MemoryUseSpec | None = None) -> dict[str, Any]:
     """ChatModel's user_config (validated by `config.ModelConfig`); `checkpoint` None: the base model."""
     uc: dict[str, Any] = {"checkpoint": checkpoint, "base_model": base_model}
     if storage_endpoint:
         uc["storage_endpoint"] = storage_endpoint
     if storage_region:
         uc["storage_region"] = storage_region
+    if memory is not None and memory != MemoryUseSpec():
+        uc["memory"] = memory.model_dump(mode="json")
     return uc
 
 
 def run_user_config(spec: LearnerRunSpec, checkpoint: str | None) -> dict[str, Any]:
     """ChatModel's user_config for a LearnerRun (or a local run) serving `checkpoint`."""
     return model_user_config(base_model=spec.base_model, checkpoint=checkpoint,
-                             storage_endpoint=spec.storage.endpoint, storage_region=spec.storage.region)
+                             storage_endpoint=spec.storage.endpoint, storage_region=spec.storage.region,
+                             memory=spec.serving.memory)
 
 
 def application(*, user_config: dict[str, Any] | None, args: dict[str, Any] | None, app_name: str = APP_NAME,

@@ -89,6 +89,8 @@ class Engine(HotSwap):
         params = SamplingParams.resolve(request.params, self.defaults, self.options.max_new_tokens_cap)
         ticket = Ticket(list(request.messages), params, sink)
         ticket.wake = self._wake
+        use = self.memory_use
+        ticket.memory = use if (use.enabled if request.params.memory is None else request.params.memory) else None
         with self._cv:
             if self.current is None:
                 raise NotReady("no model is loaded: its weights failed to load (see /readyz)" if self._failure
@@ -171,7 +173,7 @@ class Engine(HotSwap):
         rows, prompts = [], []
         for t in tickets:
             try:
-                ids, dropped = lm.encode(t.messages, context - t.params.max_new_tokens)
+                ids, dropped = lm.encode(t.recall(lm), context - t.params.max_new_tokens)
             except loader_mod.PromptTooLong as err:
                 t.fail(422, context_error(err.prompt_tokens, t.params.max_new_tokens, context),
                        code="context_length_exceeded", param="messages")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from filelock import FileLock
 
 from .. import basemodel, contracts
+from ..memory import Memory
 from ..prompting import PLAIN_STOP, render_prompt
 from .config import EngineOptions, ModelConfig
 
@@ -60,6 +61,7 @@ class LoadedModel:
     eos_ids: frozenset
     cache_kw: str
     manifest: dict | None = None
+    memory: Memory | None = None  # what its rounds learned, searched at answer time (None: it keeps none)
     load_seconds: float = 0.0
     loaded_at: float = field(default_factory=time.time)
 
@@ -179,10 +181,12 @@ def load(cfg: ModelConfig, options: EngineOptions) -> LoadedModel:
 
     t0 = time.monotonic()
     dtype = pick_dtype(options.dtype)
-    manifest = None
+    manifest, memory = None, None
     if cfg.checkpoint:
         path, manifest, ckpt_id = fetch_checkpoint(cfg, options)
         base_id = _manifest_base_model(manifest, cfg.base_model)
+        # Verified with the weights (sha256 at download); unreadable, it refuses the checkpoint too.
+        memory = Memory.load(path)
         if (path / "adapter_config.json").is_file():
             from peft import PeftModel
 
@@ -211,7 +215,7 @@ def load(cfg: ModelConfig, options: EngineOptions) -> LoadedModel:
         model=model, tokenizer=tok, checkpoint_id=ckpt_id, uri=uri, base_model=base_id,
         dtype=str(dtype).removeprefix("torch."), context_length=basemodel.context_length(model.config),
         chat_template=bool(getattr(tok, "chat_template", None)), eos_ids=frozenset(eos),
-        cache_kw="cache" if "cache" in params else "past_key_values", manifest=manifest)
+        cache_kw="cache" if "cache" in params else "past_key_values", manifest=manifest, memory=memory)
     _warm_up(lm)
     lm.load_seconds = time.monotonic() - t0
     log.info("loaded %s (%s, %s) in %.1fs", lm.checkpoint_id, lm.dtype, device(), lm.load_seconds)

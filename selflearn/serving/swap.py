@@ -23,6 +23,7 @@ from typing import Any
 
 from ..contracts import EngineCounters, WeightsStatus, base_id
 from . import loader as loader_mod
+from ..spec import MemoryUseSpec
 from .config import EngineOptions, GenerationDefaults, ModelConfig, parse_model_config
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class HotSwap:
         self._config: ModelConfig | None = None
         self._desired: ModelConfig | None = None
         self.defaults = GenerationDefaults()
+        self.memory_use = MemoryUseSpec()
         self._loading: str | None = None
         self._loader_thread: threading.Thread | None = None
         # Why the weights asked for are not the ones serving (None: they are): `degraded`.
@@ -98,7 +100,7 @@ class HotSwap:
             if self.current is None and wait:
                 self._fall_back(fallback_configs(None))
             return False
-        self.defaults = cfg.generation
+        self.defaults, self.memory_use = cfg.generation, cfg.memory
         with self._cv:
             self._desired = cfg
         if wait:
@@ -217,7 +219,8 @@ class HotSwap:
             return wanted
         return dataclasses.replace(wanted, ready=True, checkpoint=cur.checkpoint_id, checkpoint_uri=cur.uri,
                                    base_model=cur.base_model, dtype=cur.dtype, chat_template=cur.chat_template,
-                                   loaded_at=cur.loaded_at, load_seconds=round(cur.load_seconds, 3))
+                                   loaded_at=cur.loaded_at, load_seconds=round(cur.load_seconds, 3),
+                                   memory_passages=len(cur.memory.passages) if cur.memory is not None else None)
 
     def _record_failure(self, message: str) -> None:
         log.error("%s", message)

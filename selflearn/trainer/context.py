@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..checkpoints import CheckpointRef, CheckpointStore
+from ..memory import Memory
 from ..contracts import PhaseStarted, ProgressEvent
 from ..spec import FeedbackSource, LearnerRunSpec, RunConfig, TrainingSpec
 from . import knowledge, preference
@@ -66,6 +67,7 @@ class RoundContext:
     master: MasterWeights | None  # CPU bf16: the fp32 weights the optimizer updates
     phases: Phases
     started_at: float  # wall clock (time.time()) when the round started
+    parent_memory: Memory | None = None  # the parent checkpoint's memory (None: it has none, or the base model)
 
     @property
     def spec(self) -> LearnerRunSpec:

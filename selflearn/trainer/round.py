@@ -24,7 +24,8 @@ import torch
 
 from .. import basemodel
 from ..checkpoints import CheckpointRef, CheckpointStore
-from ..contracts import FeedbackMetrics, Pair, RoundMetrics, RoundResult
+from ..contracts import FeedbackMetrics, Pair, RoundMetrics, RoundResult, checkpoint_id
+from ..memory import Memory
 from ..sources.base import Article, Source
 from ..sources.factory import general_language
 from ..sources.snapshot import general_set
@@ -215,6 +216,16 @@ def _save(ctx: RoundContext, out: Path) -> None:
                                 "extra": a.extra}, default=str) + "\n")
 
 
+def _save_memory(ctx: RoundContext, out: Path) -> Memory | None:
+    """The candidate's memory: its parent's passages and this round's articles (training.memory)."""
+    if not ctx.training.memory:
+        return None
+    parent = ctx.parent_memory or Memory.build([], general_language(ctx.spec))
+    memory = parent.grown(ctx.inputs.train, checkpoint_id(ctx.run, ctx.round))
+    memory.save(out)
+    return memory
+
+
 def _metrics(ctx: RoundContext, prep: Prepared, m: _Measured) -> RoundMetrics:
     inputs, stats, chat, probed = ctx.inputs, m.stats, prep.chat, m.probe
     return RoundMetrics(
@@ -307,11 +318,13 @@ def run_round(
         # CPU bf16: the model runs in bf16 while exact fp32 masters take the updates.
         master = loop.MasterWeights.for_cpu_bf16(model) if device.type == "cpu" and precision == "bf16" else None
         ctx = RoundContext(config, round_, store, parent_ref, inputs, model, tok, device, precision, master, phases,
-                           started_at=t_start)
+                           started_at=t_start, parent_memory=Memory.load(tmp / "parent") if parent_ref else None)
         prep = _prepare(ctx)
         measured = _train_and_measure(ctx, prep)
         _save(ctx, tmp / "checkpoint")
-        metrics = _metrics(ctx, prep, measured)
+        memory = _save_memory(ctx, tmp / "checkpoint")
+        metrics = _metrics(ctx, prep, measured).model_copy(
+            update={"memory_passages": len(memory.passages) if memory else None})
         manifest = _manifest(ctx, prep, measured, metrics)
         phases("publishing")
         ref = store.publish(run, round_, tmp / "checkpoint", manifest)

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from ...contracts import Done, EngineEvent, EngineRequest, Error, Message, Start
-from .responses import SSE_HEADERS, SSE_MEDIA_TYPE, ApiError, sse
+from .responses import SSE_HEADERS, SSE_MEDIA_TYPE, ApiError, sources_json, sse
 from .service import ChatService, SamplingBody, engine_params, new_nonce
 
 WEB = Path(__file__).parent.parent / "web"
@@ -76,7 +76,7 @@ class _Turn:
         if done.finish_reason in ("stop", "length"):  # not a filtered or cancelled one
             svc.conversations.add(self.cid, self.message, done.text)
         return {"reply": done.text, "checkpoint": checkpoint, "conversation_id": self.cid, "response_id": rid,
-                "finish_reason": done.finish_reason, "usage": done.usage,
+                "sources": sources_json(done.sources), "finish_reason": done.finish_reason, "usage": done.usage,
                 "timings": {"ttft_ms": done.ttft_ms, "total_ms": done.total_ms}}
 
 
@@ -121,7 +121,7 @@ async def _chat_stream(svc: ChatService, turn: _Turn, events: AsyncGenerator[Eng
 
     try:
         yield sse({"checkpoint": ckpt, "conversation_id": turn.cid, "response_id": rid,
-                   "prompt_tokens": start.prompt_tokens}, "start")
+                   "prompt_tokens": start.prompt_tokens, "sources": sources_json(start.sources)}, "start")
         async for chunk in svc.stream_text(events, lambda t: sse({"text": t}, "token"), on_end):
             yield chunk
     finally:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ...contracts import Done, EngineEvent, EngineRequest, EngineStatus, Error, base_id
-from .responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, ApiError, engine_error, sse
+from .responses import SSE_DONE, SSE_HEADERS, SSE_MEDIA_TYPE, ApiError, engine_error, sources_json, sse
 from .service import ChatService, engine_params
 
 
@@ -79,7 +79,7 @@ async def _completion(svc: ChatService, req: EngineRequest, cid: str, created: i
     rid = svc.remember(done, req.messages, None)
     return JSONResponse({
         "id": cid, "object": "chat.completion", "created": created, "model": ckpt,
-        "system_fingerprint": ckpt, "checkpoint": ckpt, "response_id": rid,
+        "system_fingerprint": ckpt, "checkpoint": ckpt, "response_id": rid, "sources": sources_json(done.sources),
         "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
                      "finish_reason": done.finish_reason, "logprobs": None}],
         "usage": done.usage}, headers={"X-Model-Checkpoint": ckpt, "X-Response-Id": rid})
@@ -105,7 +105,8 @@ class _Chunks:
         shape of every error body: type, param and code as a JSON answer would have them)."""
         if isinstance(ev, Error):
             return sse(engine_error(ev).body())
-        out = self.delta({}, ev.finish_reason)
+        out = sse({**self._head(), "choices": [{"index": 0, "delta": {}, "finish_reason": ev.finish_reason,
+                                                "logprobs": None}], "sources": sources_json(ev.sources)})
         if include_usage and ev.usage:
             out += sse({**self._head(), "choices": [], "usage": ev.usage})
         return out

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ...contracts import Error
+from ...contracts import Error, Source
 from ...validation import ErrorDetails, field_path, one_line
 
 SSE_MEDIA_TYPE = "text/event-stream"
@@ -56,6 +56,12 @@ def engine_error(ev: Error, fields: Mapping[str, str] | None = None) -> ApiError
     code = ev.code or ("timeout" if ev.status == 504 else None)
     return ApiError(ev.status, ev.message, _ENGINE_ERROR_TYPES.get(ev.status, "server_error"), param=param,
                     code=code, headers=headers)
+
+
+def sources_json(sources: tuple[Source, ...]) -> list[dict[str, str]]:
+    """What an answer read in the checkpoint's memory, as every route shows it: title, url and the
+    checkpoint that learned it ([] when it read nothing)."""
+    return [{"title": s.title, "url": s.url, "checkpoint": s.checkpoint} for s in sources]
 
 
 def sse(data: Any, event: str | None = None) -> bytes:

@@ -50,6 +50,7 @@ class SamplingBody(Protocol):
     top_k: int | None
     repetition_penalty: float | None
     seed: int | None
+    memory: bool | None
 
 
 def new_nonce() -> str:
@@ -61,7 +62,7 @@ def engine_params(body: SamplingBody, max_new_tokens: int | None, stop: list[str
     """A request body's sampling fields as the engine request's parameters."""
     return RequestParams(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
                          top_k=body.top_k, repetition_penalty=body.repetition_penalty, seed=body.seed,
-                         stop=None if stop is None else tuple(stop))
+                         stop=None if stop is None else tuple(stop), memory=body.memory)
 
 
 class ChatService:
