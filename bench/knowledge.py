@@ -64,6 +64,47 @@ def by_form(answers: dict) -> dict:
     return out
 
 
+def unsupported_citations(answers: dict, memory, use) -> dict:
+    """Of the answers that read passages (and so cite them), the share whose content words are
+    mostly not in what they read: a cited source that does not hold the answer's facts."""
+    from selflearn.trainer.probe import STOPWORDS, _words
+
+    read = unsupported = 0
+    for row in answers.get("memory_learned", []) + answers.get("memory_held_out", []):
+        if not row.get("read") or memory is None:
+            continue
+        read += 1
+        texts = " ".join(h.passage.text + " " + h.passage.title
+                         for h in memory.search(row["question"], k=use.passages, threshold=use.threshold))
+        said = {w for w in _words(row["answer"]) if w not in STOPWORDS["en"] and len(w) > 2}
+        held = set(_words(texts))
+        if said and len(said & held) / len(said) < 0.5:
+            unsupported += 1
+    return {"read": read, "fraction": round(unsupported / read, 4) if read else None}
+
+
+def ttft_with_memory(checkpoint: str, base_model: str, learned: list) -> dict:
+    """Time to first token at one user, through the serving engine, memory on and off (p50 ms of
+    one question about each of up to 20 learned articles)."""
+    import statistics
+
+    from selflearn.serving.config import EngineOptions
+    from selflearn.serving.engine import Engine
+    from tests.support.engine import ask, generate
+
+    eng = Engine(EngineOptions())
+    eng.configure({"checkpoint": checkpoint, "base_model": base_model}, wait=True)
+    try:
+        out = {}
+        for name, on in (("without", False), ("with", True)):
+            times = [generate(eng, ask(f"What should I know about {a.title}?", max_new_tokens=4, memory=on)).ttft_ms
+                     for a in learned[:20]]
+            out[name] = round(statistics.median(times), 1)
+        return out
+    finally:
+        eng.shutdown()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rounds", type=int, default=3)
@@ -78,6 +119,7 @@ def main() -> None:
     from selflearn import basemodel
     from selflearn.checkpoints import CheckpointStore
     from selflearn.local.driver import LocalDriver
+    from selflearn.memory import Memory
     from selflearn.local.trainer_process import TrainerOptions
     from selflearn.sources.base import Article
     from selflearn.sources.snapshot import load_snapshot
@@ -129,9 +171,10 @@ def main() -> None:
         sets = knowledge.ProbeSets.of(learned, held, [], retention_items, phrasings=3, open_book=len(learned))
         L = cfg.spec.training.max_length
 
-        def evaluate(model):
+        def evaluate(model, memory=None):
             model = model.to(torch.bfloat16).eval()
-            rep = knowledge.measure(model, tok, sets, block=L, precision="bf16")
+            rep = knowledge.measure(model, tok, sets, block=L, precision="bf16", memory=memory,
+                                    use=cfg.spec.serving.memory)
             docs = data.batches(data.pack(data.tokenize(tok, [x.text for x in learned]), L, tok.eos_token_id), 4)
             return {"answers": rep.answers, "knowledge": rep.knowledge, "by_form": by_form(rep.answers),
                     "chat_ppl": rep.chat_ppl,
@@ -143,7 +186,10 @@ def main() -> None:
             ref = store.ref_for_uri(final_uri)
             path = tmp / "final"
             manifest = store.download(ref, path)
-            final = evaluate(load_checkpoint_model(path, manifest))
+            final_memory = Memory.load(path)
+            final = evaluate(load_checkpoint_model(path, manifest), final_memory)
+            final["unsupported"] = unsupported_citations(final["answers"], final_memory, cfg.spec.serving.memory)
+            final["ttft_ms"] = ttft_with_memory(final_uri, cfg.spec.base_model, learned)
         else:
             final = base
         examples = []
@@ -183,6 +229,15 @@ def main() -> None:
         "heldout_after": r4(final["knowledge"]["held_out"]),
         "openbook_base": r4(base["knowledge"]["open_book"]),
         "openbook_after": r4(final["knowledge"]["open_book"]),
+        "memory_learned_base": r4(base["knowledge"]["memory_learned"]),
+        "memory_learned_after": r4(final["knowledge"]["memory_learned"]),
+        "memory_learned_ratio_to_closedbook": r4(final["knowledge"]["memory_learned"] / final["knowledge"]["learned"])
+        if final["knowledge"]["learned"] else None,
+        "memory_heldout_after": r4(final["knowledge"]["memory_held_out"]),
+        "memory_answers_that_read": final.get("unsupported", {}).get("read"),
+        "unsupported_citation_fraction": final.get("unsupported", {}).get("fraction"),
+        "ttft_p50_ms_with_memory": final.get("ttft_ms", {}).get("with"),
+        "ttft_p50_ms_without_memory": final.get("ttft_ms", {}).get("without"),
         "chat_retention": r4(probe.retention(base["chat_ppl"], final["chat_ppl"])),
         "format_ok_fraction_base": r4(base["format_ok"]),
         "format_ok_fraction": r4(final["format_ok"]),

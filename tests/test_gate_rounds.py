@@ -48,6 +48,13 @@ def test_a_normal_round_is_promoted_and_knows_more(learned_round):
     # The open-book ceiling is measured beside it, for parent and candidate.
     book = res.metrics.knowledge.open_book
     assert book is not None and book.known and res.metrics.knowledge.asked["open_book"] > 0
+    # With its memory, as serving answers: the candidate's memory holds the round's articles, the
+    # base model has none; the candidate's answers read the very article asked about.
+    rows = manifest["probe"]["answers"]
+    assert res.metrics.knowledge.memory_learned.known and res.metrics.knowledge.memory_held_out.known
+    assert not any(r["read"] for r in rows["parent"]["memory_learned"])
+    read_own = [r["title"] in r["read"] for r in rows["candidate"]["memory_learned"]]
+    assert sum(read_own) >= 0.8 * len(read_own), rows["candidate"]["memory_learned"]
 
 
 # The bad rounds train in the shared round's store and run, from the base model: the base model's

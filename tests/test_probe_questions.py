@@ -83,8 +83,21 @@ def test_open_book_puts_the_articles_lead_before_the_same_question():
     book = probe.open_book(q, MORAZAN)
     assert book.question == q.question and book.prompt.endswith("\n\n" + q.question)
     assert "Federal Republic of Central America" in book.prompt and q.prompt == q.question
+    assert book.prompt.startswith("Francisco Morazán: Francisco Morazán (3 October 1792")
     long = Article(title="L", url="u", source="snapshot:en", text="word " * 2000)
-    assert len(probe.open_book(q, long).context or "") == probe.OPEN_BOOK_CHARS
+    assert [len(text) for _, text in probe.open_book(q, long).context or ()] == [probe.OPEN_BOOK_CHARS]
     sets = knowledge.ProbeSets.of([MORAZAN, *load_snapshot("en")[:20]], [], [], [])
     assert len(sets.open_book) == knowledge.OPEN_BOOK_ARTICLES
     assert all(b.context and b.kind == "ask" for b in sets.open_book)
+
+
+def test_with_memory_the_question_reads_what_the_memory_finds_as_serving_would():
+    from selflearn.memory import Memory
+    from selflearn.spec import MemoryUseSpec
+
+    q = probe.questions_for(MORAZAN)[0]
+    mem = Memory.build([], "en").grown([MORAZAN, *load_snapshot("en")[:5]], "run/r000001")
+    read = probe.with_memory(q, mem, MemoryUseSpec())
+    assert read.context and read.context[0][0] == "Francisco Morazán" and read.question == q.question
+    assert probe.with_memory(q, None, MemoryUseSpec()).prompt == q.question  # no memory: the question alone
+    assert probe.with_memory(probe.questions_for(load_snapshot("en")[900])[0], mem, MemoryUseSpec()).context is None

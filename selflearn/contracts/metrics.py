@@ -38,6 +38,10 @@ class KnowledgeMetrics(_Metrics):
     held_out: Pair | None = None
     general: Pair | None = None
     open_book: Pair | None = None
+    # As serving answers: after what each model's own memory finds for the question (the parent's
+    # memory does not hold this round's articles; the candidate's does).
+    memory_learned: Pair | None = None
+    memory_held_out: Pair | None = None
     # Questions asked per set: 0 means there was nothing to ask (no article yielded a question),
     # which the gate tells apart from a score that went missing.
     asked: dict[str, int] | None = None

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..checkpoints import CheckpointRef, CheckpointStore
-from ..memory import Memory
 from ..contracts import PhaseStarted, ProgressEvent
+from ..memory import Memory
 from ..spec import FeedbackSource, LearnerRunSpec, RunConfig, TrainingSpec
 from . import knowledge, preference
 from .data import Block
@@ -115,3 +115,4 @@ class Prepared:
     refs: knowledge.ChatReferences | None  # the chat references (retention set, chat replay)
     probes: knowledge.ProbeSets | None
     fb_data: preference.FeedbackData | None
+    memory: Memory | None  # the candidate's: its parent's and this round's articles (None: training.memory off)

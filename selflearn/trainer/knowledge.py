@@ -23,9 +23,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..checkpoints import CheckpointStore
+from ..memory import Memory
 from ..contracts import ChatMetrics, KnowledgeMetrics, Pair
 from ..prompting import render_example
 from ..sources.base import Article
+from ..spec import MemoryUseSpec
 from . import probe
 from .qa import PairGenerator, QAPair, language_of, make_pairs, pairs_for, templates_for
 
@@ -250,7 +252,8 @@ class ProbeReport:
 
 
 def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: int, precision: str,
-            known: KnownProbe | None = None) -> ProbeReport:
+            known: KnownProbe | None = None, memory: Memory | None = None,
+            use: MemoryUseSpec = MemoryUseSpec()) -> ProbeReport:
     """One model's answers: knowledge per set (with each answer), chat ppl and format health.
 
     `known`: this same model's answers on the fixed sets from an earlier measurement (see
@@ -269,6 +272,12 @@ def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: i
         answers[name], i = rows[i:i + n], i + n
     # Asked on their own: a batch pads every row to its longest prompt, and these are ~300 tokens.
     answers["open_book"] = probe.ask(model, tokenizer, sets.open_book, max_new_tokens=PROBE_NEW_TOKENS)
+    # With its memory, as serving answers: the open-book articles' questions and the held-out ones.
+    asked = [q.question for q in sets.open_book]
+    mem_learned = [probe.with_memory(q, memory, use) for q in sets.learned if q.question in asked]
+    mem_held = [probe.with_memory(q, memory, use) for q in sets.held_out if q.kind == "ask"]
+    rows = probe.ask(model, tokenizer, mem_learned + mem_held, max_new_tokens=PROBE_NEW_TOKENS)
+    answers["memory_learned"], answers["memory_held_out"] = rows[:len(mem_learned)], rows[len(mem_learned):]
     if prior:
         answers["general"] = prior.general
         chat_ppl, format_ok, failures = prior.chat_ppl, prior.format_ok, prior.format_failures
@@ -279,7 +288,7 @@ def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: i
                        seconds=round(time.time() - t0, 1))
 
 
-SETS = ("learned", "held_out", "general", "open_book")
+SETS = ("learned", "held_out", "general", "open_book", "memory_learned", "memory_held_out")
 
 
 def compare(before: ProbeReport, after: ProbeReport) -> tuple[ProbeMetrics, dict[str, Any]]:

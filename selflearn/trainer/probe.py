@@ -27,8 +27,10 @@ from typing import Any, Sequence
 
 import torch
 
+from ..memory import Memory, reading_prompt
 from ..prompting import PLAIN_STOP, end_of_turn_ids, has_chat_template, render_example, render_prompt
 from ..sources.base import Article
+from ..spec import MemoryUseSpec
 from . import data
 from .qa import language_of, probe_templates_for, reverse_question, split_sentences, templates_for
 
@@ -121,14 +123,13 @@ class Question:
     reference: str  # what a good answer contains: the first sentence ("ask"), the title ("reverse")
     language: str
     kind: str = "ask"  # ask: about the subject | reverse: from the first fact back to the subject
-    context: str | None = None  # open book: the article's lead, shown before the question
+    # (title, text) read before the question: the article's lead (open book) or what the memory found.
+    context: tuple[tuple[str, str], ...] | None = None
 
     @property
     def prompt(self) -> str:
-        """The user's message: the question, after the article when the book is open."""
-        if self.context is None:
-            return self.question
-        return f"{self.title}\n\n{self.context}\n\n{self.question}"
+        """The user's message: the question, after what it reads (as serving puts it)."""
+        return reading_prompt(self.question, self.context or ())
 
     def score(self, answer: str) -> float:
         if self.kind == "reverse":
@@ -168,7 +169,14 @@ def open_book(question: Question, article: Article) -> Question:
     """The same question with the article's lead in front of it: what the model makes of the facts
     when it can read them (the ceiling its memory could reach)."""
     lead = " ".join(article.text.split())[:OPEN_BOOK_CHARS]
-    return dataclasses.replace(question, context=lead)
+    return dataclasses.replace(question, context=((article.title, lead),))
+
+
+def with_memory(question: Question, memory: Memory | None, use: MemoryUseSpec) -> Question:
+    """The question as serving would ask it of a checkpoint with `memory`: after the passages its
+    search finds (none found, or no memory: the question alone)."""
+    hits = memory.search(question.question, k=use.passages, threshold=use.threshold) if memory else []
+    return dataclasses.replace(question, context=tuple((h.passage.title, h.passage.text) for h in hits) or None)
 
 
 @lru_cache(maxsize=4)
@@ -278,7 +286,7 @@ def ask(model: torch.nn.Module, tokenizer: Any, questions: Sequence[Question], *
     if not questions:
         return []
     gens = generate(model, tokenizer, [q.prompt for q in questions], max_new_tokens=max_new_tokens)
-    return [{"title": q.title, "question": q.question, "kind": q.kind, "open_book": q.context is not None,
+    return [{"title": q.title, "question": q.question, "kind": q.kind, "read": [title for title, _ in q.context or ()],
              "answer": g.text, "score": round(q.score(g.text), 4)}
             for q, g in zip(questions, gens)]
 

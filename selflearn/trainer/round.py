@@ -119,17 +119,19 @@ def _probe_parent(ctx: RoundContext, probes: knowledge.ProbeSets) -> knowledge.P
     """The parent's answers, reusing what is known of it on the fixed sets; the base model's are
     kept in the store for the run's later rounds that start from it again."""
     report = knowledge.measure(ctx.model, ctx.tokenizer, probes, block=ctx.training.max_length,
-                               precision=ctx.precision, known=_parent_probe(ctx.store, ctx.run, ctx.parent))
+                               precision=ctx.precision, known=_parent_probe(ctx.store, ctx.run, ctx.parent),
+                               memory=ctx.parent_memory, use=ctx.spec.serving.memory)
     if ctx.parent is None and not report.reused:
         ctx.store.put_json(f"{ctx.run}/{BASE_PROBE_KEY}", report.reusable())
     return report
 
 
-def _probe_candidate(ctx: RoundContext, probes: knowledge.ProbeSets,
+def _probe_candidate(ctx: RoundContext, prep: Prepared,
                      before: knowledge.ProbeReport) -> tuple[knowledge.ProbeMetrics, dict[str, Any]]:
     """-> (the metrics the gate reads, what the manifest shows): the candidate against its parent."""
-    after = knowledge.measure(ctx.model, ctx.tokenizer, probes, block=ctx.training.max_length,
-                              precision=ctx.precision)
+    assert prep.probes is not None
+    after = knowledge.measure(ctx.model, ctx.tokenizer, prep.probes, block=ctx.training.max_length,
+                              precision=ctx.precision, memory=prep.memory, use=ctx.spec.serving.memory)
     metrics, shown = knowledge.compare(before, after)
     log.info(knowledge.summary_line(metrics))
     return metrics, shown
@@ -167,7 +169,8 @@ def _prepare(ctx: RoundContext) -> Prepared:
             "general": batches_of(data.tokenize(tok, [a.text for a in general]))}
     probes = knowledge.ProbeSets.of(inputs.train, inputs.held, general, refs.retention) \
         if t.chat_eval and refs else None
-    return Prepared(train_docs, replay_docs, train_batches, chat, too_long, sets, refs, probes, fb_data)
+    return Prepared(train_docs, replay_docs, train_batches, chat, too_long, sets, refs, probes, fb_data,
+                    _grown_memory(ctx))
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ def _train_and_measure(ctx: RoundContext, prep: Prepared) -> _Measured:
         if fb_data is not None and fb_refs is not None else feedback_learning.FeedbackStats()
     ctx.phases("evaluating the candidate")
     ppl_after = {k: loop.perplexity(ctx.model, v, precision) for k, v in prep.sets.items()}
-    probed, shown = _probe_candidate(ctx, prep.probes, report_before) \
+    probed, shown = _probe_candidate(ctx, prep, report_before) \
         if prep.probes and report_before is not None else (None, None)
     fb_metrics = feedback_learning.metrics(ctx, fb_data, fb_refs, fb_stats)
     return _Measured(stats, ppl_before, ppl_after, probed, shown, fb_metrics)
@@ -216,14 +219,12 @@ def _save(ctx: RoundContext, out: Path) -> None:
                                 "extra": a.extra}, default=str) + "\n")
 
 
-def _save_memory(ctx: RoundContext, out: Path) -> Memory | None:
+def _grown_memory(ctx: RoundContext) -> Memory | None:
     """The candidate's memory: its parent's passages and this round's articles (training.memory)."""
     if not ctx.training.memory:
         return None
     parent = ctx.parent_memory or Memory.build([], general_language(ctx.spec))
-    memory = parent.grown(ctx.inputs.train, checkpoint_id(ctx.run, ctx.round))
-    memory.save(out)
-    return memory
+    return parent.grown(ctx.inputs.train, checkpoint_id(ctx.run, ctx.round))
 
 
 def _metrics(ctx: RoundContext, prep: Prepared, m: _Measured) -> RoundMetrics:
@@ -322,9 +323,10 @@ def run_round(
         prep = _prepare(ctx)
         measured = _train_and_measure(ctx, prep)
         _save(ctx, tmp / "checkpoint")
-        memory = _save_memory(ctx, tmp / "checkpoint")
+        if prep.memory is not None:
+            prep.memory.save(tmp / "checkpoint")
         metrics = _metrics(ctx, prep, measured).model_copy(
-            update={"memory_passages": len(memory.passages) if memory else None})
+            update={"memory_passages": len(prep.memory.passages) if prep.memory else None})
         manifest = _manifest(ctx, prep, measured, metrics)
         phases("publishing")
         ref = store.publish(run, round_, tmp / "checkpoint", manifest)
