@@ -117,3 +117,28 @@ def test_the_http_routes_show_the_sources(engine):
         assert oa.status_code == 200 and oa.json()["sources"][0]["checkpoint"] == "mem/r000001"
         status = c.get("/status").json()
         assert status["model"]["memory_passages"] >= 6
+
+
+def test_the_chat_page_links_the_sources_an_answer_read(engine, page, tmp_path):
+    """In real Chromium: the answer's meta line links the article it read, titled with the
+    checkpoint that learned it; a source whose url is not http(s) is shown as text, never a link."""
+    from playwright.sync_api import expect
+
+    with serve_api(build_api(EngineBackend(engine), ServeSettings())) as url:
+        page.goto(url + "/")
+        page.fill("#max_length", "4")
+        page.fill("#message", question(ARTS[4]))
+        page.click("#send")
+        link = page.locator(".msg.assistant .meta .sources a").last
+        expect(link).to_have_text(ARTS[4].title, timeout=60_000)
+        assert link.get_attribute("href") == ARTS[4].url and link.get_attribute("title") == "learned in mem/r000001"
+        assert link.get_attribute("rel") == "noopener noreferrer"
+        page.fill("#message", "Thanks, that is all.")
+        page.click("#send")
+        expect(page.locator(".msg.assistant .meta")).to_have_count(2, timeout=60_000)
+        assert page.locator(".msg.assistant").last.locator(".sources").count() == 0
+        # A hostile url in a memory stays text.
+        page.evaluate("""() => { const d = document.createElement('div'); d.className = 'msg assistant probe';
+            document.getElementById('log').append(d);
+            addMeta(d, {checkpoint: 'x', sources: [{title: 'evil', url: 'javascript:alert(1)', checkpoint: 'x'}]}); }""")
+        assert page.locator(".probe .sources a").count() == 0 and page.locator(".probe .sources span").count() == 1

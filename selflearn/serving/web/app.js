@@ -55,6 +55,23 @@ function addMeta(div, info) {
   ck.className = "checkpoint";
   ck.textContent = info.checkpoint || "";
   meta.append(ck);
+  if (info.sources && info.sources.length) {
+    // What the answer read in the checkpoint's memory: a link per article (http(s) only: a
+    // source's url is data, never script), titled with the checkpoint that learned it.
+    const src = document.createElement("span");
+    src.className = "sources";
+    src.append(document.createTextNode("sources: "));
+    info.sources.forEach((s, i) => {
+      if (i) src.append(document.createTextNode(", "));
+      const safe = /^https?:\/\//i.test(s.url || "");
+      const a = document.createElement(safe ? "a" : "span");
+      if (safe) { a.href = s.url; a.target = "_blank"; a.rel = "noopener noreferrer"; }
+      a.textContent = s.title;
+      a.title = `learned in ${s.checkpoint}`;
+      src.append(a);
+    });
+    meta.append(src);
+  }
   if (info.usage) {
     const u = document.createElement("span");
     u.textContent = `${info.usage.completion_tokens} tokens · ${info.finish_reason}`;
