@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--held-out", type=int, default=24, help="articles no round learned, to ask about")
     p.add_argument("--skip-text-round", action="store_true", help="do not time a text-only round")
+    p.add_argument("--qa-reading", type=float, default=None,
+                   help="training.qaReading for the rounds (default: the spec's): the share of pairs asked after passages")
     p.add_argument("--answers-out", default="/tmp/bench-knowledge-answers.json",
                    help="where to write every question and both models' answers")
     a = p.parse_args()
@@ -139,6 +141,8 @@ def main() -> None:
             out["round_seconds_text_format"] = round(time.time() - t0, 1)
             out["phase_seconds_text_format"] = phases_of(text_cfg, res.checkpoint)
         cfg = local_config(tmp / "run")
+        if a.qa_reading is not None:
+            cfg.spec.training.qa_reading = a.qa_reading
         drv = LocalDriver(cfg, tmp / "run", trainer=TrainerOptions(nice=0))
         drv.prepare()
         t0 = time.time()
@@ -212,6 +216,7 @@ def main() -> None:
 
     out.update({
         "rounds": a.rounds,
+        "qa_reading": cfg.spec.training.qa_reading,
         "promoted": [r.promoted for r in drv.state.rounds],
         "reasons": [r.reason for r in drv.state.rounds],
         "final_checkpoint": drv.state.promoted_id,

@@ -169,6 +169,9 @@ class TrainingSpec(_Spec):
     # Articles of earlier rounds whose first question ("What is X?") is asked again, so that what
     # earlier rounds taught is not forgotten by the next ones.
     qa_review: int = Field(16, ge=0, le=1000)
+    # Share of the round's question/answer pairs asked after passages (the article's and another's,
+    # or the other's alone), as serving asks with its memory on: the model learns to read it.
+    qa_reading: float = Field(0.25, ge=0, le=1)
     # Ask parent and candidate questions about the articles and the chat-retention prompts.
     chat_eval: bool = True
     # Keep every learned article in the checkpoint's memory (selflearn/memory.py), searched at

@@ -247,3 +247,31 @@ def test_greedy_probe_answers_are_what_generate_gives(tok):
         cut = next((j + 1 for j, t in enumerate(want) if t in stops), len(want))
         assert have == want[:cut]
     assert len(got[0]) <= 4 and len(got[1]) <= 8, "finished rows stop"
+
+
+def test_a_share_of_pairs_is_asked_after_passages_the_answer_in_one_or_not_at_all(embedded_model_dir):
+    """RAFT-style reading: the chosen pairs' prompts hold the answer's own passage beside another
+    article's, or (one time in five) the other article's alone; each example fits the block."""
+    from selflearn import basemodel
+    from selflearn.sources.snapshot import load_snapshot
+    from selflearn.trainer import knowledge
+
+    tok = basemodel.load_tokenizer(embedded_model_dir)
+    arts = list(load_snapshot("en")[:12])
+    plain = knowledge.build_chat_data(tok, arts, per_article=2)
+    read = knowledge.build_chat_data(tok, arts, per_article=2, reading=knowledge.Reading(0.5, 256, seed=3))
+    assert plain.read == 0 and 0.3 * len(read.pairs) <= read.read <= 0.7 * len(read.pairs)
+    assert len(read.examples) == len(plain.examples) and all(len(ids) <= 256 for ids, _ in read.examples[:read.read])
+    prompts = [tok.decode(ids) for (ids, labels), p in zip(read.examples, read.pairs)]
+    with_own = without_own = 0
+    for text, pair in zip(prompts, read.pairs):
+        asked = text[:text.rindex(pair.question)]
+        if ": " not in asked.split("user", 1)[-1]:
+            continue  # asked plainly
+        others = [a.title for a in arts if a.title != pair.title and f"{a.title}: " in asked]
+        assert others, text  # every reading prompt holds another article's passage
+        with_own += f"{pair.title}: " in asked
+        without_own += f"{pair.title}: " not in asked
+    assert with_own > 0 and without_own > 0
+    # The answers are the same: only what is read before the question changed.
+    assert [p.answer for p in read.pairs] == [p.answer for p in plain.pairs]

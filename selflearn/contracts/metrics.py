@@ -97,6 +97,7 @@ class RoundMetrics(_Metrics):
     qa_pairs: int | None = None
     chat_replayed: int | None = None
     qa_reviewed: int | None = None
+    qa_read: int | None = None  # pairs asked after passages (training.qaReading)
     text_only: int | None = None
     examples_too_long: int | None = None
     knowledge: KnowledgeMetrics | None = None

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..checkpoints import CheckpointStore
-from ..memory import Memory
+from ..memory import Memory, passages_of, reading_prompt
 from ..contracts import ChatMetrics, KnowledgeMetrics, Pair
 from ..prompting import render_example
 from ..sources.base import Article
@@ -45,7 +45,22 @@ class ChatData:
     pairs: list[QAPair] = field(default_factory=list)
     replayed: int = 0
     reviewed: int = 0
+    read: int = 0  # pairs asked after passages (the reading share): the model learns to use its memory
     text_only: list[str] = field(default_factory=list)  # titles that yielded no pair: trained as text only
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Part of a round's pairs asked as serving asks with memory on (RAFT, Zhang et al. 2024): after
+    the passage holding the answer and one from another article of the round, in either order, or,
+    one time in `distractor_only`, after the other article's passage alone, so the model learns both
+    to read a passage that holds the answer and to answer from its weights past one that does not."""
+
+    share: float  # of the round's pairs
+    max_tokens: int  # an example longer than this drops its distractor, then its passages
+    seed: int
+    distractor_only: int = 5
+    passage_chars: int = 240  # a round's blocks are short (local mode: 256 tokens)
 
 
 @dataclass(frozen=True)
@@ -59,7 +74,8 @@ class Replay:
 
 
 def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article: int, replay: Replay | None = None,
-                    generator: PairGenerator | None = None, review: Sequence[Article] = ()) -> ChatData:
+                    generator: PairGenerator | None = None, review: Sequence[Article] = (),
+                    reading: Reading | None = None) -> ChatData:
     """Chat examples for a round: the articles' pairs, ordered kind by kind across articles (so a
     block rarely holds two answers about one article, which could copy from each other), the
     first question of each `review` article (learned in an earlier round), then the replayed
@@ -79,11 +95,51 @@ def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article:
         out.pairs += [c[depth] for c in columns if len(c) > depth]
     reviewed = [pairs[0] for pairs in (make_pairs(a, per_article=1) for a in review) if pairs]
     out.reviewed = len(reviewed)
-    for p in out.pairs + reviewed:
-        out.examples.append(render_example(tokenizer, [{"role": "user", "content": p.question}], p.answer))
+    contexts = _reading_contexts(out.pairs, articles, reading) if reading else {}
+    for i, p in enumerate(out.pairs + reviewed):
+        example = render_example(tokenizer, [{"role": "user", "content": p.question}], p.answer)
+        for context in contexts.get(i, ()):  # the fullest context that fits the block
+            read = render_example(tokenizer, [{"role": "user", "content": reading_prompt(p.question, context)}],
+                                  p.answer)
+            if reading and len(read[0]) <= reading.max_tokens:
+                example = read
+                out.read += 1
+                break
+        out.examples.append(example)
     replayed = replay_examples(tokenizer, replay.items, replay.n, replay.round) if replay else []
     out.examples += replayed
     out.replayed = len(replayed)
+    return out
+
+
+def _reading_contexts(pairs: Sequence[QAPair], articles: Sequence[Article],
+                      reading: Reading) -> dict[int, list[tuple[tuple[str, str], ...]]]:
+    """For the pairs asked after passages: their contexts, fullest first."""
+    import random
+
+    by_title = {a.title: a for a in articles}
+    if reading.share <= 0 or len(by_title) < 2:
+        return {}
+    rng = random.Random(reading.seed)
+    chosen = [i for i in range(len(pairs)) if rng.random() < reading.share]
+
+    def passage(article: Article, answer: str) -> tuple[str, str]:
+        parts = passages_of(article, "", max_chars=reading.passage_chars)
+        own = next((p for p in parts if answer[:40] in p.text), parts[0])
+        return own.title, own.text[:reading.passage_chars * 2]
+
+    out: dict[int, list[tuple[tuple[str, str], ...]]] = {}
+    for n, i in enumerate(chosen):
+        pair = pairs[i]
+        if pair.title not in by_title:
+            continue
+        other = by_title[rng.choice([t for t in by_title if t != pair.title])]
+        own, distractor = passage(by_title[pair.title], pair.answer), passage(other, other.text[:40])
+        if n % reading.distractor_only == reading.distractor_only - 1:
+            out[i] = [(distractor,)]
+        else:
+            both = (own, distractor) if rng.random() < 0.5 else (distractor, own)
+            out[i] = [both, (own,)]
     return out
 
 

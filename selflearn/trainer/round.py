@@ -105,7 +105,8 @@ def _training_batches(ctx: RoundContext, train_docs: list[list[int]], replay_doc
     chat = knowledge.build_chat_data(
         tok, train_arts, per_article=t.qa_pairs_per_article, review=review,
         replay=knowledge.Replay(refs.replay if refs else [], t.chat_replay, ctx.round),
-        generator=knowledge.load_generator(t.pair_generator))
+        generator=knowledge.load_generator(t.pair_generator),
+        reading=knowledge.Reading(t.qa_reading, L, t.seed + ctx.round) if t.qa_reading > 0 else None)
     text = train_docs + replay_docs if t.format == "mixed" else \
         [d for a, d in zip(train_arts, train_docs) if a.title in chat.text_only]
     too_long = sum(1 for ids, _ in chat.examples if len(ids) > L)
@@ -243,6 +244,7 @@ def _metrics(ctx: RoundContext, prep: Prepared, m: _Measured) -> RoundMetrics:
         dropped=len(inputs.dropped),
         format=ctx.training.format,
         qa_pairs=len(chat.pairs) if chat else None,
+        qa_read=chat.read if chat else None,
         chat_replayed=chat.replayed if chat else None,
         qa_reviewed=chat.reviewed if chat else None,
         text_only=len(chat.text_only) if chat else None,

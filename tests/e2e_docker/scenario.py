@@ -229,6 +229,10 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
             await wait_for(lambda: _is(chatter.latest(), f"{run}/{ckpt}"), timeout=300,
                            what=f"/chat answering with {ckpt}")
             swaps.append(round((chatter.first_seen(f"{run}/{ckpt}") or time.time()) - job_end, 1))
+            # The promoted checkpoint's memory came with its weights: asked about one of the round's
+            # articles, the answer names it as its source, learned in this round.
+            cited = await asyncio.to_thread(cites_its_round, s3, spec["storage"]["uri"], run, ckpt, url)
+            check(cited is not None, f"an answer about a {ckpt} article names it, learned in {run}/{ckpt} ({cited})")
             after = await asyncio.to_thread(applier.replicas)
             before = base_replicas
             for dep in (MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT):
@@ -379,6 +383,22 @@ async def host_round(spec: dict[str, Any], run: str, work: Path, endpoint: str, 
     if proc.returncode:
         raise Failed(f"the host round failed: {err.decode(errors='replace').strip()[-300:]}")
     return round(time.monotonic() - t0, 1)
+
+
+def cites_its_round(s3: Any, store_uri: str, run: str, ckpt: str, url: str) -> str | None:
+    """The title of one of round `ckpt`'s articles whose /chat answer cites it as learned in that
+    round (the first of three asked), else None."""
+    bucket, _, prefix = store_uri[len("s3://"):].rstrip("/").partition("/")
+    key = "/".join(p for p in (prefix, run, ckpt, "manifest.json") if p)
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    for title in [a["title"] for a in manifest["articles"]][:3]:
+        r = requests.post(f"{url}/chat", json={"message": f"What should I know about {title}?", "max_length": 4,
+                                              "temperature": 0}, timeout=120)
+        sources = r.json().get("sources") or [] if r.status_code == 200 else []
+        log.info("asked about %s: sources %s", title, sources)
+        if any(src["title"] == title and src["checkpoint"] == f"{run}/{ckpt}" for src in sources):
+            return title
+    return None
 
 
 def copy_checkpoint(s3: Any, src_uri: str, dst_uri: str) -> None:
