@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--held-out", type=int, default=24, help="articles no round learned, to ask about")
     p.add_argument("--skip-text-round", action="store_true", help="do not time a text-only round")
+    p.add_argument("--qa-named", action="store_true", help="training.qaNamed: also ask from the fact back to the subject")
     p.add_argument("--qa-reading", type=float, default=None,
                    help="training.qaReading for the rounds (default: the spec's): the share of pairs asked after passages")
     p.add_argument("--answers-out", default="/tmp/bench-knowledge-answers.json",
@@ -143,6 +144,7 @@ def main() -> None:
         cfg = local_config(tmp / "run")
         if a.qa_reading is not None:
             cfg.spec.training.qa_reading = a.qa_reading
+        cfg.spec.training.qa_named = a.qa_named
         drv = LocalDriver(cfg, tmp / "run", trainer=TrainerOptions(nice=0))
         drv.prepare()
         t0 = time.time()
@@ -217,6 +219,7 @@ def main() -> None:
     out.update({
         "rounds": a.rounds,
         "qa_reading": cfg.spec.training.qa_reading,
+        "qa_named": cfg.spec.training.qa_named,
         "promoted": [r.promoted for r in drv.state.rounds],
         "reasons": [r.reason for r in drv.state.rounds],
         "final_checkpoint": drv.state.promoted_id,

@@ -172,6 +172,8 @@ class TrainingSpec(_Spec):
     # Share of the round's question/answer pairs asked after passages (the article's and another's,
     # or the other's alone), as serving asks with its memory on: the model learns to read it.
     qa_reading: float = Field(0.25, ge=0, le=1)
+    # One more pair per article asked from its first fact back to its subject (where it allows).
+    qa_named: bool = False
     # Ask parent and candidate questions about the articles and the chat-retention prompts.
     chat_eval: bool = True
     # Keep every learned article in the checkpoint's memory (selflearn/memory.py), searched at

@@ -31,7 +31,7 @@ def test_no_probe_phrasing_is_a_training_phrasing(language):
     assert not train & probe_forms
     # ... and on real articles: not one question the probe asks is one a round trains on.
     for i, art in enumerate(load_snapshot(language)[:400]):
-        trained = {p.question for p in make_pairs(art, per_article=16)}
+        trained = {p.question for p in make_pairs(art, per_article=16, named=True)}
         asked = {q.question for q in probe.questions_for(art, phrasings=3, offset=i)}
         assert not trained & asked, art.title
 

@@ -75,13 +75,13 @@ class Replay:
 
 def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article: int, replay: Replay | None = None,
                     generator: PairGenerator | None = None, review: Sequence[Article] = (),
-                    reading: Reading | None = None) -> ChatData:
+                    reading: Reading | None = None, named: bool = False) -> ChatData:
     """Chat examples for a round: the articles' pairs, ordered kind by kind across articles (so a
     block rarely holds two answers about one article, which could copy from each other), the
     first question of each `review` article (learned in an earlier round), then the replayed
     chat examples."""
     out = ChatData()
-    by_article = pairs_for(articles, per_article=per_article, generator=generator)
+    by_article = pairs_for(articles, per_article=per_article, generator=generator, named=named)
     missing = sorted({language_of(a) for a in articles if templates_for(language_of(a)) is None})
     if missing:
         log.info("no question templates for language(s) %s: their articles train as raw text only", missing)

@@ -47,6 +47,7 @@ class Templates:
     where: str
     relation: str
     described: str
+    named: str  # {c}: copula, {p}: what the first sentence says of the subject; answered with that sentence
     people_topics: frozenset[str]
     place_topics: frozenset[str]
     past_copulas: tuple[str, ...]
@@ -60,6 +61,7 @@ TEMPLATES: dict[str, Templates] = {
         summary="Tell me about {t}.", more="What else do you know about {t}?",
         when="What happened with {t} in {y}?", where="Where is {t}?", relation="How is {t} connected to {e}?",
         described="I read about {t} ({d}). What can you tell me?",
+        named="What is the name of the one that {c} {p}?",
         people_topics=frozenset({"People"}), place_topics=frozenset({"Geography"}),
         past_copulas=("was", "were"), present_copulas=("is", "are"),
         joiners=frozenset({"of", "the", "de", "von", "van", "and", "del", "da"})),
@@ -69,6 +71,7 @@ TEMPLATES: dict[str, Templates] = {
         when="Que s'est-il passé pour {t} en {y} ?", where="Où se trouve {t} ?",
         relation="Quel est le lien entre {t} et {e} ?",
         described="J'ai lu quelque chose sur {t} ({d}). Que peux-tu m'en dire ?",
+        named="Quel est le nom de celui qui {c} {p} ?",
         people_topics=frozenset({"Personnalités"}), place_topics=frozenset({"Géographie"}),
         past_copulas=("était", "fut", "étaient", "furent"), present_copulas=("est", "sont"),
         joiners=frozenset({"de", "du", "des", "la", "le", "les", "d'", "et", "von"})),
@@ -77,6 +80,7 @@ TEMPLATES: dict[str, Templates] = {
         summary="Háblame de {t}.", more="¿Qué más sabes sobre {t}?",
         when="¿Qué pasó con {t} en {y}?", where="¿Dónde está {t}?", relation="¿Qué relación hay entre {t} y {e}?",
         described="Leí sobre {t} ({d}). ¿Qué me puedes contar?",
+        named="¿Cómo se llama el que {c} {p}?",
         people_topics=frozenset({"Personas"}), place_topics=frozenset({"Geografía"}),
         past_copulas=("fue", "era", "fueron", "eran"), present_copulas=("es", "son"),
         joiners=frozenset({"de", "del", "la", "las", "los", "el", "y", "von"})),
@@ -110,14 +114,9 @@ def probe_templates_for(language: str) -> ProbeTemplates | None:
     return PROBE_TEMPLATES.get((language or "").split("-")[0].lower())
 
 
-def reverse_question(article: Article, first: str, language: str) -> str | None:
-    """From the first sentence's fact back to its subject: "Francisco Morazán was a Central American
-    politician who ..." -> "Who or what was a Central American politician who ...?". None unless
-    the sentence opens with the title (a parenthesis or an apposition may follow it) and a copula,
-    and what it says is at least four words."""
-    t, pt = templates_for(language), probe_templates_for(language)
-    if t is None or pt is None:
-        return None
+def _fact_of_subject(article: Article, first: str, t: Templates) -> tuple[str, str] | None:
+    """(copula, what it says) when the first sentence opens with the title (a parenthesis or an
+    apposition may follow it) and a copula, and says at least four words of it; else None."""
     title = re.sub(r"\s*\([^)]*\)$", "", article.title).strip()  # "Mercury (planet)" opens "Mercury is"
     if not title or not first.lower().startswith(title.lower()):
         return None
@@ -127,9 +126,16 @@ def reverse_question(article: Article, first: str, language: str) -> str | None:
     if m is None or m.group(1).lower() not in (*t.past_copulas, *t.present_copulas):
         return None
     said = m.group(2).strip().rstrip(",;:")
-    if len(said.split()) < 4:
-        return None
-    return pt.reverse.format(c=m.group(1).lower(), p=said)
+    return (m.group(1).lower(), said) if len(said.split()) >= 4 else None
+
+
+def reverse_question(article: Article, first: str, language: str) -> str | None:
+    """The probe's question from the first sentence's fact back to its subject: "Francisco Morazán
+    was a Central American politician who ..." -> "Who or what was a Central American politician
+    who ...?" (None where `_fact_of_subject` finds no such fact)."""
+    t, pt = templates_for(language), probe_templates_for(language)
+    fact = _fact_of_subject(article, first, t) if t is not None and pt is not None else None
+    return pt.reverse.format(c=fact[0], p=fact[1]) if pt is not None and fact else None
 
 
 # The order pairs are taken in when an article yields more than `per_article`: the question
@@ -228,8 +234,11 @@ def _clip(sentences: Sequence[str]) -> str:
     return " ".join(out)
 
 
-def make_pairs(article: Article, *, language: str | None = None, per_article: int = 4) -> list[QAPair]:
-    """Up to `per_article` grounded pairs about `article`, most useful first; [] without templates."""
+def make_pairs(article: Article, *, language: str | None = None, per_article: int = 4,
+               named: bool = False) -> list[QAPair]:
+    """Up to `per_article` grounded pairs about `article`, most useful first; [] without templates.
+    `named`: one more pair, asked from the first sentence's fact back to the subject (answered with
+    that sentence), where the sentence allows it."""
     t = templates_for(language or language_of(article))
     sentences = split_sentences(article.text)
     if t is None or not sentences or per_article <= 0:
@@ -273,6 +282,9 @@ def make_pairs(article: Article, *, language: str | None = None, per_article: in
             if len(found[kind]) > depth and len(out) < per_article:
                 out.append(found[kind][depth])
         depth += 1
+    fact = _fact_of_subject(article, first, t) if named else None
+    if fact:
+        out.append(QAPair(question=t.named.format(c=fact[0], p=fact[1]), answer=first, kind="named", title=title))
     return out
 
 
@@ -282,10 +294,10 @@ PairGenerator = Callable[[Article], list[QAPair]]
 
 
 def pairs_for(articles: Iterable[Article], *, per_article: int = 4,
-              generator: PairGenerator | None = None) -> dict[str, list[QAPair]]:
+              generator: PairGenerator | None = None, named: bool = False) -> dict[str, list[QAPair]]:
     """-> {article sha256 or title: pairs}; an article that yields none maps to []."""
     out: dict[str, list[QAPair]] = {}
     for a in articles:
         pairs = generator(a) if generator else []
-        out[a.sha256 or a.title] = pairs or make_pairs(a, per_article=per_article)
+        out[a.sha256 or a.title] = pairs or make_pairs(a, per_article=per_article, named=named)
     return out
