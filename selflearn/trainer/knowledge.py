@@ -49,6 +49,12 @@ class ChatData:
     text_only: list[str] = field(default_factory=list)  # titles that yielded no pair: trained as text only
 
 
+# Blocks shorter than this train no reading pairs: a passage, a question and an answer rarely fit
+# (at maxLength 128, 3 of 18 pairs did, too few to teach reading, enough to move a 16-prompt format
+# check by one answer).
+MIN_READING_TOKENS = 256
+
+
 @dataclass(frozen=True)
 class Reading:
     """Part of a round's pairs asked as serving asks with memory on (RAFT, Zhang et al. 2024): after

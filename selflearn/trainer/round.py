@@ -106,7 +106,8 @@ def _training_batches(ctx: RoundContext, train_docs: list[list[int]], replay_doc
         tok, train_arts, per_article=t.qa_pairs_per_article, review=review,
         replay=knowledge.Replay(refs.replay if refs else [], t.chat_replay, ctx.round),
         generator=knowledge.load_generator(t.pair_generator),
-        reading=knowledge.Reading(t.qa_reading, L, t.seed + ctx.round) if t.qa_reading > 0 else None,
+        reading=knowledge.Reading(t.qa_reading, L, t.seed + ctx.round)
+        if t.qa_reading > 0 and L >= knowledge.MIN_READING_TOKENS else None,
         named=t.qa_named)
     text = train_docs + replay_docs if t.format == "mixed" else \
         [d for a, d in zip(train_arts, train_docs) if a.title in chat.text_only]
