@@ -294,3 +294,21 @@ def test_the_status_the_operator_writes_passes_the_crds_status_schema():
     assert not [e.message for e in _spec_validator().iter_errors(doc)]
     doc["status"]["history"][0]["perplexityAftr"] = 19.0
     assert list(_spec_validator().iter_errors(doc))
+
+
+@pytest.mark.parametrize("memory,expected", [
+    ("off", {"enabled": False, "passages": 2, "threshold": 5.0}),
+    ({"passages": 4, "threshold": 7}, {"enabled": True, "passages": 4, "threshold": 7.0}),
+    (None, None),  # the defaults: nothing in the user_config, the model's own defaults apply
+])
+def test_the_runs_memory_knobs_reach_the_models_user_config(memory, expected):
+    """`serving.memory` in a LearnerRun (YAML's `off` is false) becomes the ChatModel's
+    user_config.memory, which serving validates and applies in place."""
+    from selflearn.serving.config import parse_model_config
+
+    doc = {"serving": {"memory": yaml.safe_load(memory) if isinstance(memory, str) else memory}} if memory else {}
+    spec = parse_spec(doc)
+    cfg = yaml.safe_load(res.render_serve_config(spec=spec, checkpoint="s3://x/run/r000001", run="run"))
+    uc = next(d["user_config"] for d in cfg["applications"][0]["deployments"] if d["name"] == res.MODEL_DEPLOYMENT)
+    assert uc.get("memory") == expected
+    assert parse_model_config(uc).memory.enabled is (expected or {"enabled": True})["enabled"]
