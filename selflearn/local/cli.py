@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # bench/knowledge.py; see docs/local.md).
 LOCAL_TRAINING = {"epochs": 2, "batchSize": 4, "gradientAccumulation": 1, "learningRate": 1.0e-4,
                   "maxLength": 256, "evalArticles": 4, "generalArticles": 8, "qaPairsPerArticle": 2,
-                  "chatReplay": 15, "qaReview": 8}
+                  "chatReplay": 15, "qaReview": 8, "qaReading": 0.25}
 LOCAL_ARTICLES = 16
 
 
