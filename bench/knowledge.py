@@ -111,6 +111,8 @@ def main() -> None:
     p.add_argument("--held-out", type=int, default=24, help="articles no round learned, to ask about")
     p.add_argument("--skip-text-round", action="store_true", help="do not time a text-only round")
     p.add_argument("--qa-named", action="store_true", help="training.qaNamed: also ask from the fact back to the subject")
+    p.add_argument("--training", action="append", default=[], metavar="FIELD=JSON",
+                   help="override a training field for the rounds, e.g. qa_pairs_per_article=3 (repeatable)")
     p.add_argument("--qa-reading", type=float, default=None,
                    help="training.qaReading for the rounds (default: the spec's): the share of pairs asked after passages")
     p.add_argument("--answers-out", default="/tmp/bench-knowledge-answers.json",
@@ -145,6 +147,10 @@ def main() -> None:
         if a.qa_reading is not None:
             cfg.spec.training.qa_reading = a.qa_reading
         cfg.spec.training.qa_named = a.qa_named
+        for item in a.training:
+            field, _, value = item.partition("=")
+            setattr(cfg.spec.training, field, json.loads(value))
+        out["training_overrides"] = a.training
         drv = LocalDriver(cfg, tmp / "run", trainer=TrainerOptions(nice=0))
         drv.prepare()
         t0 = time.time()
