@@ -180,13 +180,13 @@ def main() -> None:
 
         tok = basemodel.load_tokenizer(basemodel.resolve(cfg.spec.base_model))
         retention_items = probe.chat_references(probe.RETENTION_FILE)["items"]
-        sets = knowledge.ProbeSets.of(learned, held, [], retention_items, phrasings=3, open_book=len(learned))
+        sets = knowledge.ProbeSets.of(learned, held, [], retention_items, phrasings=3, open_book=len(learned),
+                                      memory_use=cfg.spec.serving.memory)
         L = cfg.spec.training.max_length
 
         def evaluate(model, memory=None):
             model = model.to(torch.bfloat16).eval()
-            rep = knowledge.measure(model, tok, sets, block=L, precision="bf16", memory=memory,
-                                    use=cfg.spec.serving.memory)
+            rep = knowledge.measure(model, tok, sets, block=L, precision="bf16", memory=memory)
             docs = data.batches(data.pack(data.tokenize(tok, [x.text for x in learned]), L, tok.eos_token_id), 4)
             return {"answers": rep.answers, "knowledge": rep.knowledge, "by_form": by_form(rep.answers),
                     "chat_ppl": rep.chat_ppl,

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
 
-from conftest import free_port
 from selflearn.feedback import client_hash
 from selflearn.serving.config import ServeSettings
-from tests.support.waiting import wait_until
+from tests.support.engine import serve_api
 
 CAP = 64 * 1024
 KEY = "edge-key-0123456789"
@@ -43,19 +41,8 @@ class BodyCounter:
 def served(app) -> Iterator[str]:
     """`app` over real HTTP (uvicorn in a thread). Like Serve's proxy (serving/deployment.py:
     PROXY_ENV), uvicorn leaves the client address alone: the app decides whom to believe."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           proxy_headers=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, timeout=30, what="uvicorn to start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_api(app, proxy_headers=False) as url:
+        yield url
 
 
 def api(tmp_path: Path, **settings):

@@ -255,11 +255,12 @@ def test_a_share_of_pairs_is_asked_after_passages_the_answer_in_one_or_not_at_al
     from selflearn import basemodel
     from selflearn.sources.snapshot import load_snapshot
     from selflearn.trainer import knowledge
+    from selflearn.trainer.reading import Reading
 
     tok = basemodel.load_tokenizer(embedded_model_dir)
     arts = list(load_snapshot("en")[:12])
     plain = knowledge.build_chat_data(tok, arts, per_article=2)
-    read = knowledge.build_chat_data(tok, arts, per_article=2, reading=knowledge.Reading(0.5, 256, seed=3))
+    read = knowledge.build_chat_data(tok, arts, per_article=2, reading=Reading(0.5, 256, seed=3))
     assert plain.read == 0 and 0.3 * len(read.pairs) <= read.read <= 0.7 * len(read.pairs)
     assert len(read.examples) == len(plain.examples) and all(len(ids) <= 256 for ids, _ in read.examples[:read.read])
     prompts = [tok.decode(ids) for (ids, labels), p in zip(read.examples, read.pairs)]

@@ -23,12 +23,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..checkpoints import CheckpointStore
-from ..memory import Memory, passages_of, reading_prompt
+from ..memory import Memory, reading_prompt
 from ..contracts import ChatMetrics, KnowledgeMetrics, Pair
 from ..prompting import render_example
 from ..sources.base import Article
 from ..spec import MemoryUseSpec
 from . import probe
+from .reading import Reading, reading_contexts
 from .qa import PairGenerator, QAPair, language_of, make_pairs, pairs_for, templates_for
 
 log = logging.getLogger("selflearn.trainer")
@@ -49,26 +50,6 @@ class ChatData:
     text_only: list[str] = field(default_factory=list)  # titles that yielded no pair: trained as text only
 
 
-# Blocks shorter than this train no reading pairs: a passage, a question and an answer rarely fit
-# (at maxLength 128, 3 of 18 pairs did, too few to teach reading, enough to move a 16-prompt format
-# check by one answer).
-MIN_READING_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class Reading:
-    """Part of a round's pairs asked as serving asks with memory on (RAFT, Zhang et al. 2024): after
-    the passage holding the answer and one from another article of the round, in either order, or,
-    one time in `distractor_only`, after the other article's passage alone, so the model learns both
-    to read a passage that holds the answer and to answer from its weights past one that does not."""
-
-    share: float  # of the round's pairs
-    max_tokens: int  # an example longer than this drops its distractor, then its passages
-    seed: int
-    distractor_only: int = 5
-    passage_chars: int = 240  # a round's blocks are short (local mode: 256 tokens)
-
-
 @dataclass(frozen=True)
 class Replay:
     """Recorded chat answers trained again beside a round's examples: `n` of `items` a round,
@@ -81,13 +62,13 @@ class Replay:
 
 def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article: int, replay: Replay | None = None,
                     generator: PairGenerator | None = None, review: Sequence[Article] = (),
-                    reading: Reading | None = None, named: bool = False) -> ChatData:
+                    reading: Reading | None = None) -> ChatData:
     """Chat examples for a round: the articles' pairs, ordered kind by kind across articles (so a
     block rarely holds two answers about one article, which could copy from each other), the
     first question of each `review` article (learned in an earlier round), then the replayed
     chat examples."""
     out = ChatData()
-    by_article = pairs_for(articles, per_article=per_article, generator=generator, named=named)
+    by_article = pairs_for(articles, per_article=per_article, generator=generator)
     missing = sorted({language_of(a) for a in articles if templates_for(language_of(a)) is None})
     if missing:
         log.info("no question templates for language(s) %s: their articles train as raw text only", missing)
@@ -101,7 +82,7 @@ def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article:
         out.pairs += [c[depth] for c in columns if len(c) > depth]
     reviewed = [pairs[0] for pairs in (make_pairs(a, per_article=1) for a in review) if pairs]
     out.reviewed = len(reviewed)
-    contexts = _reading_contexts(out.pairs, articles, reading) if reading else {}
+    contexts = reading_contexts(out.pairs, articles, reading) if reading else {}
     for i, p in enumerate(out.pairs + reviewed):
         example = render_example(tokenizer, [{"role": "user", "content": p.question}], p.answer)
         for context in contexts.get(i, ()):  # the fullest context that fits the block
@@ -115,37 +96,6 @@ def build_chat_data(tokenizer: Any, articles: Sequence[Article], *, per_article:
     replayed = replay_examples(tokenizer, replay.items, replay.n, replay.round) if replay else []
     out.examples += replayed
     out.replayed = len(replayed)
-    return out
-
-
-def _reading_contexts(pairs: Sequence[QAPair], articles: Sequence[Article],
-                      reading: Reading) -> dict[int, list[tuple[tuple[str, str], ...]]]:
-    """For the pairs asked after passages: their contexts, fullest first."""
-    import random
-
-    by_title = {a.title: a for a in articles}
-    if reading.share <= 0 or len(by_title) < 2:
-        return {}
-    rng = random.Random(reading.seed)
-    chosen = [i for i in range(len(pairs)) if rng.random() < reading.share]
-
-    def passage(article: Article, answer: str) -> tuple[str, str]:
-        parts = passages_of(article, "", max_chars=reading.passage_chars)
-        own = next((p for p in parts if answer[:40] in p.text), parts[0])
-        return own.title, own.text[:reading.passage_chars * 2]
-
-    out: dict[int, list[tuple[tuple[str, str], ...]]] = {}
-    for n, i in enumerate(chosen):
-        pair = pairs[i]
-        if pair.title not in by_title:
-            continue
-        other = by_title[rng.choice([t for t in by_title if t != pair.title])]
-        own, distractor = passage(by_title[pair.title], pair.answer), passage(other, other.text[:40])
-        if n % reading.distractor_only == reading.distractor_only - 1:
-            out[i] = [(distractor,)]
-        else:
-            both = (own, distractor) if rng.random() < 0.5 else (distractor, own)
-            out[i] = [both, (own,)]
     return out
 
 
@@ -234,10 +184,12 @@ class ProbeSets:
     general: list[probe.Question]
     retention: list[dict]
     open_book: list[probe.Question] = field(default_factory=list)
+    memory_use: MemoryUseSpec = field(default_factory=MemoryUseSpec)  # how the with-memory questions search
 
     @classmethod
     def of(cls, learned: Sequence[Article], held_out: Sequence[Article], general: Sequence[Article],
-           retention: Sequence[dict], *, phrasings: int = 1, open_book: int = OPEN_BOOK_ARTICLES) -> "ProbeSets":
+           retention: Sequence[dict], *, phrasings: int = 1, open_book: int = OPEN_BOOK_ARTICLES,
+           memory_use: MemoryUseSpec = MemoryUseSpec()) -> "ProbeSets":
         """`phrasings` probe forms per article (a round asks one, rotating through the forms from
         article to article; the bench asks all); `open_book`: how many learned articles are also
         asked with their lead in the prompt."""
@@ -246,7 +198,7 @@ class ProbeSets:
 
         books = [probe.open_book(q, a) for i, a in enumerate(learned[:open_book])
                  for q in probe.questions_for(a, phrasings=1, offset=i, reverse=False)]
-        return cls(qs(learned), qs(held_out), qs(general), list(retention), books)
+        return cls(qs(learned), qs(held_out), qs(general), list(retention), books, memory_use)
 
 
 def fingerprint(sets: ProbeSets, precision: str) -> str:
@@ -314,8 +266,7 @@ class ProbeReport:
 
 
 def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: int, precision: str,
-            known: KnownProbe | None = None, memory: Memory | None = None,
-            use: MemoryUseSpec = MemoryUseSpec()) -> ProbeReport:
+            known: KnownProbe | None = None, memory: Memory | None = None) -> ProbeReport:
     """One model's answers: knowledge per set (with each answer), chat ppl and format health.
 
     `known`: this same model's answers on the fixed sets from an earlier measurement (see
@@ -336,8 +287,8 @@ def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: i
     answers["open_book"] = probe.ask(model, tokenizer, sets.open_book, max_new_tokens=PROBE_NEW_TOKENS)
     # With its memory, as serving answers: the open-book articles' questions and the held-out ones.
     asked = [q.question for q in sets.open_book]
-    mem_learned = [probe.with_memory(q, memory, use) for q in sets.learned if q.question in asked]
-    mem_held = [probe.with_memory(q, memory, use) for q in sets.held_out if q.kind == "ask"]
+    mem_learned = [probe.with_memory(q, memory, sets.memory_use) for q in sets.learned if q.question in asked]
+    mem_held = [probe.with_memory(q, memory, sets.memory_use) for q in sets.held_out if q.kind == "ask"]
     rows = probe.ask(model, tokenizer, mem_learned + mem_held, max_new_tokens=PROBE_NEW_TOKENS)
     answers["memory_learned"], answers["memory_held_out"] = rows[:len(mem_learned)], rows[len(mem_learned):]
     if prior:

@@ -294,10 +294,10 @@ PairGenerator = Callable[[Article], list[QAPair]]
 
 
 def pairs_for(articles: Iterable[Article], *, per_article: int = 4,
-              generator: PairGenerator | None = None, named: bool = False) -> dict[str, list[QAPair]]:
+              generator: PairGenerator | None = None) -> dict[str, list[QAPair]]:
     """-> {article sha256 or title: pairs}; an article that yields none maps to []."""
     out: dict[str, list[QAPair]] = {}
     for a in articles:
         pairs = generator(a) if generator else []
-        out[a.sha256 or a.title] = pairs or make_pairs(a, per_article=per_article, named=named)
+        out[a.sha256 or a.title] = pairs or make_pairs(a, per_article=per_article)
     return out

@@ -17,6 +17,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from .context import Listener, Phases, Prepared, RoundContext
 from .data import Block
 from .inputs import ARTICLES_FILE, STATE_KEY, earlier_articles, gather
 from .model_io import load_for_training, save_for_checkpoint
+from .qa import make_pairs
+from .reading import MIN_READING_TOKENS, Reading
 
 log = logging.getLogger("selflearn.trainer")
 
@@ -105,10 +108,12 @@ def _training_batches(ctx: RoundContext, train_docs: list[list[int]], replay_doc
     chat = knowledge.build_chat_data(
         tok, train_arts, per_article=t.qa_pairs_per_article, review=review,
         replay=knowledge.Replay(refs.replay if refs else [], t.chat_replay, ctx.round),
-        generator=knowledge.load_generator(t.pair_generator),
-        reading=knowledge.Reading(t.qa_reading, L, t.seed + ctx.round)
-        if t.qa_reading > 0 and L >= knowledge.MIN_READING_TOKENS else None,
-        named=t.qa_named)
+        # qaNamed: the built-in pairs plus the one from the fact back to the subject, through the
+        # same hook a pairGenerator plugs into.
+        generator=knowledge.load_generator(t.pair_generator) or
+        (partial(make_pairs, per_article=t.qa_pairs_per_article, named=True) if t.qa_named else None),
+        reading=Reading(t.qa_reading, L, t.seed + ctx.round)
+        if t.qa_reading > 0 and L >= MIN_READING_TOKENS else None)
     text = train_docs + replay_docs if t.format == "mixed" else \
         [d for a, d in zip(train_arts, train_docs) if a.title in chat.text_only]
     too_long = sum(1 for ids, _ in chat.examples if len(ids) > L)
@@ -123,7 +128,7 @@ def _probe_parent(ctx: RoundContext, probes: knowledge.ProbeSets) -> knowledge.P
     kept in the store for the run's later rounds that start from it again."""
     report = knowledge.measure(ctx.model, ctx.tokenizer, probes, block=ctx.training.max_length,
                                precision=ctx.precision, known=_parent_probe(ctx.store, ctx.run, ctx.parent),
-                               memory=ctx.parent_memory, use=ctx.spec.serving.memory)
+                               memory=ctx.parent_memory)
     if ctx.parent is None and not report.reused:
         ctx.store.put_json(f"{ctx.run}/{BASE_PROBE_KEY}", report.reusable())
     return report
@@ -134,7 +139,7 @@ def _probe_candidate(ctx: RoundContext, prep: Prepared,
     """-> (the metrics the gate reads, what the manifest shows): the candidate against its parent."""
     assert prep.probes is not None
     after = knowledge.measure(ctx.model, ctx.tokenizer, prep.probes, block=ctx.training.max_length,
-                              precision=ctx.precision, memory=prep.memory, use=ctx.spec.serving.memory)
+                              precision=ctx.precision, memory=prep.memory)
     metrics, shown = knowledge.compare(before, after)
     log.info(knowledge.summary_line(metrics))
     return metrics, shown
@@ -170,7 +175,8 @@ def _prepare(ctx: RoundContext) -> Prepared:
     sets = {"fresh": batches_of(data.tokenize(tok, [a.text for a in inputs.held])),
             "trained": batches_of(train_docs),
             "general": batches_of(data.tokenize(tok, [a.text for a in general]))}
-    probes = knowledge.ProbeSets.of(inputs.train, inputs.held, general, refs.retention) \
+    probes = knowledge.ProbeSets.of(inputs.train, inputs.held, general, refs.retention,
+                                    memory_use=spec.serving.memory) \
         if t.chat_eval and refs else None
     return Prepared(train_docs, replay_docs, train_batches, chat, too_long, sets, refs, probes, fb_data,
                     _grown_memory(ctx))

@@ -55,8 +55,9 @@ def generate(engine: Engine, request: EngineRequest, timeout: float = 120) -> Do
 
 
 @contextlib.contextmanager
-def serve_api(app: Any) -> Iterator[str]:
-    """An ASGI app (`build_api(...)`) served by uvicorn on a free port; its base URL."""
+def serve_api(app: Any, **uvicorn_config: Any) -> Iterator[str]:
+    """An ASGI app (`build_api(...)`) served by uvicorn on a free port (`uvicorn_config`: more of
+    uvicorn.Config's options); its base URL."""
     import socket
 
     import uvicorn
@@ -64,7 +65,7 @@ def serve_api(app: Any) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
