@@ -154,6 +154,42 @@ def test_ordinary_values_sample_as_before():
                 _draw(_reference_penalty, _reference_sample, batch, seeds).tolist()
 
 
+def test_a_real_vocabulary_samples_as_the_full_sort_does():
+    """With the embedded model's 49,152 tokens the sampler looks at a row's best 256 first (a whole
+    sort per row was most of a sampled step): a seeded top-p row draws the very token the full sort
+    draws, whether its nucleus fits those 256 (peaked logits) or not (flat ones)."""
+    vocab = 49_152
+    g = torch.Generator().manual_seed(7)
+    scales = torch.tensor([0.5, 1.0, 4.0, 8.0, 12.0, 6.0])
+    for trial in range(10):
+        logits = torch.randn(6, vocab, generator=g) * scales[:, None]
+        temp = torch.tensor([0.7, 0.7, 0.7, 0.5, 1.0, 0.7])
+        top_p = torch.tensor([0.9, 0.95, 0.9, 0.5, 0.99, 0.3])
+        top_k = torch.tensor([0, 0, 0, 0, 0, 300])
+        seeds = [trial * 6 + i for i in range(6)]
+        got = sample(logits, temp, top_k, top_p, [torch.Generator().manual_seed(s) for s in seeds])
+        want = _reference_sample(logits, temp, top_k, top_p, [torch.Generator().manual_seed(s) for s in seeds])
+        assert got.tolist() == want.tolist()
+
+
+def test_a_row_that_truncates_nothing_draws_from_the_whole_distribution():
+    """temperature alone (top_p 1, no top_k), as many OpenAI clients send it: the draw follows the
+    softmax, tail included, without sorting the vocabulary."""
+    vocab = 4096
+    logits = torch.full((1, vocab), -2.0)
+    logits[0, :3] = torch.tensor([2.0, 1.0, 0.0])
+    probs = logits.softmax(-1)[0]
+    gen = torch.Generator().manual_seed(3)
+    n = 4000
+    counts = torch.zeros(vocab)
+    for _ in range(n):
+        tok = sample(logits, torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0]), [gen])
+        counts[int(tok)] += 1
+    for t in range(3):
+        assert abs(counts[t] / n - probs[t]) < 0.03, (t, counts[t] / n, probs[t])
+    assert abs(counts[3:].sum() / n - probs[3:].sum()) < 0.03  # the long tail keeps its share
+
+
 def test_a_penalty_that_would_overflow_is_floored_and_clamped_to_float32():
     logits = torch.tensor([[3e38, -3e38, float("-inf"), 0.0, 1.0, 2.0, 3.0]])
     seen = torch.tensor([[True, True, True, True, True, True, False]])
