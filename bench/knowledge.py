@@ -247,6 +247,9 @@ def main() -> None:
         "memory_learned_after": r4(final["knowledge"]["memory_learned"]),
         "memory_learned_ratio_to_closedbook": r4(final["knowledge"]["memory_learned"] / final["knowledge"]["learned"])
         if final["knowledge"]["learned"] else None,
+        # The same held-out questions as the base model answers them (it has no memory): compare
+        # with this, not with heldout_base, which also counts the reverse questions.
+        "memory_heldout_base": r4(base["knowledge"]["memory_held_out"]),
         "memory_heldout_after": r4(final["knowledge"]["memory_held_out"]),
         "memory_answers_that_read": final.get("unsupported", {}).get("read"),
         "unsupported_citation_fraction": final.get("unsupported", {}).get("fraction"),

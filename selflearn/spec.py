@@ -176,6 +176,9 @@ class TrainingSpec(_Spec):
     qa_reading: float = Field(0.0, ge=0, le=1)
     # One more pair per article asked from its first fact back to its subject (where it allows).
     qa_named: bool = False
+    # Extra renderings of each article's text trained beside it (chat and mixed formats): the lead
+    # sentence first, the subject named where a sentence opens with a pronoun, the rest shuffled.
+    renderings: int = Field(0, ge=0, le=4)
     # Ask parent and candidate questions about the articles and the chat-retention prompts.
     chat_eval: bool = True
     # Keep every learned article in the checkpoint's memory (selflearn/memory.py), searched at

@@ -171,7 +171,10 @@ def references(base_model: str, store: CheckpointStore, run: str, model: Any, to
 
 
 # -- measuring -------------------------------------------------------------------------------------------
-OPEN_BOOK_ARTICLES = 8  # learned articles a round also asks about with the article in the prompt
+# Learned articles a round also asks about with the article in the prompt, and with its memory
+# (and as many held-out questions with memory). Four, not eight: these prompts carry ~300 tokens of
+# passages, and at eight they were a third of a round's probe time (bench/knowledge.py asks all).
+OPEN_BOOK_ARTICLES = 4
 
 
 @dataclass
@@ -283,14 +286,18 @@ def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: i
     for name in names:
         n = len(getattr(sets, name))
         answers[name], i = rows[i:i + n], i + n
-    # Asked on their own: a batch pads every row to its longest prompt, and these are ~300 tokens.
-    answers["open_book"] = probe.ask(model, tokenizer, sets.open_book, max_new_tokens=PROBE_NEW_TOKENS)
-    # With its memory, as serving answers: the open-book articles' questions and the held-out ones.
+    # Asked apart from the short questions (a batch pads every row to its longest prompt, and these
+    # carry ~300 tokens of article or passages), but together: a batch's cost is mostly its decode
+    # steps, so one batch of open-book and with-memory questions takes ~2 s less than two.
+    # With its memory, as serving answers: the open-book articles' questions and as many held-out ones.
     asked = [q.question for q in sets.open_book]
     mem_learned = [probe.with_memory(q, memory, sets.memory_use) for q in sets.learned if q.question in asked]
     mem_held = [probe.with_memory(q, memory, sets.memory_use) for q in sets.held_out if q.kind == "ask"]
-    rows = probe.ask(model, tokenizer, mem_learned + mem_held, max_new_tokens=PROBE_NEW_TOKENS)
-    answers["memory_learned"], answers["memory_held_out"] = rows[:len(mem_learned)], rows[len(mem_learned):]
+    mem_held = mem_held[:max(len(mem_learned), len(sets.open_book))]
+    rows = probe.ask(model, tokenizer, [*sets.open_book, *mem_learned, *mem_held], max_new_tokens=PROBE_NEW_TOKENS)
+    n_book, n_mem = len(sets.open_book), len(mem_learned)
+    answers["open_book"] = rows[:n_book]
+    answers["memory_learned"], answers["memory_held_out"] = rows[n_book:n_book + n_mem], rows[n_book + n_mem:]
     if prior:
         answers["general"] = prior.general
         chat_ppl, format_ok, failures = prior.chat_ppl, prior.format_ok, prior.format_failures

@@ -39,6 +39,7 @@ from .inputs import ARTICLES_FILE, STATE_KEY, earlier_articles, gather
 from .model_io import load_for_training, save_for_checkpoint
 from .qa import make_pairs
 from .reading import MIN_READING_TOKENS, Reading
+from .renderings import renderings
 
 log = logging.getLogger("selflearn.trainer")
 
@@ -116,6 +117,9 @@ def _training_batches(ctx: RoundContext, train_docs: list[list[int]], replay_doc
         if t.qa_reading > 0 and L >= MIN_READING_TOKENS else None)
     text = train_docs + replay_docs if t.format == "mixed" else \
         [d for a, d in zip(train_arts, train_docs) if a.title in chat.text_only]
+    if t.renderings:  # of the articles whose text this format trains
+        texted = [a for a in train_arts if t.format == "mixed" or a.title in chat.text_only]
+        text = text + data.tokenize(tok, renderings(texted, t.renderings))
     too_long = sum(1 for ids, _ in chat.examples if len(ids) > L)
     if too_long:
         log.warning("%d of %d chat examples are longer than training.maxLength %d and are not trained",
