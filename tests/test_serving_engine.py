@@ -6,6 +6,7 @@ file:// store and on moto's S3 server over HTTP, uvicorn on 127.0.0.1.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import httpx
@@ -289,3 +290,28 @@ def test_app_builder_takes_the_operators_serve_config():
             assert parse_model_config(dep["user_config"]).checkpoint == "s3://bucket/prefix/wiki/r000003"
     with pytest.raises(ValueError, match="bogus"):
         app_builder({"bogus": 1})
+
+
+def test_no_load_runs_on_the_callers_thread(tiny_opt_dir):
+    """A replica's main thread never loads weights, not even the first ones it waits for: a thread
+    that ran parallel torch ops keeps an OpenMP worker pool for life, and beside the scheduler's it
+    halved the decode speed on 2 cores (docs/serving.md, "Which engine"). The load still reports
+    to the caller: it returns once the weights serve, and a failure leaves the replica degraded."""
+    from selflearn.serving import loader
+
+    threads: list[threading.Thread] = []
+
+    def load(cfg, options):
+        threads.append(threading.current_thread())
+        return loader.load(cfg, options)
+
+    eng = Engine(EngineOptions(dtype="fp32", torch_threads=1, max_new_tokens_cap=8), load=load)
+    try:
+        assert eng.configure({"base_model": tiny_opt_dir}, wait=True)
+        assert eng.current is not None and threads and threading.current_thread() not in threads
+        serving = eng.current.checkpoint_id
+        eng.configure({"base_model": tiny_opt_dir, "checkpoint": "file:///nowhere/run/r000001"}, wait=True)
+        assert eng.status().weights.degraded and eng.current.checkpoint_id == serving
+        assert len(threads) == 2 and threading.current_thread() not in threads
+    finally:
+        eng.shutdown()
