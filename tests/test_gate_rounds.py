@@ -54,7 +54,7 @@ def test_a_normal_round_is_promoted_and_knows_more(learned_round):
     assert res.metrics.knowledge.memory_learned.known and res.metrics.knowledge.memory_held_out.known
     assert not any(r["read"] for r in rows["parent"]["memory_learned"])
     read_own = [r["title"] in r["read"] for r in rows["candidate"]["memory_learned"]]
-    assert sum(read_own) >= 0.8 * len(read_own), rows["candidate"]["memory_learned"]
+    assert read_own and sum(read_own) >= len(read_own) - 1, rows["candidate"]["memory_learned"]  # one miss at most
 
 
 # The bad rounds train in the shared round's store and run, from the base model: the base model's
