@@ -277,7 +277,7 @@ def run_openvino(model_dir: str, threads: int) -> dict:
 
 # -- llama.cpp -------------------------------------------------------------------------------------
 def run_llama_cpp(threads: int) -> dict:
-    from llama_cpp_peer import LLAMA_CPP, bf16_gguf, llama_server_binary
+    from llama_cpp_peer import bf16_gguf, llama_server_binary
 
     server = Path(llama_server_binary())
     build = server.parent.parent
@@ -285,7 +285,6 @@ def run_llama_cpp(threads: int) -> dict:
     if not tool.exists():
         subprocess.run(["nice", "cmake", "--build", str(build), "--target", "llama-batched-bench",
                         f"-j{os.cpu_count()}"], check=True, capture_output=True)
-    del LLAMA_CPP
     gguf = bf16_gguf()
     # A chat prompt of the 16 is ~30-40 tokens: npp 40, ntg 64, 16 parallel sequences (and 1).
     res = subprocess.run([str(tool), "-m", str(gguf), "-c", "4096", "-b", "2048", "-ub", "512", "-t", str(threads),

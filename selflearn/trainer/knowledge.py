@@ -279,25 +279,17 @@ def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: i
     fp = fingerprint(sets, precision)
     prior = known if known is not None and known.fingerprint == fp else None
     names = ("learned", "held_out") if prior else ("learned", "held_out", "general")
-    rows = probe.ask(model, tokenizer, [q for n in names for q in getattr(sets, n)],
-                     max_new_tokens=PROBE_NEW_TOKENS)
-    answers: dict[str, list[dict[str, Any]]] = {}
-    i = 0
-    for name in names:
-        n = len(getattr(sets, name))
-        answers[name], i = rows[i:i + n], i + n
-    # Asked apart from the short questions (a batch pads every row to its longest prompt, and these
-    # carry ~300 tokens of article or passages), but together: a batch's cost is mostly its decode
-    # steps, so one batch of open-book and with-memory questions takes ~2 s less than two.
+    answers = _asked_together(model, tokenizer, {n: getattr(sets, n) for n in names})
     # With its memory, as serving answers: the open-book articles' questions and as many held-out ones.
     asked = [q.question for q in sets.open_book]
     mem_learned = [probe.with_memory(q, memory, sets.memory_use) for q in sets.learned if q.question in asked]
     mem_held = [probe.with_memory(q, memory, sets.memory_use) for q in sets.held_out if q.kind == "ask"]
-    mem_held = mem_held[:max(len(mem_learned), len(sets.open_book))]
-    rows = probe.ask(model, tokenizer, [*sets.open_book, *mem_learned, *mem_held], max_new_tokens=PROBE_NEW_TOKENS)
-    n_book, n_mem = len(sets.open_book), len(mem_learned)
-    answers["open_book"] = rows[:n_book]
-    answers["memory_learned"], answers["memory_held_out"] = rows[n_book:n_book + n_mem], rows[n_book + n_mem:]
+    # Asked apart from the short questions (a batch pads every row to its longest prompt, and these
+    # carry ~300 tokens of article or passages), but together: a batch's cost is mostly its decode
+    # steps, so one batch of open-book and with-memory questions takes ~2 s less than two.
+    answers.update(_asked_together(model, tokenizer, {
+        "open_book": sets.open_book, "memory_learned": mem_learned,
+        "memory_held_out": mem_held[:max(len(mem_learned), len(sets.open_book))]}))
     if prior:
         answers["general"] = prior.general
         chat_ppl, format_ok, failures = prior.chat_ppl, prior.format_ok, prior.format_failures
@@ -306,6 +298,16 @@ def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: i
         format_ok, failures = probe.format_check(model, tokenizer, sets.retention, max_new_tokens=CHAT_NEW_TOKENS)
     return ProbeReport(answers, chat_ppl, format_ok, failures, fp, reused=prior is not None,
                        seconds=round(time.time() - t0, 1))
+
+
+def _asked_together(model: torch.nn.Module, tokenizer: Any,
+                    groups: dict[str, list[probe.Question]]) -> dict[str, list[dict[str, Any]]]:
+    """The greedy answers to every group's questions, generated in one call, by group."""
+    rows = probe.ask(model, tokenizer, [q for qs in groups.values() for q in qs], max_new_tokens=PROBE_NEW_TOKENS)
+    out, i = {}, 0
+    for name, qs in groups.items():
+        out[name], i = rows[i:i + len(qs)], i + len(qs)
+    return out
 
 
 SETS = ("learned", "held_out", "general", "open_book", "memory_learned", "memory_held_out")
