@@ -5,11 +5,13 @@
 
 1. Baseline: a seed-style server in a subprocess (FastAPI, one `model.generate` per request, no
    batching, fp32 as the seed loads it; and again in bf16 so the batching gain shows on its own).
-2. selflearn: the real app (`start_local`: Ray Serve, ChatIngress -> ChatModel, continuous batching).
+2. selflearn: the real app (`start_local`: Ray Serve, ChatIngress -> ChatModel, continuous batching)
+   on each engine of `--engines` (OpenVINO, then torch; the first one's figures at the top level).
    Both get the same load: CONCURRENCY clients, each asking for 64 new tokens, ROUNDS requests each.
 3. TTFT: streaming /chat/stream at concurrency 1, time until the first token event.
 4. Swap: clients keep sending while the checkpoint changes twice (file:// store with two published
-   checkpoints); time from update_checkpoint to the first answer carrying the new id, and failures.
+   checkpoints, each with its OpenVINO IR as the trainer publishes it); time from update_checkpoint
+   to the first answer carrying the new id, and failures. `publish_to_serving_s` adds the export.
 5. Peer: llama.cpp's llama-server (built once by hack/llama-server.sh) on a BF16 GGUF of the same
    weights (llama.cpp's convert_hf_to_gguf.py) and on the bundled Q4_1 GGUF, with continuous
    batching, one slot per client and 2 threads; it and selflearn get the same load through the
@@ -214,25 +216,29 @@ def ttft(url: str, n: int) -> list[float]:
     return out
 
 
-def publish_checkpoints(root: Path) -> list[str]:
-    """Two checkpoints of the embedded model (bf16 copy) in a file:// store; returns their URIs."""
+def publish_checkpoints(root: Path) -> tuple[list[str], float]:
+    """Two checkpoints of the embedded model (bf16 copy) in a file:// store, each with its OpenVINO
+    IR as the trainer publishes it; returns their URIs and the seconds the export took."""
     import torch
 
-    from selflearn import basemodel
+    from selflearn import basemodel, openvino_ir
     from selflearn.checkpoints import CheckpointStore
 
     src = root / "src"
     model = basemodel.load_model("embedded:smollm2-135m-instruct", dtype=torch.bfloat16)
     model.save_pretrained(src)
     basemodel.load_tokenizer("embedded:smollm2-135m-instruct").save_pretrained(src)
+    t0 = time.perf_counter()
+    openvino_ir.export(src, src / openvino_ir.CHECKPOINT_SUBDIR)
+    export_s = time.perf_counter() - t0
     store = CheckpointStore.from_uri(f"file://{root / 'store'}")
     uris = []
     for r in (1, 2):
         uris.append(store.publish("bench", r, src, {"base_model": "embedded:smollm2-135m-instruct"}).uri)
-    return uris
+    return uris, export_s
 
 
-def swap_under_load(server, url: str, targets: list[tuple[str, str]], clients: int = 4) -> dict:
+def swap_under_load(server, url: str, targets: list[tuple[str, str]], engine: str, clients: int = 4) -> dict:
     import httpx
 
     records: list[tuple[float, int, str | None]] = []
@@ -260,7 +266,7 @@ def swap_under_load(server, url: str, targets: list[tuple[str, str]], clients: i
     try:
         for uri, ckpt_id in targets:
             t0 = time.perf_counter()
-            server.update_checkpoint({"checkpoint": uri})
+            server.update_checkpoint({"checkpoint": uri, "engine": engine})
             while True:
                 with lock:
                     hit = [end for (_, code, ck, end) in records if ck == ckpt_id and end > t0]
@@ -288,6 +294,8 @@ def main() -> None:
     ap.add_argument("--baseline-dtypes", default="fp32,bf16")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-peer", action="store_true", help="leave llama.cpp's llama-server out")
+    ap.add_argument("--engines", default="openvino,torch",
+                    help="serving engines to measure, the first one's figures at the top level")
     ap.add_argument("--baseline-server", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-dtype", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -319,22 +327,46 @@ def main() -> None:
     from selflearn.serving.app import shutdown, start_local
 
     tmp = Path(tempfile.mkdtemp(prefix="selflearn-bench-"))
+    engines: dict[str, dict] = {}
     try:
-        uris = publish_checkpoints(tmp)
-        port = free_port()
-        server = start_local(port=port, user_config={}, args={"engine": {"max_batch_size": max(16, args.concurrency)}})
-        url = server.url
-        warm(url)
-        ours = run_load(url, args.concurrency, args.rounds, "usage")
-        print(f"selflearn: {json.dumps(ours)}", flush=True)
-        ours_openai = run_load(url, args.concurrency, args.rounds, "usage", route="openai")
-        print(f"selflearn (OpenAI route): {json.dumps(ours_openai)}", flush=True)
-        firsts = ttft(url, 5 if args.quick else 10)
-        swap = swap_under_load(server, url, [(uris[0], "bench/r000001"), (uris[1], "bench/r000002")])
-        shutdown()
-        ray.shutdown()
+        uris, export_s = publish_checkpoints(tmp)
+        for engine in args.engines.split(","):
+            port = free_port()
+            t0 = time.perf_counter()
+            server = start_local(port=port, user_config={"engine": engine},
+                                 args={"engine": {"max_batch_size": max(16, args.concurrency)}})
+            url = server.url
+            warm(url)
+            ready_s = time.perf_counter() - t0
+            ours = run_load(url, args.concurrency, args.rounds, "usage")
+            print(f"selflearn {engine}: {json.dumps(ours)}", flush=True)
+            ours_openai = run_load(url, args.concurrency, args.rounds, "usage", route="openai")
+            print(f"selflearn {engine} (OpenAI route): {json.dumps(ours_openai)}", flush=True)
+            firsts = ttft(url, 5 if args.quick else 10)
+            swap = swap_under_load(server, url, [(uris[0], "bench/r000001"), (uris[1], "bench/r000002")], engine)
+            engines[engine] = {"chat": ours, "openai": ours_openai, "ttft": firsts, "swap": swap,
+                               "start_s": ready_s}
+            shutdown()
+            ray.shutdown()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+    main_engine = args.engines.split(",")[0]
+    ours, ours_openai, firsts, swap = (engines[main_engine][k] for k in ("chat", "openai", "ttft", "swap"))
+    result["engine"] = main_engine
+    # From a trainer's published files to the first answer on them: the export (the trainer's cost
+    # at publish) and the swap under load (download of the IR, load, first answer).
+    result["openvino_export_s"] = round(export_s, 1)
+    if "openvino" in engines:
+        result["publish_to_serving_s"] = round(export_s + engines["openvino"]["swap"]["swap_seconds"], 1)
+    result["engines"] = {name: {"tokens_per_s": round(e["chat"]["tokens_per_s"], 1),
+                                "openai_tokens_per_s": round(e["openai"]["tokens_per_s"], 1),
+                                "openai_p95_ms": round(e["openai"]["p95_ms"]),
+                                "ttft_p50_ms": round(statistics.median(e["ttft"])),
+                                "swap_seconds": round(e["swap"]["swap_seconds"], 2),
+                                "swap_failed_requests": e["swap"]["swap_failed_requests"],
+                                "failures": e["chat"]["failures"] + e["openai"]["failures"],
+                                "start_s": round(e["start_s"], 1)} for name, e in engines.items()}
 
     base = baselines[args.baseline_dtypes.split(",")[0]]
     result.update({
@@ -351,6 +383,8 @@ def main() -> None:
     result["openai_p95_ms"] = round(ours_openai["p95_ms"])
     if peers:
         peer = peers["bf16"]
+        for e in result["engines"].values():
+            e["ratio_to_peer"] = round(e["openai_tokens_per_s"] / peer["tokens_per_s"], 2)
         result.update({
             "peer": "llama.cpp llama-server, BF16 GGUF, continuous batching, -np %d, 2 threads" % args.concurrency,
             "peer_tokens_per_s": round(peer["tokens_per_s"], 1), "peer_p95_ms": round(peer["p95_ms"]),

@@ -155,18 +155,22 @@ class CheckpointStore:
         """File `name` of checkpoint `ref` (articles.jsonl), unverified; None if it has none."""
         return self.backend.get_bytes(f"{ref.run}/{round_dir(ref.round)}/{name}")
 
-    def download(self, ref: CheckpointRef | str, dest: Path) -> dict[str, Any]:
+    def download(self, ref: CheckpointRef | str, dest: Path, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         """Fetch a checkpoint into `dest`, verifying every file; returns its manifest.
 
         Files land in a temporary sibling directory that is renamed into place only after every
-        sha256 matches, so `dest` is either absent or complete and verified.
+        sha256 matches, so `dest` is either absent or complete and verified. Files under the
+        directories in `skip` are left out (the trainer needs no parent's OpenVINO IR); the local
+        manifest records what was skipped, so such a copy never passes for a whole one.
         """
         ref = self.ref_for_uri(ref) if isinstance(ref, str) else ref
         doc = self.manifest(ref)
         dest = Path(dest)
+        prefixes = tuple(f"{d.rstrip('/')}/" for d in skip)
         if (dest / MANIFEST).is_file():
             try:
-                if json.loads((dest / MANIFEST).read_text()).get("files") == doc["files"]:
+                local = json.loads((dest / MANIFEST).read_text())
+                if local.get("files") == doc["files"] and local.get("skipped", []) == list(skip):
                     return doc  # already downloaded and verified
             except json.JSONDecodeError:
                 pass
@@ -176,6 +180,8 @@ class CheckpointStore:
             for rel, meta in doc["files"].items():
                 if ".." in Path(rel).parts or rel.startswith("/"):
                     raise CheckpointError(f"manifest of {ref.uri} names an unsafe path {rel!r}")
+                if prefixes and rel.startswith(prefixes):
+                    continue
                 target = tmp / rel
                 self.backend.get_file(f"{ref.run}/{round_dir(ref.round)}/{rel}", target)
                 size = target.stat().st_size
@@ -185,7 +191,8 @@ class CheckpointStore:
                 if digest != meta.get("sha256"):
                     raise CheckpointError(f"{ref.uri}/{rel}: sha256 mismatch (file {digest[:12]}, "
                                           f"manifest {str(meta.get('sha256'))[:12]}); refusing to load")
-            (tmp / MANIFEST).write_text(json.dumps(doc, indent=2, sort_keys=True))
+            (tmp / MANIFEST).write_text(json.dumps({**doc, "skipped": list(skip)} if skip else doc,
+                                                   indent=2, sort_keys=True))
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
         finally:

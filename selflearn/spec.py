@@ -270,6 +270,10 @@ class ServingSpec(_Spec):
     resources: dict[str, Any] = Field(default_factory=dict)
     ingress: IngressSpec = Field(default_factory=IngressSpec)
     memory: MemoryUseSpec = Field(default_factory=MemoryUseSpec)
+    # What decodes (docs/serving.md, "Which engine"): `auto` is OpenVINO GenAI where it can run (a
+    # CPU, a Llama-family model), else torch. With auto or openvino the trainer publishes each
+    # checkpoint's OpenVINO IR beside its weights, so replicas load it instead of converting it.
+    engine: Literal["auto", "torch", "openvino"] = "auto"
 
 
 class LearnerRunSpec(_Spec):

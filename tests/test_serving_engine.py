@@ -85,10 +85,14 @@ def test_rate_limiter_conversations_and_safety():
 
 
 # -- the embedded model ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def engine():
+@pytest.fixture(scope="module", params=["torch", "openvino"])
+def engine(request):
+    """The embedded model on each engine: every test below runs on both."""
+    if request.param == "openvino":
+        pytest.importorskip("openvino_genai")
     eng = Engine(EngineOptions(dtype="fp32", torch_threads=2, max_new_tokens_cap=128))
-    eng.configure({}, wait=True)
+    eng.configure({"engine": request.param}, wait=True)
+    assert eng.status().weights.engine == request.param
     yield eng
     eng.shutdown()
 
@@ -124,7 +128,9 @@ def test_stop_length_and_cancel(engine):
 def test_a_request_takes_the_deployments_defaults_for_what_it_leaves_out(engine):
     """The user_config's `generation` fills in what a request does not ask for, and the cap bounds
     what it does: the engine request carries only what the client sent."""
-    engine.configure({"generation": {"max_length": 3, "temperature": 0, "stop": ["Paris"]}}, wait=True)
+    kind = engine.status().weights.engine
+    engine.configure({"engine": kind, "generation": {"max_length": 3, "temperature": 0, "stop": ["Paris"]}},
+                     wait=True)
     try:
         short = generate(engine, ask("Count from 1 to 50."))
         assert short.finish_reason == "length" and short.usage["completion_tokens"] == 3
@@ -135,8 +141,9 @@ def test_a_request_takes_the_deployments_defaults_for_what_it_leaves_out(engine)
         assert capped.ticket.params.max_new_tokens == engine.options.max_new_tokens_cap == 128
         assert capped.ended.wait(30)
         assert engine.status().generation_defaults["max_length"] == 3
+        assert engine.status().weights.engine == kind
     finally:
-        engine.configure({}, wait=True)
+        engine.configure({"engine": kind}, wait=True)
 
 
 # -- tiny OPT: the plain prompt path, trimming, and hot swap on real stores ----------------------------

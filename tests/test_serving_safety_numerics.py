@@ -233,19 +233,42 @@ def _serve(engine: Engine, settings: ServeSettings) -> contextlib.AbstractContex
 ENGINE = {"max_new_tokens_cap": 64, "max_context_tokens": 128}  # the tiny OPT's own context is 256
 
 
-@pytest.fixture(scope="module")
-def served(tiny_opt_dir):
+class _GatedPipeline:
+    """An OpenVINO pipeline whose steps wait at the gate, as the torch model's forward does."""
+
+    def __init__(self, pipeline, gate: Gate):
+        self._pipeline, self._gate = pipeline, gate
+
+    def step(self) -> None:
+        self._gate.hook(None, None)
+        self._pipeline.step()
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+
+@pytest.fixture(scope="module", params=["torch", "openvino"])
+def served(request, tiny_opt_dir, tiny_llama_dir):
+    """The app on each engine (each samples on its own): the tiny OPT on torch, the tiny Llama on
+    OpenVINO (it exports the Llama family only)."""
     from selflearn.serving import loader
 
+    if request.param == "openvino":
+        pytest.importorskip("openvino_genai")
     gate = Gate()
 
     def load(cfg, options):
         lm = loader.load(cfg, options)
-        lm.model.register_forward_pre_hook(gate.hook)
+        if lm.pipeline is not None:
+            lm.pipeline = _GatedPipeline(lm.pipeline, gate)
+        else:
+            lm.model.register_forward_pre_hook(gate.hook)
         return lm
 
     engine = Engine(EngineOptions(dtype="fp32", torch_threads=1, max_batch_size=16, **ENGINE), load=load)
-    engine.configure({"base_model": tiny_opt_dir}, wait=True)
+    model = tiny_opt_dir if request.param == "torch" else tiny_llama_dir
+    engine.configure({"base_model": model, "engine": request.param}, wait=True)
+    assert engine.status().weights.engine == request.param
     try:
         with _serve(engine, ServeSettings(engine=ENGINE)) as url:
             yield url, engine, gate

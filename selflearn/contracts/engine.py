@@ -102,6 +102,7 @@ class WeightsStatus:
     checkpoint_uri: str | None = None
     base_model: str | None = None
     dtype: str | None = None
+    engine: str | None = None  # what decodes: torch | openvino
     chat_template: bool | None = None
     loaded_at: float | None = None
     load_seconds: float | None = None

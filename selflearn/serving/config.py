@@ -56,6 +56,9 @@ class ModelConfig(_Strict):
     base_model: str = EMBEDDED_MODEL
     storage_endpoint: str | None = None
     storage_region: str | None = None
+    # What decodes: OpenVINO GenAI's continuous batching (a CPU, a Llama-family model, openvino
+    # installed), the torch engine, or `auto`: openvino where it can run, else torch.
+    engine: Literal["auto", "torch", "openvino"] = "auto"
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
     memory: MemoryUseSpec = Field(default_factory=MemoryUseSpec)  # changed in place, no reload
 
@@ -82,7 +85,7 @@ class ModelConfig(_Strict):
     def weights_key(self) -> tuple:
         """What identifies the weights: a change here means a reload, anything else does not."""
         return (self.checkpoint, self.base_model if self.checkpoint is None else None,
-                self.storage_endpoint, self.storage_region)
+                self.storage_endpoint, self.storage_region, self.engine)
 
 
 def parse_model_config(raw: Any) -> ModelConfig:

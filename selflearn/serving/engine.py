@@ -27,6 +27,7 @@ from ..contracts import BatchStatus, EngineCounters, EngineRequest, EngineStatus
 from . import loader as loader_mod
 from .batch import Batch, Sink, Ticket
 from .config import EngineOptions
+from .openvino_engine import OpenVinoBatch
 from .sampling import SamplingParams
 from .swap import HotSwap
 
@@ -69,7 +70,7 @@ class Engine(HotSwap):
         self.options = options or EngineOptions()
         self._cv = threading.Condition()
         self._waiting: deque[Ticket] = deque()
-        self._batches: list[Batch] = []
+        self._batches: list[Batch | OpenVinoBatch] = []
         self.counters = EngineCounters()
         self._init_weights(load)
         self._stop = False
@@ -95,7 +96,7 @@ class Engine(HotSwap):
             if self.current is None:
                 raise NotReady("no model is loaded: its weights failed to load (see /readyz)" if self._failure
                                else "the model is still loading")
-            if params.seed is not None and params.temperature > 0:
+            if params.seed is not None and params.temperature > 0 and self.current.model is not None:
                 import torch
 
                 ticket.generator = torch.Generator(device=self.current.model.device).manual_seed(params.seed)
@@ -155,20 +156,15 @@ class Engine(HotSwap):
             ids = {id(r) for r in rows}
             for b in self._batches:
                 if any(id(r) in ids for r in b.rows):
+                    if isinstance(b, OpenVinoBatch):
+                        b.abandon()
                     b.rows = []
             for r in rows:
                 if not r.done:
                     r.fail(500, "generation failed; see the server log")
 
-    def _prefill(self, tickets: list[Ticket], lm: loader_mod.LoadedModel | None) -> None:
-        import torch
-
-        from .decode import HeadroomCache
-
-        if lm is None:  # not reached: `submit` queues nothing before weights load, and they never unload
-            for t in tickets:
-                t.fail(503, "no model is loaded")
-            return
+    def _encode(self, tickets: list[Ticket], lm: loader_mod.LoadedModel) -> tuple[list[Ticket], list[list[int]]]:
+        """The prompt ids of each ticket that fits the context (`Start` sent); the others fail."""
         context = min(lm.context_length, self.options.max_context_tokens)
         rows, prompts = [], []
         for t in tickets:
@@ -181,8 +177,23 @@ class Engine(HotSwap):
             t.start(lm, len(ids), dropped)
             rows.append(t)
             prompts.append(ids)
+        return rows, prompts
+
+    def _prefill(self, tickets: list[Ticket], lm: loader_mod.LoadedModel | None) -> None:
+        import torch
+
+        from .decode import HeadroomCache
+
+        if lm is None:  # not reached: `submit` queues nothing before weights load, and they never unload
+            for t in tickets:
+                t.fail(503, "no model is loaded")
+            return
+        rows, prompts = self._encode(tickets, lm)
         if not rows:
             return
+        self.counters.prompt_tokens += sum(len(p) for p in prompts)
+        if lm.pipeline is not None:
+            return self._admit_openvino(rows, prompts, lm)
         dev = lm.model.device
         width = max(len(p) for p in prompts)
         pad = lm.tokenizer.pad_token_id or 0
@@ -198,19 +209,30 @@ class Engine(HotSwap):
             seen[i, torch.tensor(p, device=dev).clamp(max=vocab - 1)] = True
         group = Batch(lm, rows, cache, mask, mask.sum(1), seen)
         group.sample_and_push(out.logits[:, -1])
-        self.counters.prompt_tokens += sum(len(p) for p in prompts)
         self.counters.generated_tokens += len(rows)
         group.keep([i for i, r in enumerate(group.rows) if not r.done])
         if not group.rows:
             return
-        home = next((b for b in self._batches if b.lm is lm and b.rows), None)
+        home = next((b for b in self._batches if isinstance(b, Batch) and b.lm is lm and b.rows), None)
         if home is None:
             self._batches.append(group)
         else:
             home.merge(group)
 
-    def _step(self, batch: Batch) -> None:
+    def _admit_openvino(self, rows: list[Ticket], prompts: list[list[int]], lm: loader_mod.LoadedModel) -> None:
+        home = next((b for b in self._batches if isinstance(b, OpenVinoBatch) and b.lm is lm), None)
+        if home is None:
+            home = OpenVinoBatch(lm)
+            self._batches.append(home)
+        for row, ids in zip(rows, prompts):
+            home.add(row, ids)
+
+    def _step(self, batch: Batch | OpenVinoBatch) -> None:
         import torch
+
+        if isinstance(batch, OpenVinoBatch):
+            self.counters.generated_tokens += batch.step()
+            return
 
         for r in batch.rows:
             if r.cancelled and not r.done:

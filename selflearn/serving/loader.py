@@ -9,6 +9,7 @@ store raises and the caller keeps the weights it has. LoRA checkpoints saved as 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ class LoadedModel:
     eos_ids: frozenset
     cache_kw: str
     manifest: dict | None = None
+    engine: str = "torch"  # what decodes: torch (`model`) or openvino (`pipeline`, and `model` is None)
+    pipeline: Any = None  # openvino_genai.ContinuousBatchingPipeline
     memory: Memory | None = None  # what its rounds learned, searched at answer time (None: it keeps none)
     load_seconds: float = 0.0
     loaded_at: float = field(default_factory=time.time)
@@ -175,51 +178,143 @@ def _manifest_base_model(manifest: dict | None, fallback: str) -> str:
 
 def load(cfg: ModelConfig, options: EngineOptions) -> LoadedModel:
     """Load the weights `cfg` names. Raises (CheckpointError, ValueError, OSError, ...) on failure."""
-    import inspect
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     t0 = time.monotonic()
-    dtype = pick_dtype(options.dtype)
-    manifest, memory = None, None
+    manifest, memory, path = None, None, None
     if cfg.checkpoint:
         path, manifest, ckpt_id = fetch_checkpoint(cfg, options)
         base_id = _manifest_base_model(manifest, cfg.base_model)
         # Verified with the weights (sha256 at download); unreadable, it refuses the checkpoint too.
         memory = Memory.load(path)
-        if (path / "adapter_config.json").is_file():
-            from peft import PeftModel
-
-            base = basemodel.load_model(base_id, dtype=dtype)
-            model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         has_tok = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
         tok_src = str(path) if has_tok else basemodel.resolve(base_id)
         uri = cfg.checkpoint
     else:
         base_id = cfg.base_model
-        src = basemodel.resolve(base_id)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
-        tok_src, ckpt_id, uri = src, contracts.base_id(base_id), None
+        tok_src, ckpt_id, uri = basemodel.resolve(base_id), contracts.base_id(base_id), None
+    engine = pick_engine(cfg.engine, path, base_id)
+    if engine == "openvino":
+        lm = _load_openvino(cfg, options, path, manifest, base_id, tok_src, ckpt_id, uri)
+    else:
+        lm = _load_torch(options, path, base_id, tok_src, ckpt_id, uri, manifest)
+    lm.memory = memory
+    _warm_up(lm)
+    lm.load_seconds = time.monotonic() - t0
+    log.info("loaded %s (%s, %s, %s) in %.1fs", lm.checkpoint_id, lm.engine, lm.dtype, device(), lm.load_seconds)
+    return lm
+
+
+def pick_engine(asked: str, path: Path | None, base_id: str) -> str:
+    """The engine that decodes these weights: `asked`, or for `auto` openvino where it can run
+    (a CPU, openvino installed, a model it exports) and torch elsewhere. An explicit `openvino`
+    that cannot run raises ValueError with the reason, so the replica keeps the weights it has."""
+    if asked == "torch":
+        return "torch"
+    from .. import openvino_ir
+    from . import openvino_engine
+    from .engine import available_cpus
+
+    why = openvino_engine.available()
+    if why is None and available_cpus() < openvino_engine.MIN_CPUS:
+        why = openvino_engine.ONE_CPU
+    if why is None and device().type != "cpu":
+        why = f"the model runs on {device().type}, and the OpenVINO engine is for CPUs"
+    if why is None and path is not None and (path / "adapter_config.json").is_file():
+        why = "the checkpoint is a bare LoRA adapter"
+    if why is None:
+        why = openvino_ir.unsupported(basemodel.load_config(str(path) if path is not None else base_id))
+    if why is None:
+        return "openvino"
+    if asked == "openvino":
+        raise ValueError(f"the OpenVINO engine cannot serve this model: {why}")
+    log.info("serving on the torch engine: %s", why)
+    return "torch"
+
+
+def _eos_ids(tok, generation_config) -> frozenset:
+    eos: set[int] = set()
+    for v in (tok.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        eos.update(v if isinstance(v, (list, tuple)) else [v] if v is not None else [])
+    return frozenset(eos)
+
+
+def _tokenizer(tok_src: str):
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tok_src)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_torch(options: EngineOptions, path: Path | None, base_id: str, tok_src: str, ckpt_id: str,
+                uri: str | None, manifest: dict | None) -> LoadedModel:
+    import inspect
+
+    from transformers import AutoModelForCausalLM
+
+    dtype = pick_dtype(options.dtype)
+    if path is not None and (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = basemodel.load_model(base_id, dtype=dtype)
+        model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path) if path is not None else tok_src, dtype=dtype)
+    tok = _tokenizer(tok_src)
     _use_decode_attention(model)
     model.to(device()).eval()
-    eos: set[int] = set()
-    for v in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        eos.update(v if isinstance(v, (list, tuple)) else [v] if v is not None else [])
     params = inspect.signature(model.forward).parameters
-    lm = LoadedModel(
+    return LoadedModel(
         model=model, tokenizer=tok, checkpoint_id=ckpt_id, uri=uri, base_model=base_id,
         dtype=str(dtype).removeprefix("torch."), context_length=basemodel.context_length(model.config),
-        chat_template=bool(getattr(tok, "chat_template", None)), eos_ids=frozenset(eos),
-        cache_kw="cache" if "cache" in params else "past_key_values", manifest=manifest, memory=memory)
-    _warm_up(lm)
-    lm.load_seconds = time.monotonic() - t0
-    log.info("loaded %s (%s, %s) in %.1fs", lm.checkpoint_id, lm.dtype, device(), lm.load_seconds)
-    return lm
+        chat_template=bool(getattr(tok, "chat_template", None)), eos_ids=_eos_ids(tok, model.generation_config),
+        cache_kw="cache" if "cache" in params else "past_key_values", manifest=manifest)
+
+
+def openvino_ir_dir(cfg: ModelConfig, options: EngineOptions, path: Path | None, manifest: dict | None,
+                    base_id: str) -> Path:
+    """Where the IR of these weights is, exporting it first if nobody has: the checkpoint's own
+    (the trainer exports at publish, verified by sha256 with the weights), else an export into the
+    serving cache, keyed by the weights' checksums (a base model: by its id), made once per node."""
+    from .. import openvino_ir
+
+    if path is not None and openvino_ir.is_exported(path / openvino_ir.CHECKPOINT_SUBDIR):
+        return path / openvino_ir.CHECKPOINT_SUBDIR
+    if path is not None:
+        files = (manifest or {}).get("files") or {}
+        key = json.dumps({k: v.get("sha256") for k, v in sorted(files.items()) if isinstance(v, dict)})
+    else:
+        key = f"base:{base_id}"
+    root = _cache_dir(options) / "openvino"
+    dest = root / hashlib.sha256(key.encode()).hexdigest()[:20]
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / f".{dest.name}.lock"):
+        if not openvino_ir.is_exported(dest):
+            log.info("%s carries no OpenVINO IR: exporting it (once per node)", cfg.checkpoint or base_id)
+            openvino_ir.export(path if path is not None else basemodel.resolve(base_id), dest)
+    return dest
+
+
+def _load_openvino(cfg: ModelConfig, options: EngineOptions, path: Path | None, manifest: dict | None,
+                   base_id: str, tok_src: str, ckpt_id: str, uri: str | None) -> LoadedModel:
+    from transformers import GenerationConfig
+
+    from .engine import available_cpus
+    from .openvino_engine import MIN_CPUS, load_pipeline
+
+    ir = openvino_ir_dir(cfg, options, path, manifest, base_id)
+    pipeline = load_pipeline(ir, options, max(MIN_CPUS, options.torch_threads or available_cpus()))
+    tok = _tokenizer(tok_src)
+    try:
+        gen = GenerationConfig.from_pretrained(str(ir))
+    except OSError:  # no generation_config.json: the tokenizer's eos alone
+        gen = None
+    config = basemodel.load_config(str(ir))
+    return LoadedModel(
+        model=None, tokenizer=tok, checkpoint_id=ckpt_id, uri=uri, base_model=base_id, dtype="f16",
+        context_length=basemodel.context_length(config), chat_template=bool(getattr(tok, "chat_template", None)),
+        eos_ids=_eos_ids(tok, gen), cache_kw="past_key_values", manifest=manifest, engine="openvino",
+        pipeline=pipeline)
 
 
 def _use_decode_attention(model) -> None:
@@ -235,6 +330,8 @@ def _use_decode_attention(model) -> None:
 
 def _warm_up(lm: LoadedModel) -> None:
     """One tiny prefill and decode step so the first user does not pay for kernel selection."""
+    if lm.pipeline is not None:
+        return _warm_up_openvino(lm)
     import torch
 
     from .decode import HeadroomCache
@@ -245,6 +342,22 @@ def _warm_up(lm: LoadedModel) -> None:
         out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{lm.cache_kw: cache})
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         lm.model(input_ids=nxt, use_cache=True, **{lm.cache_kw: cache})
+
+
+def _warm_up_openvino(lm: LoadedModel) -> None:
+    from .batch import Ticket
+    from .openvino_engine import OpenVinoBatch
+    from .sampling import SamplingParams
+
+    hi = [{"role": "user", "content": "Hi"}]
+    ticket = Ticket(hi, SamplingParams(max_new_tokens=2), lambda ev: None)
+    ticket.start(lm, 0, 0)
+    batch = OpenVinoBatch(lm)
+    batch.add(ticket, lm.render(hi))
+    for _ in range(8):  # a prefill and a decode step; bounded whatever the pipeline does
+        if not batch.rows:
+            break
+        batch.step()
 
 
 def release_freed_memory() -> None:

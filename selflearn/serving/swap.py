@@ -219,7 +219,7 @@ class HotSwap:
         if cur is None:
             return wanted
         return dataclasses.replace(wanted, ready=True, checkpoint=cur.checkpoint_id, checkpoint_uri=cur.uri,
-                                   base_model=cur.base_model, dtype=cur.dtype, chat_template=cur.chat_template,
+                                   base_model=cur.base_model, dtype=cur.dtype, engine=cur.engine, chat_template=cur.chat_template,
                                    loaded_at=cur.loaded_at, load_seconds=round(cur.load_seconds, 3),
                                    memory_passages=len(cur.memory.passages) if cur.memory is not None else None)
 

@@ -15,10 +15,13 @@ log = logging.getLogger("selflearn.trainer")
 
 
 def fetch_checkpoint(ref: CheckpointRef, store: CheckpointStore, dest: Path) -> dict:
-    """Download and verify `ref` (from `store`, or the store its URI names)."""
+    """Download and verify `ref` (from `store`, or the store its URI names), without the serving
+    engine's copy of the weights (its OpenVINO IR): training reads the HF weights alone."""
+    from ..openvino_ir import CHECKPOINT_SUBDIR
+
     if not ref.uri.startswith(store.uri + "/"):
         store, _, _ = CheckpointStore.for_checkpoint(ref.uri, endpoint=getattr(store.backend, "endpoint", None))
-    return store.download(ref, dest)
+    return store.download(ref, dest, skip=(CHECKPOINT_SUBDIR,))
 
 
 def load_checkpoint_model(path: Path, manifest: dict, *, trainable_adapter: bool = False):

@@ -270,6 +270,26 @@ def _metrics(ctx: RoundContext, prep: Prepared, m: _Measured) -> RoundMetrics:
     )
 
 
+def _export_for_serving(ctx: RoundContext, checkpoint: Path) -> None:
+    """The checkpoint's OpenVINO IR, published with it (sha256 in the manifest like the weights),
+    when the run serves on OpenVINO: each replica then loads it in about a second instead of
+    converting the weights itself. Where this trainer cannot export (openvino not installed, a
+    model outside the Llama family) it publishes without, and replicas convert or serve on torch."""
+    from .. import openvino_ir
+
+    if ctx.config.spec.serving.engine == "torch":
+        return
+    if not openvino_ir.installed():
+        log.info("publishing without OpenVINO IR: openvino is not installed in the trainer")
+        return
+    why = openvino_ir.unsupported(ctx.model.config)
+    if why:
+        log.info("publishing without OpenVINO IR: %s", why)
+        return
+    ctx.phases("exporting")
+    openvino_ir.export(checkpoint, checkpoint / openvino_ir.CHECKPOINT_SUBDIR)
+
+
 def _manifest(ctx: RoundContext, prep: Prepared, m: _Measured, metrics: RoundMetrics) -> dict[str, Any]:
     spec, inputs, chat, fb = ctx.spec, ctx.inputs, prep.chat, ctx.inputs.feedback
     return {
@@ -339,6 +359,7 @@ def run_round(
         _save(ctx, tmp / "checkpoint")
         if prep.memory is not None:
             prep.memory.save(tmp / "checkpoint")
+        _export_for_serving(ctx, tmp / "checkpoint")
         metrics = _metrics(ctx, prep, measured).model_copy(
             update={"memory_passages": len(prep.memory.passages) if prep.memory else None})
         manifest = _manifest(ctx, prep, measured, metrics)
