@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins  # `list` below is also CheckpointStore.list: the builtin by its full name in annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -159,19 +160,19 @@ class CheckpointStore:
         """Fetch a checkpoint into `dest`, verifying every file; returns its manifest.
 
         Files land in a temporary sibling directory that is renamed into place only after every
-        sha256 matches, so `dest` is either absent or complete and verified. Files under the
-        directories in `skip` are left out (the trainer needs no parent's OpenVINO IR); the local
-        manifest records what was skipped, so such a copy never passes for a whole one.
+        sha256 matches, so `dest` is either absent or complete and verified. Files matching the
+        patterns in `skip` (fnmatch, on the path within the checkpoint: `openvino/*`) are left
+        out: a trainer needs no parent's OpenVINO IR, a replica serving that IR no HF weights. The
+        local manifest records what was skipped, so such a copy never passes for a fuller one.
         """
         ref = self.ref_for_uri(ref) if isinstance(ref, str) else ref
         doc = self.manifest(ref)
         dest = Path(dest)
-        prefixes = tuple(f"{d.rstrip('/')}/" for d in skip)
         if (dest / MANIFEST).is_file():
             try:
                 local = json.loads((dest / MANIFEST).read_text())
-                if local.get("files") == doc["files"] and local.get("skipped", []) == list(skip):
-                    return doc  # already downloaded and verified
+                if local.get("files") == doc["files"] and set(local.get("skipped", [])) <= set(skip):
+                    return doc  # already downloaded and verified, with at least what is asked for
             except json.JSONDecodeError:
                 pass
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,7 @@ class CheckpointStore:
             for rel, meta in doc["files"].items():
                 if ".." in Path(rel).parts or rel.startswith("/"):
                     raise CheckpointError(f"manifest of {ref.uri} names an unsafe path {rel!r}")
-                if prefixes and rel.startswith(prefixes):
+                if any(fnmatch.fnmatchcase(rel, pattern) for pattern in skip):
                     continue
                 target = tmp / rel
                 self.backend.get_file(f"{ref.run}/{round_dir(ref.round)}/{rel}", target)

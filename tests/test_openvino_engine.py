@@ -153,3 +153,54 @@ def test_a_round_publishes_its_ir_and_a_replica_serves_it_without_converting(lea
     finally:
         engine.shutdown()
     assert not (cache / "openvino").exists(), "the replica converted instead of loading the published IR"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "q4"])
+def test_quantized_weights_load_smaller_and_answer(tiny_llama_dir, tmp_path, scheme):
+    """`quantization` on the OpenVINO engine: the IR is quantised once into the serving cache, its
+    weights file is smaller than the f16 one, the engine answers on it and says which it serves."""
+    cache = tmp_path / "cache"
+    engine = Engine(EngineOptions(torch_threads=2, max_new_tokens_cap=8, cache_dir=str(cache)))
+    try:
+        engine.configure({"base_model": tiny_llama_dir, "engine": "openvino", "quantization": scheme}, wait=True)
+        st = engine.status().weights
+        assert st.ready and st.engine == "openvino" and st.dtype == scheme and not st.degraded, st
+        assert generate(engine, ask("hi", max_new_tokens=4, temperature=0)).finish_reason in ("stop", "length")
+    finally:
+        engine.shutdown()
+    dirs = {p.name: p for p in (cache / "openvino").iterdir() if p.is_dir() and not p.name.startswith(".")}
+    quantized = next(p for n, p in dirs.items() if n.endswith(f"-{scheme}"))
+    plain = next(p for n, p in dirs.items() if not n.endswith(f"-{scheme}"))
+    size = (lambda d: (d / "openvino_model.bin").stat().st_size)
+    assert size(quantized) < 0.75 * size(plain)
+
+
+def test_quantization_needs_the_openvino_engine_and_a_known_scheme(tiny_opt_dir, tmp_path):
+    from selflearn.serving.config import parse_model_config
+
+    with pytest.raises(ValueError, match="quantization"):
+        parse_model_config({"quantization": "int3"})
+    with pytest.raises(ValueError, match="unknown quantization"):
+        openvino_ir.quantize(tmp_path, tmp_path / "out", "int3")
+    engine = Engine(EngineOptions(dtype="fp32", torch_threads=1, max_new_tokens_cap=8))
+    try:
+        engine.configure({"base_model": tiny_opt_dir, "quantization": "int8"}, wait=True)
+        st = engine.status().weights
+        assert not st.ready and st.degraded
+        assert "quantization 'int8' needs the OpenVINO engine" in st.degraded_reason
+    finally:
+        engine.shutdown()
+
+
+def test_each_engine_downloads_only_what_it_serves(learned_round, s3_server, tmp_path):
+    """A replica on OpenVINO fetches the checkpoint's IR and not its HF weights (a third of the
+    bytes: the swap's cost); one on torch the weights and not the IR."""
+    from selflearn.serving import loader
+
+    endpoint, _ = s3_server
+    uri = learned_round.result.checkpoint
+    for engine, has, lacks in (("openvino", "openvino/openvino_model.bin", "model.safetensors"),
+                               ("torch", "model.safetensors", "openvino/openvino_model.bin")):
+        cfg = loader.ModelConfig(checkpoint=uri, storage_endpoint=endpoint, engine=engine)
+        path, _, _ = loader.fetch_checkpoint(cfg, EngineOptions(cache_dir=str(tmp_path / engine)))
+        assert (path / has).is_file() and not (path / lacks).exists(), engine

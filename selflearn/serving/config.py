@@ -59,6 +59,8 @@ class ModelConfig(_Strict):
     # What decodes: OpenVINO GenAI's continuous batching (a CPU, a Llama-family model, openvino
     # installed), the torch engine, or `auto`: openvino where it can run, else torch.
     engine: Literal["auto", "torch", "openvino"] = "auto"
+    # Weights quantised at load, on the OpenVINO engine (openvino_ir.QUANTIZATIONS names each scheme).
+    quantization: Literal["none", "int8", "q4"] = "none"
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
     memory: MemoryUseSpec = Field(default_factory=MemoryUseSpec)  # changed in place, no reload
 
@@ -85,7 +87,7 @@ class ModelConfig(_Strict):
     def weights_key(self) -> tuple:
         """What identifies the weights: a change here means a reload, anything else does not."""
         return (self.checkpoint, self.base_model if self.checkpoint is None else None,
-                self.storage_endpoint, self.storage_region, self.engine)
+                self.storage_endpoint, self.storage_region, self.engine, self.quantization)
 
 
 def parse_model_config(raw: Any) -> ModelConfig:

@@ -21,7 +21,7 @@ def fetch_checkpoint(ref: CheckpointRef, store: CheckpointStore, dest: Path) -> 
 
     if not ref.uri.startswith(store.uri + "/"):
         store, _, _ = CheckpointStore.for_checkpoint(ref.uri, endpoint=getattr(store.backend, "endpoint", None))
-    return store.download(ref, dest, skip=(CHECKPOINT_SUBDIR,))
+    return store.download(ref, dest, skip=(f"{CHECKPOINT_SUBDIR}/*",))
 
 
 def load_checkpoint_model(path: Path, manifest: dict, *, trainable_adapter: bool = False):

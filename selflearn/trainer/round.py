@@ -283,6 +283,8 @@ def _export_for_serving(ctx: RoundContext, checkpoint: Path) -> None:
         log.info("publishing without OpenVINO IR: openvino is not installed in the trainer")
         return
     why = openvino_ir.unsupported(ctx.model.config)
+    if why is None and (checkpoint / "adapter_config.json").is_file():
+        why = "the checkpoint is a bare LoRA adapter (lora.merge: false)"
     if why:
         log.info("publishing without OpenVINO IR: %s", why)
         return
