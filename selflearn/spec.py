@@ -274,6 +274,8 @@ class ServingSpec(_Spec):
     # CPU, a Llama-family model), else torch. With auto or openvino the trainer publishes each
     # checkpoint's OpenVINO IR beside its weights, so replicas load it instead of converting it.
     engine: Literal["auto", "torch", "openvino"] = "auto"
+    # Weights quantised at load on the OpenVINO engine (docs/serving.md, "Quantization").
+    quantization: Literal["none", "int8", "q4"] = "none"
 
 
 class LearnerRunSpec(_Spec):

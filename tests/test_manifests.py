@@ -312,3 +312,30 @@ def test_the_runs_memory_knobs_reach_the_models_user_config(memory, expected):
     uc = next(d["user_config"] for d in cfg["applications"][0]["deployments"] if d["name"] == res.MODEL_DEPLOYMENT)
     assert uc.get("memory") == expected
     assert parse_model_config(uc).memory.enabled is (expected or {"enabled": True})["enabled"]
+
+
+@pytest.mark.parametrize("serving,expected", [
+    ({"engine": "torch"}, {"engine": "torch"}),
+    ({"engine": "openvino", "quantization": "int8"}, {"engine": "openvino", "quantization": "int8"}),
+    ({}, {}),  # auto and none: left to the model's defaults
+])
+def test_the_runs_engine_and_quantization_reach_the_models_user_config(serving, expected):
+    from selflearn.serving.config import parse_model_config
+
+    spec = parse_spec({"serving": serving})
+    cfg = yaml.safe_load(res.render_serve_config(spec=spec, checkpoint="s3://x/run/r000001", run="run"))
+    uc = next(d["user_config"] for d in cfg["applications"][0]["deployments"] if d["name"] == res.MODEL_DEPLOYMENT)
+    assert {k: uc[k] for k in ("engine", "quantization") if k in uc} == expected
+    parsed = parse_model_config(uc)
+    assert (parsed.engine, parsed.quantization) == (serving.get("engine", "auto"), serving.get("quantization", "none"))
+
+
+def test_an_unknown_engine_or_quantization_is_refused_by_the_spec_and_the_crd():
+    with pytest.raises(ValueError, match="engine"):
+        parse_spec({"serving": {"engine": "vllm"}})
+    with pytest.raises(ValueError, match="quantization"):
+        parse_spec({"serving": {"quantization": "int3"}})
+    doc = {"apiVersion": "selflearn.dev/v1alpha1", "kind": "LearnerRun", "metadata": {"name": "wiki"},
+           "spec": {"serving": {"engine": "vllm", "quantization": "int3"}}}
+    errors = [e.message for e in _spec_validator().iter_errors(doc)]
+    assert any("vllm" in m for m in errors) and any("int3" in m for m in errors)

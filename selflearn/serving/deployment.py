@@ -39,11 +39,13 @@ def controller_options() -> dict[str, Any]:
 
 def model_user_config(*, base_model: str, checkpoint: str | None, storage_endpoint: str | None = None,
                       storage_region: str | None = None, memory: MemoryUseSpec | None = None,
-                      engine: str = "auto") -> dict[str, Any]:
+                      engine: str = "auto", quantization: str = "none") -> dict[str, Any]:
     """ChatModel's user_config (validated by `config.ModelConfig`); `checkpoint` None: the base model."""
     uc: dict[str, Any] = {"checkpoint": checkpoint, "base_model": base_model}
     if engine != "auto":
         uc["engine"] = engine
+    if quantization != "none":
+        uc["quantization"] = quantization
     if storage_endpoint:
         uc["storage_endpoint"] = storage_endpoint
     if storage_region:
@@ -57,7 +59,8 @@ def run_user_config(spec: LearnerRunSpec, checkpoint: str | None) -> dict[str, A
     """ChatModel's user_config for a LearnerRun (or a local run) serving `checkpoint`."""
     return model_user_config(base_model=spec.base_model, checkpoint=checkpoint,
                              storage_endpoint=spec.storage.endpoint, storage_region=spec.storage.region,
-                             memory=spec.serving.memory, engine=spec.serving.engine)
+                             memory=spec.serving.memory, engine=spec.serving.engine,
+                             quantization=spec.serving.quantization)
 
 
 def application(*, user_config: dict[str, Any] | None, args: dict[str, Any] | None, app_name: str = APP_NAME,
