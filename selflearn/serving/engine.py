@@ -11,6 +11,11 @@ the lock. Running rows stay in the batch of the weights they started on (a batch
 `LoadedModel`), so in-flight requests finish on their own weights and new ones start on the new
 weights. A failed load leaves the old weights in place and is reported by `status()`.
 
+Two engines decode under this one scheduler (`user_config.engine`): the torch engine above
+(`Batch`, serving/batch.py), and OpenVINO GenAI's continuous-batching pipeline (`OpenVinoBatch`,
+serving/openvino_engine.py), which takes the admitted prompts and does its own batching and paged
+KV cache; a loaded model is one or the other, and both feed the same `Ticket`s.
+
 The engine knows nothing about Ray or HTTP: tests and benchmarks construct it directly.
 """
 
