@@ -211,7 +211,8 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         chatter.start()
         await wait_for(lambda: chatter.seen, timeout=120, what="a first /chat answer")
         base_replicas = await asyncio.to_thread(applier.replicas)
-        log.info("serving the base model; replicas %s", base_replicas)
+        figures["serving_engine"] = requests.get(f"{url}/status", timeout=5).json()["model"]["engine"]
+        log.info("serving the base model on %s; replicas %s", figures["serving_engine"], base_replicas)
 
         restarted = 0
         swaps: list[float] = []
@@ -262,14 +263,18 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
             figures["round_container_vs_host"] = round(inside[0] / figures["round_seconds_on_host"], 2)
         else:
             await asyncio.to_thread(copy_checkpoint, s3, r2, host_uri)
-        # 7. One flipped byte in that checkpoint's weights in S3, then pin it: never served.
+        # 7. One flipped byte in that checkpoint's weights in S3, then pin it: never served. Both
+        #    copies of the weights: the HF ones (the torch engine's) and the OpenVINO IR's (what a
+        #    replica on OpenVINO downloads instead), so whichever engine serves must refuse it.
         bucket, _, prefix = host_uri[len("s3://"):].partition("/")
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", [])]
-        weights = max((k for k in keys if k.endswith(".safetensors")),
-                      key=lambda k: s3.head_object(Bucket=bucket, Key=k)["ContentLength"])
-        body = bytearray(s3.get_object(Bucket=bucket, Key=weights)["Body"].read())
-        body[len(body) // 2] ^= 0x01
-        s3.put_object(Bucket=bucket, Key=weights, Body=bytes(body))
+        weights = [max((k for k in keys if k.endswith(".safetensors")),
+                       key=lambda k: s3.head_object(Bucket=bucket, Key=k)["ContentLength"])]
+        weights += [k for k in keys if k.endswith("/openvino/openvino_model.bin")]
+        for key in weights:
+            body = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+            body[len(body) // 2] ^= 0x01
+            s3.put_object(Bucket=bucket, Key=key, Body=bytes(body))
         mark = time.time()
         await kube.patch("selflearn.dev/v1alpha1", "learnerruns", NS, run,
                          {"spec": {"promotion": {"pinnedCheckpoint": host_uri}}})
