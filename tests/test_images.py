@@ -158,12 +158,13 @@ def test_serve_image_builds_the_application_the_rayservice_names(tmp_path):
 def test_dependency_layer_installs_exactly_the_projects_dependencies(name):
     """Dependencies are installed from pyproject.toml alone (a layer that code edits do not rebuild):
     run the Dockerfile's own extraction command against the repository's pyproject.toml. The trainer
-    leaves out the `serve` extra (no Ray in it); the serve image has it."""
+    leaves out the `serve` extra (no Ray in it) and has the `openvino` one (it exports each
+    checkpoint's IR); the serve image has `serve` (openvino-genai brings openvino itself)."""
     run = next(a for i, a in instructions(DOCKERFILES[name]) if i == "RUN" and "tomllib" in a)
     code = shlex.split(run)[2]  # python -c "<code>" > /tmp/requirements.txt ...
     code = re.sub(r"'/[\w/-]*pyproject\.toml'", repr(str(REPO / "pyproject.toml")), code)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    extra = PYPROJECT["project"]["optional-dependencies"]["serve"] if name == "serve" else []
+    extra = PYPROJECT["project"]["optional-dependencies"]["serve" if name == "serve" else "openvino"]
     assert out.split() == PYPROJECT["project"]["dependencies"] + extra
 
 

@@ -144,7 +144,9 @@ def test_selflearn_train_shows_the_round_and_keeps_its_progress_file(tmp_path, t
     assert json.loads(proc.stdout)["status"] == "published", "stdout stays the one result line"
     shown = [line for line in proc.stderr.splitlines() if re.match(r"\[\d+:\d\d\] ", line)]
     phases = [line.split("] ", 1)[1] for line in shown if ": step " not in line]
-    assert phases == ["loading", "evaluating the parent", "training", "evaluating the candidate", "publishing"]
+    # "exporting": the checkpoint's OpenVINO IR for serving (the run's serving.engine is auto).
+    assert phases == ["loading", "evaluating the parent", "training", "evaluating the candidate", "exporting",
+                      "publishing"]
     steps = [line for line in shown if "] training: step " in line]
     total = int(re.search(r"step 1/(\d+) ", steps[0]).group(1))
     assert total >= 4 and steps[-1].split("] ", 1)[1].startswith(f"training: step {total}/{total} (100%), loss ")
