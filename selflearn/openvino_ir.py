@@ -27,6 +27,7 @@ they serve on the torch engine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,20 @@ def unsupported(config: Any) -> str | None:
     if rope_type not in _STATIC_ROPE:
         return f"rotary embedding of type {rope_type!r} (it changes with the length)"
     return None
+
+
+@contextlib.contextmanager
+def _written_whole(dest: Path) -> Iterator[Path]:
+    """A temporary sibling of `dest` to write into: it replaces `dest` whole when the block ends
+    without an error (readers see no directory or a complete one), and is removed when it fails."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        yield tmp
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_exported(path: Path) -> bool:
@@ -209,9 +224,7 @@ def export(hf_dir: str | Path, dest: str | Path) -> dict[str, Any]:
     config, generation = model.config, model.generation_config
     del model, wrapped
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    with _written_whole(dest) as tmp:
         ov.save_model(ov_model, str(tmp / MODEL_XML), compress_to_fp16=True)
         hf_tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
         tokenizer, detokenizer = convert_tokenizer(hf_tokenizer, with_detokenizer=True)
@@ -225,10 +238,6 @@ def export(hf_dir: str | Path, dest: str | Path) -> dict[str, Any]:
         info = {"format": 1, "openvino": ov.get_version(), "weights": "f16", "source": Path(str(hf_dir)).name,
                 "seconds": round(time.monotonic() - t0, 2)}
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s to OpenVINO IR in %.1fs", hf_dir, info["seconds"])
     return info
 
@@ -256,9 +265,7 @@ def quantize(src: str | Path, dest: str | Path, scheme: str) -> dict[str, Any]:
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     else:
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=64, ratio=1.0)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    with _written_whole(dest) as tmp:
         ov.save_model(model, str(tmp / MODEL_XML), compress_to_fp16=False)
         for f in src.iterdir():
             if f.is_file() and not f.name.startswith("openvino_model.") and f.name != MARKER:
@@ -266,9 +273,5 @@ def quantize(src: str | Path, dest: str | Path, scheme: str) -> dict[str, Any]:
         info = {**json.loads((src / MARKER).read_text()), "weights": scheme,
                 "quantize_seconds": round(time.monotonic() - t0, 2)}
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("quantised %s to %s in %.1fs", src, scheme, info["quantize_seconds"])
     return info
