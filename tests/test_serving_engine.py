@@ -7,6 +7,7 @@ file:// store and on moto's S3 server over HTTP, uvicorn on 127.0.0.1.
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 from pathlib import Path
 
 import httpx
@@ -231,15 +232,35 @@ def test_swap_on_s3_and_failures_keep_old_weights(tiny, tiny_opt_dir, s3_server)
 def test_inflight_request_finishes_on_its_weights(engine, tiny_opt_dir, tmp_path):
     """A request running when new weights land finishes on the old ones; the next starts on the new."""
     ref = _publish(f"file://{tmp_path}", "tiny", 1, tiny_opt_dir)
+    # The old weights' steps wait at a gate while the new ones load: on OpenVINO the 100 tokens
+    # take 2.4 s, less than loading the new weights on a busy machine.
+    gate = threading.Event()
+    gate.set()
+    lm = engine.current
+    if lm.pipeline is not None:
+        pipeline = lm.pipeline
+        lm.pipeline = SimpleNamespace(step=lambda: (gate.wait(60), pipeline.step()),
+                                      add_request=pipeline.add_request)
+    else:
+        def hold(module, args) -> None:  # a pre-hook that returns something replaces the arguments
+            gate.wait(60)
+
+        hook = lm.model.register_forward_pre_hook(hold)
     old = submit(engine, ask("Count from 1 to 200, separated by commas.", max_new_tokens=100, temperature=0,
                              repetition_penalty=1.0))
     wait_until(lambda: any(isinstance(e, Token) for e in old.events), timeout=60, what="the first token")
-    engine.configure({"checkpoint": ref.uri, "base_model": tiny_opt_dir})  # background load
-    wait_until(lambda: engine.status().weights.checkpoint == "tiny/r000001", timeout=60, what="the new weights",
-               interval=0.02)
+    gate.clear()
+    try:
+        engine.configure({"checkpoint": ref.uri, "base_model": tiny_opt_dir})  # background load
+        wait_until(lambda: engine.status().weights.checkpoint == "tiny/r000001", timeout=60,
+                   what="the new weights", interval=0.02)
+        assert not old.ended.is_set(), "the long request should still be running on the old weights"
+    finally:
+        gate.set()
+        if lm.pipeline is None:
+            hook.remove()
     new = generate(engine, ask("hi", max_new_tokens=3))
     assert new.checkpoint == "tiny/r000001"
-    assert not old.ended.is_set(), "the long request should still be running on the old weights"
     assert old.ended.wait(120)
     assert old.events[0].checkpoint == old.end.checkpoint == EMBEDDED_ID
     assert isinstance(old.end, Done) and old.end.finish_reason == "length"
