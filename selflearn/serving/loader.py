@@ -9,7 +9,6 @@ store raises and the caller keeps the weights it has. LoRA checkpoints saved as 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -107,7 +106,7 @@ Load = Callable[[ModelConfig, EngineOptions], LoadedModel]
 
 
 # -- loading -----------------------------------------------------------------------------------------
-def _cache_dir(options: EngineOptions) -> Path:
+def cache_dir(options: EngineOptions) -> Path:
     return Path(options.cache_dir).expanduser() if options.cache_dir else basemodel.cache_root() / "serving"
 
 
@@ -119,13 +118,13 @@ def fetch_checkpoint(cfg: ModelConfig, options: EngineOptions) -> tuple[Path, di
     store, run, round_ = CheckpointStore.for_checkpoint(cfg.checkpoint, endpoint=cfg.storage_endpoint,
                                                         region=cfg.storage_region)
     ref = store.ref(run, round_)
-    root = _cache_dir(options)
+    root = cache_dir(options)
     dest = root / hashlib.sha256(ref.uri.encode()).hexdigest()[:20]
     lock = root / f".{dest.name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(lock):  # replicas on one node share the download
         manifest = store.download(ref, dest, skip=_left_out(cfg, store.manifest(ref)))
-    _prune(root, keep={dest.name, "openvino"})  # openvino/: IR made here, pruned on its own
+    prune(root, keep={dest.name, "openvino"})  # openvino/: IR made here, pruned on its own
     return dest, manifest, ref.id
 
 
@@ -138,25 +137,13 @@ def _left_out(cfg: ModelConfig, manifest: dict) -> tuple[str, ...]:
     checkpoint's own OpenVINO IR (a swap fetched 780 MB instead of 265: 7.3 s of a 9.5 s swap
     under load), the IR where it will serve on torch."""
     from .. import openvino_ir
+    from . import openvino_loader
 
     files = manifest.get("files") or {}
     has_ir = f"{openvino_ir.CHECKPOINT_SUBDIR}/{openvino_ir.MARKER}" in files
-    if cfg.engine == "torch" or openvino_unavailable() is not None:
+    if cfg.engine == "torch" or openvino_loader.unavailable() is not None:
         return (f"{openvino_ir.CHECKPOINT_SUBDIR}/*",)
     return _HF_WEIGHTS if has_ir else ()
-
-
-def openvino_unavailable() -> str | None:
-    """Why the OpenVINO engine cannot run in this process, whatever the model (None: it can)."""
-    from . import openvino_engine
-    from .engine import available_cpus
-
-    why = openvino_engine.available()
-    if why is None and available_cpus() < openvino_engine.MIN_CPUS:
-        why = openvino_engine.ONE_CPU
-    if why is None and device().type != "cpu":
-        why = f"the model runs on {device().type}, and the OpenVINO engine is for CPUs"
-    return why
 
 
 def verify_checkpoint(cfg: ModelConfig, options: EngineOptions) -> str | None:
@@ -177,7 +164,7 @@ def verify_checkpoint(cfg: ModelConfig, options: EngineOptions) -> str | None:
     return None
 
 
-def _prune(root: Path, keep: set[str], max_dirs: int = 4, min_age_s: float = 3600) -> None:
+def prune(root: Path, keep: set[str], max_dirs: int = 4, min_age_s: float = 3600) -> None:
     """Best effort: drop old downloaded checkpoints beyond the newest few (never recent ones)."""
     try:
         dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -226,7 +213,9 @@ def load(cfg: ModelConfig, options: EngineOptions) -> LoadedModel:
         raise ValueError(f"quantization {cfg.quantization!r} needs the OpenVINO engine; these weights serve on "
                          f"{engine} (set quantization: none, or engine: openvino where it can run)")
     if engine == "openvino":
-        lm = _load_openvino(cfg, options, path, manifest, base_id, tok_src, ckpt_id, uri)
+        from . import openvino_loader
+
+        lm = openvino_loader.load(cfg, options, path, manifest, base_id, tok_src, ckpt_id, uri)
     else:
         lm = _load_torch(options, path, base_id, tok_src, ckpt_id, uri, manifest)
     lm.memory = memory
@@ -243,8 +232,9 @@ def pick_engine(asked: str, path: Path | None, base_id: str) -> str:
     if asked == "torch":
         return "torch"
     from .. import openvino_ir
+    from . import openvino_loader
 
-    why = openvino_unavailable()
+    why = openvino_loader.unavailable()
     if why is None and path is not None and openvino_ir.is_exported(path / openvino_ir.CHECKPOINT_SUBDIR):
         return "openvino"  # published with its IR: exported, so exportable
     if why is None and path is not None and (path / "adapter_config.json").is_file():
@@ -259,14 +249,14 @@ def pick_engine(asked: str, path: Path | None, base_id: str) -> str:
     return "torch"
 
 
-def _eos_ids(tok, generation_config) -> frozenset:
+def eos_ids(tok, generation_config) -> frozenset:
     eos: set[int] = set()
     for v in (tok.eos_token_id, getattr(generation_config, "eos_token_id", None)):
         eos.update(v if isinstance(v, (list, tuple)) else [v] if v is not None else [])
     return frozenset(eos)
 
 
-def _tokenizer(tok_src: str):
+def tokenizer_of(tok_src: str):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_src)
@@ -289,82 +279,15 @@ def _load_torch(options: EngineOptions, path: Path | None, base_id: str, tok_src
         model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path) if path is not None else tok_src, dtype=dtype)
-    tok = _tokenizer(tok_src)
+    tok = tokenizer_of(tok_src)
     _use_decode_attention(model)
     model.to(device()).eval()
     params = inspect.signature(model.forward).parameters
     return LoadedModel(
         model=model, tokenizer=tok, checkpoint_id=ckpt_id, uri=uri, base_model=base_id,
         dtype=str(dtype).removeprefix("torch."), context_length=basemodel.context_length(model.config),
-        chat_template=bool(getattr(tok, "chat_template", None)), eos_ids=_eos_ids(tok, model.generation_config),
+        chat_template=bool(getattr(tok, "chat_template", None)), eos_ids=eos_ids(tok, model.generation_config),
         cache_kw="cache" if "cache" in params else "past_key_values", manifest=manifest)
-
-
-def openvino_ir_dir(cfg: ModelConfig, options: EngineOptions, path: Path | None, manifest: dict | None,
-                    base_id: str) -> Path:
-    """Where the IR of these weights is, exporting it first if nobody has: the checkpoint's own
-    (the trainer exports at publish, verified by sha256 with the weights), else an export into the
-    serving cache, keyed by the weights' checksums (a base model: by its id), made once per node."""
-    from .. import openvino_ir
-
-    if path is not None and openvino_ir.is_exported(path / openvino_ir.CHECKPOINT_SUBDIR):
-        return path / openvino_ir.CHECKPOINT_SUBDIR
-    if path is not None:
-        files = (manifest or {}).get("files") or {}
-        key = json.dumps({k: v.get("sha256") for k, v in sorted(files.items()) if isinstance(v, dict)})
-    else:
-        key = f"base:{base_id}"
-    root = _cache_dir(options) / "openvino"
-    dest = root / hashlib.sha256(key.encode()).hexdigest()[:20]
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(root / f".{dest.name}.lock"):
-        if not openvino_ir.is_exported(dest):
-            log.info("%s carries no OpenVINO IR: exporting it (once per node)", cfg.checkpoint or base_id)
-            openvino_ir.export(path if path is not None else basemodel.resolve(base_id), dest)
-    _prune(root, keep={dest.name})
-    return dest
-
-
-def _quantized(ir: Path, scheme: str, options: EngineOptions) -> Path:
-    """`ir` with its weights quantised by `scheme`, made once per node into the serving cache
-    (keyed by the IR's own files: a new checkpoint is a new key)."""
-    from .. import openvino_ir
-
-    weights = ir / "openvino_model.bin"
-    key = f"{ir.resolve()}|{weights.stat().st_size}|{weights.stat().st_mtime_ns}|{scheme}"
-    root = _cache_dir(options) / "openvino"
-    dest = root / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}-{scheme}"
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(root / f".{dest.name}.lock"):
-        if not openvino_ir.is_exported(dest):
-            openvino_ir.quantize(ir, dest, scheme)
-    _prune(root, keep={dest.name, ir.name})
-    return dest
-
-
-def _load_openvino(cfg: ModelConfig, options: EngineOptions, path: Path | None, manifest: dict | None,
-                   base_id: str, tok_src: str, ckpt_id: str, uri: str | None) -> LoadedModel:
-    from transformers import GenerationConfig
-
-    from .engine import available_cpus
-    from .openvino_engine import MIN_CPUS, load_pipeline
-
-    ir = openvino_ir_dir(cfg, options, path, manifest, base_id)
-    if cfg.quantization != "none":
-        ir = _quantized(ir, cfg.quantization, options)
-    pipeline = load_pipeline(ir, options, max(MIN_CPUS, options.torch_threads or available_cpus()))
-    tok = _tokenizer(tok_src)
-    try:
-        gen = GenerationConfig.from_pretrained(str(ir))
-    except OSError:  # no generation_config.json: the tokenizer's eos alone
-        gen = None
-    config = basemodel.load_config(str(ir))
-    return LoadedModel(
-        model=None, tokenizer=tok, checkpoint_id=ckpt_id, uri=uri, base_model=base_id,
-        dtype="f16" if cfg.quantization == "none" else cfg.quantization,
-        context_length=basemodel.context_length(config), chat_template=bool(getattr(tok, "chat_template", None)),
-        eos_ids=_eos_ids(tok, gen), cache_kw="past_key_values", manifest=manifest, engine="openvino",
-        pipeline=pipeline)
 
 
 def _use_decode_attention(model) -> None:
@@ -381,7 +304,9 @@ def _use_decode_attention(model) -> None:
 def _warm_up(lm: LoadedModel) -> None:
     """One tiny prefill and decode step so the first user does not pay for kernel selection."""
     if lm.pipeline is not None:
-        return _warm_up_openvino(lm)
+        from . import openvino_loader
+
+        return openvino_loader.warm_up(lm)
     import torch
 
     from .decode import HeadroomCache
@@ -392,22 +317,6 @@ def _warm_up(lm: LoadedModel) -> None:
         out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{lm.cache_kw: cache})
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         lm.model(input_ids=nxt, use_cache=True, **{lm.cache_kw: cache})
-
-
-def _warm_up_openvino(lm: LoadedModel) -> None:
-    from .batch import Ticket
-    from .openvino_engine import OpenVinoBatch
-    from .sampling import SamplingParams
-
-    hi = [{"role": "user", "content": "Hi"}]
-    ticket = Ticket(hi, SamplingParams(max_new_tokens=2), lambda ev: None)
-    ticket.start(lm, 0, 0)
-    batch = OpenVinoBatch(lm)
-    batch.add(ticket, lm.render(hi))
-    for _ in range(8):  # a prefill and a decode step; bounded whatever the pipeline does
-        if not batch.rows:
-            break
-        batch.step()
 
 
 def release_freed_memory() -> None:
