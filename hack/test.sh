@@ -7,7 +7,8 @@
 #   all   fast, full, then the loop in real containers (hack/e2e-docker.sh, image builds included) (< 60 min)
 #
 # Every tier runs even when an earlier one failed (one CI run shows every failure); the exit status
-# is non-zero when any did. A table of the tiers' wall times ends the output.
+# is non-zero when any did. A table of the tiers' wall times, and the disk left after each (CI's disk is
+# shared: a tier once failed on "No space left on device"), ends the output.
 # Settings: VENV, PYTEST_ARGS (added to each pytest run), E2E_DOCKER=0 (leave the containers out).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -17,6 +18,8 @@ case "$what" in fast | full | all) ;; *) echo "usage: hack/test.sh fast|full|all
 
 rows=()
 failed=0
+free_gb() { df -Pk "${TMPDIR:-/tmp}" | awk 'NR == 2 { printf "%.1f GB free", $4 / 1048576 }'; }
+echo "== disk at start: $(free_gb) under ${TMPDIR:-/tmp}"
 tier() {  # tier NAME COMMAND...: run it, time it, remember how it ended
   local name=$1 start rc
   shift
@@ -24,7 +27,7 @@ tier() {  # tier NAME COMMAND...: run it, time it, remember how it ended
   start=$(date +%s)
   "$@"
   rc=$?
-  rows+=("$(printf '%-6s %6d s  %s' "$name" $(($(date +%s) - start)) "$([ $rc = 0 ] && echo passed || echo "FAILED (exit $rc)")")")
+  rows+=("$(printf '%-6s %6d s  %-16s %s' "$name" $(($(date +%s) - start)) "$([ $rc = 0 ] && echo passed || echo "FAILED (exit $rc)")" "$(free_gb)")")
   [ $rc = 0 ] || failed=1
 }
 

@@ -189,6 +189,38 @@ def _publish(store_uri: str, run: str, round_: int, src: str, **kw):
     return store.publish(run, round_, Path(src), {"base_model": src})
 
 
+def test_a_nodes_download_cache_keeps_only_the_newest_checkpoints(tiny_opt_dir, tmp_path):
+    """Every promoted round is a new download (260-780 MB for the embedded model): the cache
+    keeps the newest few and drops older ones with their lock files, or a long run fills the disk."""
+    import os
+    import time
+
+    from selflearn.serving import loader
+    from selflearn.serving.config import ModelConfig
+
+    store_uri = f"file://{tmp_path / 'store'}"
+    options = EngineOptions(cache_dir=str(tmp_path / "cache"))
+    fetched = []
+    for round_ in range(1, 6):
+        ref = _publish(store_uri, "tiny", round_, tiny_opt_dir)
+        cfg = ModelConfig(base_model=tiny_opt_dir, checkpoint=ref.uri, engine="torch")
+        path, manifest, cid = loader.fetch_checkpoint(cfg, options)
+        assert cid == f"tiny/r{round_:06d}" and (path / "config.json").exists()
+        fetched.append(path)
+        # Each download an hour older than the next: a swap every hour.
+        for i, old in enumerate(reversed(fetched[:-1])):
+            stamp = time.time() - 3600 * (i + 1)
+            if old.exists():
+                os.utime(old, (stamp, stamp))
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    assert left == sorted(p.name for p in fetched[-3:])
+    locks = sorted(p.name for p in (tmp_path / "cache").glob(".*.lock"))
+    assert locks == sorted(f".{p.name}.lock" for p in fetched[-3:])
+    # A fresh download is spared even beyond the newest few: a replica may be about to load it.
+    loader.prune(tmp_path / "cache", keep=set(), max_dirs=0)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == sorted(p.name for p in fetched[-1:])
+
+
 def test_swap_on_s3_and_failures_keep_old_weights(tiny, tiny_opt_dir, s3_server):
     endpoint, make_bucket = s3_server
     bucket = make_bucket("serving-swap")

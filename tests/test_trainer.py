@@ -75,10 +75,11 @@ def next_round_continues(cfg: RunConfig, first, round_: int, store: CheckpointSt
     assert g1.after != pytest.approx(g1.before, rel=2e-3)
     assert g2.before == pytest.approx(g1.after, rel=2e-3)
     # The new memory is self-contained: the parent's passages and this round's articles, nothing else.
-    dl = Path(tempfile.mkdtemp(prefix="memory-"))
-    store.download(first.checkpoint, dl / "m1")
-    store.download(res.checkpoint, dl / "m2")
-    mem1, mem2 = Memory.load(dl / "m1"), Memory.load(dl / "m2")
+    with tempfile.TemporaryDirectory(prefix="memory-") as tmp:  # two checkpoints: 1.1 GB on the real model
+        dl = Path(tmp)
+        store.download(first.checkpoint, dl / "m1")
+        store.download(res.checkpoint, dl / "m2")
+        mem1, mem2 = Memory.load(dl / "m1"), Memory.load(dl / "m2")
     assert mem1 is not None and mem2 is not None
     assert mem2.passages[:len(mem1.passages)] == mem1.passages
     assert {p.title for p in mem2.passages[len(mem1.passages):]} == {a["title"] for a in m2["articles"]}

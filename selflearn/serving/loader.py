@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,7 @@ def fetch_checkpoint(cfg: ModelConfig, options: EngineOptions) -> tuple[Path, di
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(lock):  # replicas on one node share the download
         manifest = store.download(ref, dest, skip=_left_out(cfg, store.manifest(ref)))
+        os.utime(dest)  # newest = last fetched: a rollback's checkpoint is not the first pruned
     prune(root, keep={dest.name, "openvino"})  # openvino/: IR made here, pruned on its own
     return dest, manifest, ref.id
 
@@ -164,17 +166,38 @@ def verify_checkpoint(cfg: ModelConfig, options: EngineOptions) -> str | None:
     return None
 
 
-def prune(root: Path, keep: set[str], max_dirs: int = 4, min_age_s: float = 3600) -> None:
-    """Best effort: drop old downloaded checkpoints beyond the newest few (never recent ones)."""
+def prune(root: Path, keep: set[str], max_dirs: int = 3, min_age_s: float = 120) -> None:
+    """Best effort: drop downloaded checkpoints beyond the newest few, with their lock files.
+
+    The cache is a node's, shared by its replicas, and every promoted round adds a checkpoint
+    (260-780 MB for the embedded model): keeping an hour's worth filled CI's disk. A directory
+    is spared while it is among the newest `max_dirs`, younger than `min_age_s` (a replica may
+    have just fetched it and not loaded it yet), or its lock is held (a replica is fetching it)."""
+    import shutil
+
+    from filelock import Timeout
+
+    def drop(name: str, tree: Path | None) -> None:
+        lock = root / f".{name}.lock"
+        try:
+            with FileLock(lock, timeout=0):
+                if tree is not None:
+                    shutil.rmtree(tree, ignore_errors=True)
+                lock.unlink(missing_ok=True)
+        except Timeout:
+            pass
+
     try:
+        now = time.time()
         dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                       key=lambda p: p.stat().st_mtime, reverse=True)
-        now = time.time()
         for p in dirs[max_dirs:]:
             if p.name not in keep and now - p.stat().st_mtime > min_age_s:
-                import shutil
-
-                shutil.rmtree(p, ignore_errors=True)
+                drop(p.name, p)
+        for lock in root.glob(".*.lock"):  # left by directories removed by hand or a crash
+            name = lock.name[1:-len(".lock")]
+            if name not in keep and not (root / name).exists() and now - lock.stat().st_mtime > min_age_s:
+                drop(name, None)
     except OSError:
         pass
 
