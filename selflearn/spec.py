@@ -241,6 +241,17 @@ class TrainerSpec(_Spec):
     # downloads: without it every round's pod compiles from cold (~30 s on a CPU) and downloads
     # a hub model again.
     cache_volume_claim: str | None = Field(None, pattern=OBJECT_NAME_PATTERN)
+    # A round on several processes (docs/distributed.md): `workers` pods of an Indexed Job, each
+    # running `procsPerWorker` ranks under torchrun (default: the pod's GPUs, else 1), which find
+    # each other through a headless Service. One worker with one process is today's plain Job.
+    workers: int = Field(1, ge=1, le=64)
+    procs_per_worker: int | None = Field(None, ge=1, le=16)
+    # How the gradients are shared: `ddp` (every rank a whole replica, gradients all-reduced),
+    # `fsdp` (FSDP2: parameters, gradients and optimizer state sharded across ranks) or `auto`
+    # (fsdp where a full fine-tune's ~16 bytes a parameter would not fit one device, else ddp).
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    # How long the ranks wait for each other to join before the round fails.
+    rendezvous_timeout_seconds: int = Field(600, ge=10, le=7200)
 
 
 class IngressSpec(_Spec):
@@ -303,6 +314,13 @@ class LearnerRunSpec(_Spec):
     def _one_feedback(self) -> "LearnerRunSpec":
         if sum(s.kind == "feedback" for s in self.sources) > 1:
             raise ValueError("sources: at most one feedback source")
+        return self
+
+    @model_validator(mode="after")
+    def _sharding_trains_every_weight(self) -> "LearnerRunSpec":
+        if self.trainer.strategy == "fsdp" and self.training.method == "lora":
+            raise ValueError("trainer.strategy fsdp shards a full fine-tune; a LoRA run trains a few "
+                             "adapter weights: use strategy ddp (or auto)")
         return self
 
     @property

@@ -15,13 +15,16 @@ import math
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..contracts import ProgressEvent, StepDone
+from . import distributed
 from .compiled import uncompile, compile_wanted, compiled_blocks, repeated_blocks
 from .data import Block, count_tokens, ids_and_labels, loss_tokens
+from .distributed import SOLO, World
 from .loss import causal_lm_loss, supports_fused_loss
 
 log = logging.getLogger("selflearn.trainer")
@@ -46,6 +49,9 @@ class LoopStats:
     tokens: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)  # one per optimizer step
+    # Bytes this rank held after the first step: parameters (with fp32 masters), gradients,
+    # optimizer state (a shard's local part under FSDP).
+    held_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -115,9 +121,10 @@ class _Optimizer:
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]  # norms and biases are not decayed
         # fused: one pass over params, grads and moments instead of several (~5x faster step on a CPU).
+        sharded = bool(params) and hasattr(params[0], "to_local")  # FSDP's DTensors: the foreach path
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
-                                fused=params[0].dtype == torch.float32 if params else None)
+                                fused=params[0].dtype == torch.float32 and not sharded if params else None)
         scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.precision == "fp16" else None
         return cls(opt, params, master, scaler)
 
@@ -178,31 +185,49 @@ class _Schedule:
 class _Forward:
     """How the model runs forward and backward in this loop."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module  # what forward runs through: the model, or its DDP/FSDP wrapper
     optim: _Optimizer
     device: torch.device
     precision: str
     fused_loss: bool
     main_len: int | None  # the batches' full length: a shorter tail runs eagerly when compiled
+    world: World = SOLO
+
+    def _loss(self, ids: torch.Tensor, labels: torch.Tensor | None, compiled: bool) -> torch.Tensor:
+        if self.world.distributed:
+            return self.model(ids, labels, compiled)  # distributed.LossOf, inside DDP or FSDP
+        return causal_lm_loss(self.model, ids, labels=labels, fused=self.fused_loss, compiled=compiled)
 
     def window_loss(self, window: list[Block], compiled: bool) -> float:
-        """Forward and backward over one accumulation window; returns its token-weighted loss."""
+        """Forward and backward over one accumulation window; returns its token-weighted loss.
+
+        With several ranks each takes its share of the window; DDP and FSDP average the ranks'
+        gradients, so each loss is scaled by the world size to sum them as one process would."""
         # Each micro-batch's mean loss is weighted by its share of the window's predicted tokens,
         # so a short tail block counts for exactly its tokens.
         window_tokens = max(1, sum(loss_tokens(b) for b in window))
+        mine, short = distributed.shard(self.world, window)
+        work = [(b, loss_tokens(b) / window_tokens) for b in mine] + [(window[0], 0.0)] * short
         total = 0.0
-        for b in window:
+        for i, (b, weight) in enumerate(work):
             ids, labels = ids_and_labels(b)
             ids = ids.to(self.device)
             labels = labels.to(self.device) if labels is not None else None
             eager = compiled and ids.shape[1] != self.main_len
             with _autocast(self.device, self.precision), \
-                    (torch.compiler.set_stance("force_eager") if eager else nullcontext()):
-                loss = causal_lm_loss(self.model, ids, labels=labels, fused=self.fused_loss, compiled=compiled)
-                weight = loss_tokens(b) / window_tokens
-                self.optim.backward(loss * weight)
+                    (torch.compiler.set_stance("force_eager") if eager else nullcontext()), \
+                    distributed.gradient_sync(self.model, on=i == len(work) - 1):
+                loss = self._loss(ids, labels, compiled)
+                self.optim.backward(loss * (weight * self.world.size))
             total += loss.item() * weight
-        return total
+        return distributed.summed(self.world, [total])[0]
+
+
+def _held_bytes(module: torch.nn.Module, optim: _Optimizer) -> dict[str, int]:
+    held = distributed.held_bytes(module, optim.opt)
+    if optim.master:  # the fp32 copies the optimizer updates
+        held["parameters"] += sum(m.numel() * m.element_size() for m in optim.master.master)
+    return held
 
 
 def train(
@@ -213,28 +238,44 @@ def train(
     master: MasterWeights | None = None,
     on_step: Callable[[ProgressEvent], None] | None = None,
     kind: str = "train",
+    world: World = SOLO,
 ) -> LoopStats:
     """Fine-tune `model` in place on [B, T] batches: token ids (causal LM loss on every token) or
     (ids, labels) pairs (loss only where labels are not -100: a chat example's answer). Each
-    optimizer step is told to `on_step` as a `StepDone` of `kind` (train | corrections)."""
+    optimizer step is told to `on_step` as a `StepDone` of `kind` (train | corrections).
+
+    With several ranks (`world`), every rank calls this with the same batches and trains its
+    share of each window through DDP or FSDP (distributed.py); under FSDP `model` is left
+    sharded in place: `distributed.full_state_dict(model)` has its weights whole."""
     if not batches:  # e.g. a round of thumbs alone: nothing to train on before its preference phase
         return LoopStats()
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
+    fused = supports_fused_loss(model)
+    want_compile = compile_wanted(cfg.compile, device)
+    runs: torch.nn.Module = model
+    if world.distributed:
+        if world.strategy == "fsdp":
+            want_compile = False  # each shard's all-gather hooks around compiled blocks: not tried yet
+            if master is not None:  # FSDP keeps fp32 shards and computes in bf16 itself
+                master.restore_fp32(model)
+                master = None
+        runs = distributed.wrap(world, model, partial(causal_lm_loss, fused=fused), repeated_blocks(model),
+                                cfg.precision)
     optim = _Optimizer.for_model(model, cfg, master, device)
     plan = _Schedule.plan(len(batches), cfg)
     stats = LoopStats()
     model.train()
-    forward = _Forward(model, optim, device, cfg.precision, fused_loss=supports_fused_loss(model),
-                       main_len=max((ids_and_labels(b)[0].shape[1] for b in batches), default=None))
-    with compiled_blocks(model, compile_wanted(cfg.compile, device)) as compiled:
+    forward = _Forward(runs, optim, device, cfg.precision, fused_loss=fused,
+                       main_len=max((ids_and_labels(b)[0].shape[1] for b in batches), default=None), world=world)
+    with compiled_blocks(model, want_compile) as compiled:
         t0 = time.perf_counter()
         for step in range(plan.total_steps):
             window = [batches[i] for i in plan.window(step)]
             try:
                 step_loss = forward.window_loss(window, compiled)
             except Exception as err:
-                if not compiled:
+                if not compiled or world.distributed:  # a rank redoing a window alone would desync the others
                     raise
                 # A compiler problem (no toolchain, an op it cannot handle, at the first step or
                 # at a new batch shape) must not fail a round: the optimizer has not stepped on
@@ -245,7 +286,10 @@ def train(
                 compiled = False
                 model.zero_grad(set_to_none=True)
                 step_loss = forward.window_loss(window, compiled)
+            grads = None if stats.held_bytes else _held_bytes(model, optim)["gradients"]  # before the step frees them
             optim.step(plan.lr_at(step), cfg.max_grad_norm)
+            if grads is not None:
+                stats.held_bytes = {**_held_bytes(model, optim), "gradients": grads}
             stats.steps += 1
             stats.tokens += count_tokens(window)
             stats.losses.append(step_loss)
@@ -261,11 +305,14 @@ def train(
 
 
 @torch.inference_mode()
-def perplexity(model: torch.nn.Module, batches: Sequence[Block], precision: str = "fp32") -> float | None:
+def perplexity(model: torch.nn.Module, batches: Sequence[Block], precision: str = "fp32",
+               world: World = SOLO) -> float | None:
     """Token-weighted perplexity of `model` over [B, T] batches (of the labelled tokens, for
-    (ids, labels) batches); None for an empty set."""
+    (ids, labels) batches); None for an empty set. With several ranks each measures its share
+    of the batches (a whole model on each) and the sums are added up."""
     if not batches:
         return None
+    batches, _ = distributed.shard(world, batches)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -282,4 +329,5 @@ def perplexity(model: torch.nn.Module, batches: Sequence[Block], precision: str 
         n += k
     if was_training:
         model.train()
-    return math.exp(nll / n) if n else None
+    total, count = distributed.summed(world, [nll, n])
+    return math.exp(total / count) if count else None

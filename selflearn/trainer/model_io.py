@@ -58,6 +58,14 @@ def load_for_training(spec: LearnerRunSpec, parent: CheckpointRef | None, store:
     return model.to(device), tok
 
 
+def reload_for_training(spec: LearnerRunSpec, parent: CheckpointRef | None, dest: Path, device: torch.device):
+    """The round's starting model again, from the parent already downloaded into `dest` (a full
+    fine-tune: what FSDP's gathered weights are loaded into)."""
+    model = basemodel.load_model(str(dest) if parent is not None else spec.base_model)
+    model.config.use_cache = False
+    return model.to(device)
+
+
 def save_for_checkpoint(model, tok, spec: LearnerRunSpec, out: Path) -> None:
     """Save fp32 weights (safetensors) + tokenizer; LoRA is merged or saved as an adapter."""
     out.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,10 @@ import platform
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,11 +32,12 @@ from ..sources.factory import general_language
 from ..sources.snapshot import general_set
 from ..spec import RunConfig
 from .. import precision as prec
-from . import data, feedback_learning, knowledge, loop, preference
+from . import data, distributed, feedback_learning, knowledge, loop, preference
 from .context import Listener, Phases, Prepared, RoundContext
 from .data import Block
+from .distributed import World
 from .inputs import ARTICLES_FILE, STATE_KEY, earlier_articles, gather
-from .model_io import load_for_training, save_for_checkpoint
+from .model_io import load_for_training, reload_for_training, save_for_checkpoint
 from .qa import make_pairs
 from .reading import MIN_READING_TOKENS, Reading
 from .renderings import renderings
@@ -196,12 +197,17 @@ class _Measured:
     fb_metrics: FeedbackMetrics | None
 
 
-def _train_and_measure(ctx: RoundContext, prep: Prepared) -> _Measured:
-    """Measure the parent, train, measure the candidate: the same sets, probes and precision."""
+def _train_and_measure(ctx: RoundContext, prep: Prepared, world: World,
+                       reload: "Callable[[], torch.nn.Module]") -> tuple[_Measured, RoundContext]:
+    """Measure the parent, train, measure the candidate: the same sets, probes and precision.
+
+    With several ranks the perplexities are sharded and summed, training is shared (loop.train),
+    and the probes, which generate answers, are rank 0's alone. -> (measures, the context whose
+    model is the trained one: under FSDP a whole copy gathered from the shards, via `reload`)."""
     t, precision = ctx.training, ctx.precision
     ctx.phases("evaluating the parent")
-    ppl_before = {k: loop.perplexity(ctx.model, v, precision) for k, v in prep.sets.items()}
-    report_before = _probe_parent(ctx, prep.probes) if prep.probes else None
+    ppl_before = {k: loop.perplexity(ctx.model, v, precision, world) for k, v in prep.sets.items()}
+    report_before = _probe_parent(ctx, prep.probes) if prep.probes and world.leader else None
     fb_data = prep.fb_data
     prefer = fb_data is not None and ctx.feedback_spec.preference != "off" and bool(fb_data.pairs or fb_data.judged)
     fb_refs = preference.references(ctx.model, ctx.tokenizer, fb_data, precision, train=prefer) if fb_data else None
@@ -209,15 +215,27 @@ def _train_and_measure(ctx: RoundContext, prep: Prepared) -> _Measured:
                           learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
                           precision=precision, seed=t.seed + ctx.round, compile=t.compile)
     ctx.phases("training")
-    stats = loop.train(ctx.model, prep.train_batches, cfg, master=ctx.master, on_step=ctx.on_step)
+    stats = loop.train(ctx.model, prep.train_batches, cfg, master=ctx.master, on_step=ctx.on_step, world=world)
+    if world.strategy == "fsdp":  # the shards, whole again in a plain model for what follows
+        ctx = _gathered(ctx, distributed.full_state_dict(ctx.model), reload)
+    # Corrections and preferences (small) run whole on every rank: the same data, the same weights.
     fb_stats = feedback_learning.learn(ctx, prep, fb_data, fb_refs, cfg, prefer=prefer) \
         if fb_data is not None and fb_refs is not None else feedback_learning.FeedbackStats()
     ctx.phases("evaluating the candidate")
-    ppl_after = {k: loop.perplexity(ctx.model, v, precision) for k, v in prep.sets.items()}
+    ppl_after = {k: loop.perplexity(ctx.model, v, precision, world) for k, v in prep.sets.items()}
     probed, shown = _probe_candidate(ctx, prep, report_before) \
         if prep.probes and report_before is not None else (None, None)
     fb_metrics = feedback_learning.metrics(ctx, fb_data, fb_refs, fb_stats)
-    return _Measured(stats, ppl_before, ppl_after, probed, shown, fb_metrics)
+    return _Measured(stats, ppl_before, ppl_after, probed, shown, fb_metrics), ctx
+
+
+def _gathered(ctx: RoundContext, state: dict[str, torch.Tensor], reload: "Callable[[], torch.nn.Module]") -> RoundContext:
+    """A plain model holding FSDP's trained weights (fp32), run as the round runs its model."""
+    model = reload()
+    model.load_state_dict(state)
+    master = loop.MasterWeights.for_cpu_bf16(model) if ctx.master is not None else None
+    model.eval()
+    return replace(ctx, model=model, master=master)
 
 
 def _save(ctx: RoundContext, out: Path) -> None:
@@ -292,7 +310,8 @@ def _export_for_serving(ctx: RoundContext, checkpoint: Path) -> None:
     openvino_ir.export(checkpoint, checkpoint / openvino_ir.CHECKPOINT_SUBDIR)
 
 
-def _manifest(ctx: RoundContext, prep: Prepared, m: _Measured, metrics: RoundMetrics) -> dict[str, Any]:
+def _manifest(ctx: RoundContext, prep: Prepared, m: _Measured, metrics: RoundMetrics,
+              world: World = distributed.SOLO) -> dict[str, Any]:
     spec, inputs, chat, fb = ctx.spec, ctx.inputs, prep.chat, ctx.inputs.feedback
     return {
         "base_model": spec.base_model,
@@ -301,6 +320,8 @@ def _manifest(ctx: RoundContext, prep: Prepared, m: _Measured, metrics: RoundMet
         "adapter": spec.training.method == "lora" and not spec.training.lora.merge,
         "precision": ctx.precision,
         "device": ctx.device.type,
+        # How many ranks trained it and how they shared the work (none: one process).
+        "world": {"size": world.size, "strategy": world.strategy},
         "hyperparameters": spec.training.model_dump(by_alias=True, mode="json"),
         "metrics": metrics.to_json(),
         "articles": [a.provenance() for a in inputs.train],
@@ -328,11 +349,26 @@ def run_round(
     on_step: Listener | None = None,
 ) -> RoundResult:
     """Train, measure and publish round `round_` of `config`'s run from `parent` (see
-    `resolve_parent`); `on_step` hears each phase as it starts and each training step."""
+    `resolve_parent`); `on_step` hears each phase as it starts and each training step.
+
+    Under torchrun every rank calls this (distributed.py): rank 0 reads the store and gathers
+    the inputs, all train, rank 0 publishes, and every rank returns the round's result."""
     if round_ < 1:
         raise ValueError(f"round must be >= 1, got {round_}")
-    spec, run, t_start = config.spec, config.name, time.time()
-    store = store or open_store(config)
+    device = prec.pick_device()
+    world = distributed.join(device, config.spec.trainer.active_deadline_seconds)
+    try:
+        return _run_round(config, round_, world, device, parent=parent, store=store, workdir=workdir,
+                          sources=sources, on_step=on_step)
+    finally:
+        distributed.leave(world)
+
+
+def _start(config: RunConfig, round_: int, store: CheckpointStore, parent: str | None,
+           sources: list[Source] | None) -> tuple[CheckpointRef | None, Any] | RoundResult:
+    """What rank 0 does before any weights load: check the run, pick the parent, gather the
+    inputs; -> (parent, inputs), or the result of a round with nothing to learn."""
+    run = config.name
     preflight(config, store)
     if store.list(run) and any(r.round == round_ for r in store.list(run)):
         raise ValueError(f"round {round_} of run {run!r} is already published at {store.ref(run, round_).uri}")
@@ -344,31 +380,56 @@ def run_round(
             else "empty round: the sources returned no new articles"
         log.warning(reason)
         return RoundResult("empty", round_, reason=reason)
+    return parent_ref, inputs
+
+
+def _run_round(config: RunConfig, round_: int, world: World, device: torch.device, *, parent: str | None,
+               store: CheckpointStore | None, workdir: Path | None, sources: list[Source] | None,
+               on_step: Listener | None) -> RoundResult:
+    spec, run, t_start = config.spec, config.name, time.time()
+    store = store or open_store(config)
+    started = distributed.from_leader(world, lambda: _start(config, round_, store, parent, sources))
+    if isinstance(started, RoundResult):
+        return started
+    parent_ref, inputs = started
 
     phases = Phases(on_step)
-    device = prec.pick_device()
     precision = prec.resolve(spec.training.precision, device)
     torch.manual_seed(spec.training.seed + round_)
     with tempfile.TemporaryDirectory(prefix="selflearn-round-", dir=workdir) as tmp_dir:
         tmp = Path(tmp_dir)
         model, tok = load_for_training(spec, parent_ref, store, tmp / "parent", device)
+        world = distributed.with_strategy(world, spec.trainer.strategy, model, device)
         # CPU bf16: the model runs in bf16 while exact fp32 masters take the updates.
         master = loop.MasterWeights.for_cpu_bf16(model) if device.type == "cpu" and precision == "bf16" else None
         ctx = RoundContext(config, round_, store, parent_ref, inputs, model, tok, device, precision, master, phases,
                            started_at=t_start, parent_memory=Memory.load(tmp / "parent") if parent_ref else None)
-        prep = _prepare(ctx)
-        measured = _train_and_measure(ctx, prep)
-        _save(ctx, tmp / "checkpoint")
-        if prep.memory is not None:
-            prep.memory.save(tmp / "checkpoint")
-        _export_for_serving(ctx, tmp / "checkpoint")
-        metrics = _metrics(ctx, prep, measured).model_copy(
-            update={"memory_passages": len(prep.memory.passages) if prep.memory else None})
-        manifest = _manifest(ctx, prep, measured, metrics)
-        phases("publishing")
-        ref = store.publish(run, round_, tmp / "checkpoint", manifest)
-    store.put_json(f"{run}/{STATE_KEY}", {**inputs.state, "cursors": inputs.cursors, "last_round": round_})
-    store.retain(run, spec.storage.keep_checkpoints, protect=[parent_ref.uri] if parent_ref else [])
-    log.info(json.dumps({"event": "published", "checkpoint": ref.uri, "seconds": round(time.time() - t_start, 1)}))
-    return RoundResult("published", round_, checkpoint=ref.uri, metrics=metrics.summary(), id=ref.id,
-                       parent=parent_ref.uri if parent_ref else None)
+        built: list[Prepared] = []
+
+        def prepare() -> Prepared:  # rank 0 builds; the others get it without the memory, which only it saves
+            built.append(_prepare(ctx))
+            return replace(built[0], memory=None)
+
+        shared = distributed.from_leader(world, prepare)
+        prep = built[0] if built else shared
+        measured, ctx = _train_and_measure(ctx, prep, world, partial(reload_for_training, spec, parent_ref,
+                                                                     tmp / "parent", device))
+
+        def publish() -> RoundResult:
+            _save(ctx, tmp / "checkpoint")
+            if prep.memory is not None:
+                prep.memory.save(tmp / "checkpoint")
+            _export_for_serving(ctx, tmp / "checkpoint")
+            metrics = _metrics(ctx, prep, measured).model_copy(
+                update={"memory_passages": len(prep.memory.passages) if prep.memory else None})
+            manifest = _manifest(ctx, prep, measured, metrics, world)
+            phases("publishing")
+            ref = store.publish(run, round_, tmp / "checkpoint", manifest)
+            store.put_json(f"{run}/{STATE_KEY}", {**inputs.state, "cursors": inputs.cursors, "last_round": round_})
+            store.retain(run, spec.storage.keep_checkpoints, protect=[parent_ref.uri] if parent_ref else [])
+            log.info(json.dumps({"event": "published", "checkpoint": ref.uri, "seconds": round(time.time() - t_start, 1)}))
+            return RoundResult("published", round_, checkpoint=ref.uri, metrics=metrics.summary(), id=ref.id,
+                               parent=parent_ref.uri if parent_ref else None)
+
+        # Rank 0 alone writes to the store; the others wait for what it published (or why not).
+        return distributed.from_leader(world, publish)

@@ -1,0 +1,160 @@
+"""A round on several ranks (selflearn/trainer/distributed.py, launch.py): `selflearn train --procs 2`
+under PyTorch's elastic launcher, gloo on this CPU, against the one-process round."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from selflearn.checkpoints import CheckpointStore
+from selflearn.spec import parse_spec
+from selflearn.trainer import distributed
+from selflearn.trainer.distributed import World
+from tests.support.waiting import wait_until
+
+# fp32 and eager: the tolerance below is float summation order, nothing else. Four micro-batches a
+# step, so each of the two ranks takes two, and a tail window of three leaves one rank short.
+TRAINING = {"maxLength": 64, "batchSize": 2, "gradientAccumulation": 4, "learningRate": 1.0e-3, "chatEval": False,
+            "evalArticles": 1, "generalArticles": 2, "epochs": 2, "precision": "fp32", "compile": "off",
+            "format": "text"}
+
+
+def write_run(path: Path, model: str, store: Path, trainer: dict | None = None, **training) -> Path:
+    path.write_text(yaml.safe_dump({"name": "d", "spec": {
+        "baseModel": model, "sources": [{"snapshot": {"language": "en", "articlesPerRound": 3}}],
+        "training": {**TRAINING, **training}, "storage": {"uri": f"file://{store}"},
+        "trainer": trainer or {}, "serving": {"engine": "torch"}}}))
+    return path
+
+
+def train(run: Path, *extra: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFLEARN_COMPILE": "0"}
+    return subprocess.Popen([sys.executable, "-m", "selflearn.trainer", "--run-config", str(run), "--round", "1",
+                             "--no-progress", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, **kw)
+
+
+def finished(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, dict, str]:
+    out, err = proc.communicate(timeout=timeout)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, (out, err[-3000:])  # one result line, whatever the number of ranks
+    return proc.returncode, json.loads(lines[0]), err
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_llama_dir):
+    d = tmp_path_factory.mktemp("one-process")
+    code, result, err = finished(train(write_run(d / "run.yaml", tiny_llama_dir, d / "store")))
+    assert code == 0 and result["status"] == "published", err[-3000:]
+    return load_file(d / "store" / "d" / "r000001" / "model.safetensors"), result
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_train_the_weights_one_process_does(strategy, one_process, tiny_llama_dir, tmp_path):
+    weights, alone = one_process
+    run = write_run(tmp_path / "run.yaml", tiny_llama_dir, tmp_path / "store", {"strategy": strategy})
+    code, result, err = finished(train(run, "--procs", "2"))
+    assert code == 0 and result["status"] == "published", err[-3000:]
+    store = CheckpointStore.from_uri(f"file://{tmp_path / 'store'}")
+    assert [r.id for r in store.list("d")] == ["d/r000001"]  # one checkpoint, by rank 0
+    manifest = store.manifest(store.ref("d", 1))
+    assert manifest["world"] == {"size": 2, "strategy": strategy}
+    two = load_file(tmp_path / "store" / "d" / "r000001" / "model.safetensors")
+    assert set(two) == set(weights)
+    diff = max((two[k] - weights[k]).abs().max().item() for k in weights)
+    assert diff <= 1e-5, f"{strategy}: max abs difference {diff:.2e} from the one-process round"
+    # The same steps and losses, and the evaluation (sharded over the ranks) agrees.
+    assert result["metrics"]["steps"] == alone["metrics"]["steps"]
+    for name, pair in alone["metrics"]["ppl"].items():
+        assert result["metrics"]["ppl"][name]["after"] == pytest.approx(pair["after"], rel=1e-4)
+        assert result["metrics"]["ppl"][name]["before"] == pytest.approx(pair["before"], rel=1e-6)
+
+
+def _rank_pids(launcher: int, rank: int) -> list[int]:
+    """Processes below `launcher` whose environment says they are rank `rank`."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            env = (p / "environ").read_bytes().split(b"\0")
+            stat = (p / "stat").read_text().split()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and stat[3] == str(launcher):
+            out.append(int(p.name))
+    return out
+
+
+def test_a_killed_rank_fails_the_round_naming_it_and_nothing_is_published(tiny_llama_dir, tmp_path):
+    # Long enough to be killed in the middle of training: many epochs over a few blocks.
+    run = write_run(tmp_path / "run.yaml", tiny_llama_dir, tmp_path / "store", epochs=100, maxLength=256)
+    progress = tmp_path / "progress.json"
+    proc = train(run, "--procs", "2", "--progress-file", str(progress))
+
+    def training() -> bool:
+        try:
+            return json.loads(progress.read_text()).get("phase") == "training"
+        except (OSError, ValueError):
+            return False
+
+    wait_until(training, timeout=180, what="rank 0 to start training")
+    pids = _rank_pids(proc.pid, 1)
+    assert len(pids) == 1, pids
+    time.sleep(1.0)
+    os.kill(pids[0], signal.SIGKILL)
+    code, result, err = finished(proc)
+    assert code == 1 and result["status"] == "failed", err[-3000:]
+    assert result["reason"].startswith("rank 1 of 2 failed (killed by SIGKILL)"), result
+    assert not (tmp_path / "store" / "d" / "r000001").exists()
+    assert CheckpointStore.from_uri(f"file://{tmp_path / 'store'}").list("d") == []
+
+
+def test_ranks_that_never_meet_time_out_with_the_endpoint_named(tiny_llama_dir, tmp_path):
+    """Two machines announced, one comes: the rendezvous gives up after its timeout, saying where."""
+    run = write_run(tmp_path / "run.yaml", tiny_llama_dir, tmp_path / "store", {"rendezvousTimeoutSeconds": 10})
+    from conftest import free_port
+
+    started = time.monotonic()
+    code, result, err = finished(train(run, "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"),
+                                 timeout=120)
+    assert code == 1 and result["status"] == "failed", err[-3000:]
+    assert "did not meet within 10 s" in result["reason"], result
+    assert time.monotonic() - started < 90
+
+
+def test_each_rank_takes_its_share_and_runs_zero_weight_work_when_short():
+    items = list(range(7))
+    shares = [distributed.shard(World(rank=r, size=3), items) for r in range(3)]
+    assert shares == [([0, 3, 6], 0), ([1, 4], 1), ([2, 5], 1)]
+    assert distributed.shard(distributed.SOLO, items) == (items, 0)
+
+
+def test_the_strategy_is_picked_by_what_fits_a_device():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert distributed.pick_strategy("auto", 1, gpu, 10**9, 80 * 2**30) == "none"
+    assert distributed.pick_strategy("auto", 2, cpu, 7 * 10**9, None) == "ddp"
+    assert distributed.pick_strategy("auto", 8, gpu, 135 * 10**6, 80 * 2**30) == "ddp"
+    assert distributed.pick_strategy("auto", 8, gpu, 7 * 10**9, 80 * 2**30) == "fsdp"  # 112 GB of state
+    assert distributed.pick_strategy("ddp", 8, gpu, 7 * 10**9, 80 * 2**30) == "ddp"
+    with pytest.raises(ValueError, match="choose auto, ddp or fsdp"):
+        distributed.pick_strategy("zero3", 2, cpu, 1, None)
+
+
+def test_the_spec_refuses_sharding_a_lora_run_and_bad_worker_counts():
+    with pytest.raises(ValueError, match="use strategy ddp"):
+        parse_spec({"training": {"method": "lora"}, "trainer": {"strategy": "fsdp"}})
+    with pytest.raises(ValueError, match="workers"):
+        parse_spec({"trainer": {"workers": 0}})
+    spec = parse_spec({"trainer": {"workers": 2, "procsPerWorker": 4, "strategy": "ddp"}})
+    assert (spec.trainer.workers, spec.trainer.procs_per_worker, spec.trainer.strategy) == (2, 4, "ddp")
