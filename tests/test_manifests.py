@@ -47,7 +47,10 @@ FULL = parse_spec({
     "sources": [{"snapshot": {}}, {"feedback": {"perClientCap": 3}}],
 })
 MINIMAL = parse_spec({})
-SPECS = {"full": FULL, "minimal": MINIMAL}
+# A round on 2 pods x 4 GPUs (ranks per pod: the pod's GPU count).
+DISTRIBUTED = parse_spec({"baseModel": "facebook/opt-1.3b", "trainer": {
+    "workers": 2, "strategy": "fsdp", "resources": {"limits": {"nvidia.com/gpu": 4}}}})
+SPECS = {"full": FULL, "minimal": MINIMAL, "distributed": DISTRIBUTED}
 
 
 def k8s_objects() -> Iterator[tuple[str, dict[str, Any]]]:
@@ -56,6 +59,10 @@ def k8s_objects() -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"job-{label}", res.build_trainer_job(**kw, round_=7, attempt=2, parent="s3://ckpt/runs/wiki/r000006")
         yield f"configmap-{label}", res.build_run_configmap(**kw)
         yield f"ingress-{label}", res.build_ingress(**kw)
+    job = res.build_trainer_job(run="wiki", namespace="default", owner=OWNER, spec=DISTRIBUTED, round_=3,
+                                attempt=1, parent=None)
+    job["metadata"]["uid"] = "0b9d2a54-3d8e-4c34-9d0a-2b6f3e0c1a12"  # what the API server gives the created Job
+    yield "service-distributed", res.build_trainer_service(run="wiki", namespace="default", job=job)
     yield "crd", crd.build_crd()
 
 
@@ -115,6 +122,34 @@ def test_the_trainer_job_reads_feedback_with_the_runs_own_credentials():
     assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
     args = res.serve_args(spec=FULL, run="wiki")
     assert args["feedback_uri"] == "s3://ckpt/runs/wiki/feedback" and args["storage_endpoint"] == "http://minio:9000"
+
+
+def test_a_multi_worker_round_is_an_indexed_job_whose_pods_meet_through_a_headless_service():
+    job = res.build_trainer_job(run="wiki", namespace="default", owner=OWNER, spec=DISTRIBUTED, round_=3,
+                                attempt=2, parent=None)
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "wiki-r3-2"  # pods are wiki-r3-2-0.wiki-r3-2 and wiki-r3-2-1.wiki-r3-2
+    command = pod["containers"][0]["command"]
+    assert command[command.index("--procs") + 1] == "4"  # one rank per GPU of the pod
+    assert command[command.index("--nnodes") + 1] == "2"
+    assert command[command.index("--rdzv-endpoint") + 1] == "wiki-r3-2-0.wiki-r3-2:29400"
+    # Any rank failing fails the whole Job: one index retried alone could never meet the others.
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn", "values": [0]}} \
+        in rules
+    job["metadata"]["uid"] = "0b9d2a54-3d8e-4c34-9d0a-2b6f3e0c1a12"
+    svc = res.build_trainer_service(run="wiki", namespace="default", job=job)
+    assert svc["metadata"]["name"] == pod["subdomain"] and svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": "wiki-r3-2"}
+    (owner,) = svc["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("Job", "wiki-r3-2", job["metadata"]["uid"])
+    # One worker with one process is the plain Job of before.
+    plain = res.build_trainer_job(run="wiki", namespace="default", owner=OWNER, spec=MINIMAL, round_=3,
+                                  attempt=1, parent=None)
+    assert "completionMode" not in plain["spec"] and "subdomain" not in plain["spec"]["template"]["spec"]
+    assert "--procs" not in plain["spec"]["template"]["spec"]["containers"][0]["command"]
 
 
 def test_a_cache_claim_keeps_compiled_kernels_and_downloads_across_rounds():

@@ -41,6 +41,9 @@ GRANTS: tuple[Grant, ...] = (
           {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}),
     Grant("The run config ConfigMap, owned by the LearnerRun (garbage-collected with it).",
           {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "patch"]}),
+    Grant("Distributed rounds (trainer.workers > 1): the headless Service through which the Job's pods\n"
+          "find each other; it is owned by the Job and goes with it.",
+          {"apiGroups": [""], "resources": ["services"], "verbs": ["create"]}),
     Grant("Serving: the RayService (indexed for readiness and the served checkpoint); deleted when\n"
           "serving.replicas goes to 0.",
           {"apiGroups": ["ray.io"], "resources": ["rayservices"],

@@ -189,7 +189,8 @@ class Reconciliation:
                 kopf.warn(self.body, reason="TrainerCannotStart", message=message)
             s.phase, s.message = "Training", message + ("; suspended after it" if self.spec.suspend else "")
             return
-        said = termination_message(pods, succeeded=job.state == SUCCEEDED)
+        said = termination_message(pods, succeeded=job.state == SUCCEEDED,
+                                   first_failure=self.spec.trainer.workers > 1)
         if job.state != SUCCEEDED:
             await self.round_failed(job.name, job.round, job.attempt, failure_reason(job.message, said))
             return
@@ -265,7 +266,8 @@ class Reconciliation:
         job = res.build_trainer_job(run=self.name, namespace=self.namespace, owner=owner, spec=self.spec,
                                     round_=step.round, attempt=step.attempt, parent=progress.serving_checkpoint)
         job_name = res.job_name(self.name, step.round, step.attempt)
-        if await self.kube.create("batch/v1", "jobs", self.namespace, job) is None:
+        created = await self.kube.create("batch/v1", "jobs", self.namespace, job)
+        if created is None:
             # 409: a previous operator (or replica) created it before it could record so. Adopt it,
             # unless it belongs to an earlier LearnerRun of the same name that is still being deleted.
             existing = await self.kube.get("batch/v1", "jobs", self.namespace, job_name) or {}
@@ -278,6 +280,11 @@ class Reconciliation:
             parent = progress.serving_checkpoint or "the base model"
             normal_event(self.body, "RoundStarted",
                          f"round {step.round} (attempt {step.attempt}) started: Job {job_name}, from {parent}")
+        if self.spec.trainer.workers > 1:
+            # The pods' names (<job>-<index>.<job>) for the ranks to meet; owned by the Job, so it goes
+            # with it. Made after the Job, whose uid it needs: the ranks retry until the names resolve.
+            await self.kube.create("v1", "services", self.namespace, res.build_trainer_service(
+                run=self.name, namespace=self.namespace, job=created or existing))
         s.round, s.active_job = step.round, job_name
         s.phase, s.message = "Training", f"round {step.round} is training (Job {job_name})"
 

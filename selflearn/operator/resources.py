@@ -49,6 +49,8 @@ _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 HEAD_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
 GPU = "nvidia.com/gpu"
+# Where a multi-worker round's first pod serves the rendezvous (torchrun's default port).
+RDZV_PORT = 29400
 
 
 # -- names and metadata --------------------------------------------------------------------------
@@ -127,6 +129,51 @@ def trainer_command(*, round_: int, parent: str | None) -> list[str]:
             "--round", str(round_), "--parent", parent or "base", "--no-progress"]
 
 
+def trainer_procs(spec: LearnerRunSpec) -> int:
+    """Ranks in each trainer pod: trainer.procsPerWorker, else one per GPU the pod asks for, else 1."""
+    return spec.trainer.procs_per_worker or max(1, _gpus(spec.trainer.resources))
+
+
+def rendezvous_endpoint(job: str) -> str:
+    """Where a multi-worker round's ranks meet: the first pod, by its name in the headless Service."""
+    return f"{job}-0.{job}:{RDZV_PORT}"
+
+
+def distributed_flags(spec: LearnerRunSpec, job: str) -> list[str]:
+    """`selflearn train`'s launcher flags for this run (none for one process)."""
+    workers, procs = spec.trainer.workers, trainer_procs(spec)
+    flags = ["--procs", str(procs)] if procs > 1 else []
+    if workers > 1:
+        flags += ["--nnodes", str(workers), "--rdzv-endpoint", rendezvous_endpoint(job), "--rdzv-id", job]
+    return flags
+
+
+def job_owner(job: Mapping[str, Any]) -> dict[str, Any]:
+    """An owner reference to a created Job: what it owns goes when the Job is deleted."""
+    meta = job["metadata"]
+    return {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def build_trainer_service(*, run: str, namespace: str, job: Mapping[str, Any]) -> dict[str, Any]:
+    """The headless Service that gives a multi-worker round's pods DNS names (`<job>-<index>.<job>`),
+    owned by the Job so it goes with it."""
+    name = job["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(name=name, namespace=namespace, owner=job_owner(job),
+                          labels_=labels(run=run, component="trainer")),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {"batch.kubernetes.io/job-name": name},
+            # The ranks meet before any of them is ready: their names must resolve from the start.
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
 def build_trainer_job(*, run: str, namespace: str, owner: Mapping[str, Any], spec: LearnerRunSpec,
                       round_: int, attempt: int, parent: str | None) -> dict[str, Any]:
     """One round's Job. `parent` is the serving checkpoint URI (None: the base model)."""
@@ -136,7 +183,7 @@ def build_trainer_job(*, run: str, namespace: str, owner: Mapping[str, Any], spe
         "name": TRAINER_CONTAINER,
         "image": t.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": trainer_command(round_=round_, parent=parent),
+        "command": trainer_command(round_=round_, parent=parent) + distributed_flags(spec, job_name(run, round_, attempt)),
         "env": [*storage_env(spec),
                 {"name": "HF_HOME", "value": "/tmp/huggingface"},
                 {"name": "PYTHONUNBUFFERED", "value": "1"}],
@@ -165,6 +212,10 @@ def build_trainer_job(*, run: str, namespace: str, owner: Mapping[str, Any], spe
         container["volumeMounts"].append({"name": "cache", "mountPath": TRAINER_CACHE_DIR})
         pod_spec["volumes"].append({"name": "cache", "persistentVolumeClaim": {"claimName": t.cache_volume_claim}})
         pod_spec["securityContext"] = {"fsGroup": TRAINER_UID, "fsGroupChangePolicy": "OnRootMismatch"}
+    workers = t.workers
+    if workers > 1:
+        pod_spec["subdomain"] = job_name(run, round_, attempt)  # the headless Service: <job>-<index>.<job>
+        container["ports"] = [{"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"}]
     if t.node_selector:
         pod_spec["nodeSelector"] = dict(t.node_selector)
     if t.tolerations:
@@ -183,7 +234,14 @@ def build_trainer_job(*, run: str, namespace: str, owner: Mapping[str, Any], spe
                                  "values": [TRAINER_CONFIG_ERROR_EXIT]}},
                 # A preempted or evicted pod is not the trainer's fault: retry without counting it.
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            ]},
+            ] + ([
+                # One index retried alone could never meet the ranks that already left: any rank
+                # failing fails the whole Job, and the round is retried as a whole (a new Job).
+                {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "NotIn",
+                                                      "values": [0]}},
+            ] if workers > 1 else [])},
+            **({"completionMode": "Indexed", "completions": workers, "parallelism": workers}
+               if workers > 1 else {}),
             "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
         },
     }

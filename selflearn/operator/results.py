@@ -82,16 +82,19 @@ def stuck_reason(pods: Iterable[Mapping[str, Any]]) -> str | None:
     return None
 
 
-def termination_message(pods: Iterable[Mapping[str, Any]], *, succeeded: bool) -> str | None:
-    """The trainer container's termination message from the newest pod that ended as asked
-    (exit code 0 for a succeeded Job, non-zero for a failed one)."""
+def termination_message(pods: Iterable[Mapping[str, Any]], *, succeeded: bool,
+                        first_failure: bool = False) -> str | None:
+    """The trainer container's termination message from the newest pod that ended as asked (exit
+    code 0 for a succeeded Job, non-zero for a failed one); with `first_failure`, of a failed
+    distributed round the pod that failed first: its rank's failure is the cause, the others'
+    ranks only lost it."""
     best: tuple[str, str] | None = None
     for pod in pods:
         term = _terminated(pod)
         if not term or (term.get("exitCode") == 0) != succeeded:
             continue
         key = term.get("finishedAt") or ""
-        if best is None or key >= best[0]:
+        if best is None or (key < best[0] if first_failure and not succeeded else key >= best[0]):
             best = (key, term.get("message") or "")
     return best[1] if best else None
 

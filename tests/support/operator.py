@@ -21,7 +21,7 @@ import json
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Literal
 
 import aiohttp.web
@@ -43,6 +43,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "batch/v1/jobs": dict(kind="Job", namespaced=True, subresources={"status"}),
     "v1/pods": dict(kind="Pod", namespaced=True, subresources={"status"}),
     "v1/configmaps": dict(kind="ConfigMap", namespaced=True),
+    "v1/services": dict(kind="Service", namespaced=True),
     "v1/secrets": dict(kind="Secret", namespaced=True),
     "v1/events": dict(kind="Event", namespaced=True),
     "v1/namespaces": dict(kind="Namespace", namespaced=False),
@@ -255,35 +256,48 @@ class Cluster:
         await self.api.patch(*LEARNERRUNS, namespace, name, {"spec": spec})
 
     async def finish_job(self, name: str, *, result: dict[str, Any] | None = None, succeeded: bool = True,
-                         log_tail: str | None = None, namespace: str = "default") -> None:
-        """Play the Job controller: the pod ends with the trainer's termination message, then the Job
-        gets its Complete or Failed condition."""
+                         log_tail: str | None = None, messages: list[str] | None = None,
+                         namespace: str = "default") -> None:
+        """Play the Job controller: the pods (one per index of an Indexed Job) end with the trainer's
+        termination message (`messages`: each pod's, in the order they ended, a second apart), then
+        the Job gets its Complete or Failed condition."""
         job = self.get("batch/v1", "jobs", namespace, name)
         assert job is not None, f"no Job {name}"
         message = log_tail if log_tail is not None else json.dumps(result) if result is not None else ""
+        indexed = job["spec"].get("completionMode") == "Indexed"
+        count = job["spec"].get("completions", 1) if indexed else 1
+        messages = messages or [message] * count
+        start = datetime.now(timezone.utc)
+        for index, text in enumerate(messages):
+            ended = (start + timedelta(seconds=index)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            pod = {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"{name}-{index}-{uuid.uuid4().hex[:5]}" if indexed else
+                             f"{name}-{uuid.uuid4().hex[:5]}", "namespace": namespace,
+                             "labels": {"batch.kubernetes.io/job-name": name, "job-name": name,
+                                        **({"batch.kubernetes.io/job-completion-index": str(index)}
+                                           if indexed else {})},
+                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                                                  "uid": job["metadata"]["uid"], "controller": True}]},
+                "spec": job["spec"]["template"]["spec"],
+                "status": {"phase": "Succeeded" if succeeded else "Failed", "containerStatuses": [{
+                    "name": TRAINER_CONTAINER, "ready": False, "restartCount": 0, "image": "trainer",
+                    "imageID": "", "state": {"terminated": {
+                        "exitCode": 0 if succeeded else 1, "reason": "Completed" if succeeded else "Error",
+                        "message": text, "startedAt": ended, "finishedAt": ended}}}]},
+            }
+            await self.api.create("v1", "pods", namespace, pod)
         now = _now()
-        pod = {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"{name}-{uuid.uuid4().hex[:5]}", "namespace": namespace,
-                         "labels": {"batch.kubernetes.io/job-name": name, "job-name": name},
-                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
-                                              "uid": job["metadata"]["uid"], "controller": True}]},
-            "spec": job["spec"]["template"]["spec"],
-            "status": {"phase": "Succeeded" if succeeded else "Failed", "containerStatuses": [{
-                "name": TRAINER_CONTAINER, "ready": False, "restartCount": 0, "image": "trainer",
-                "imageID": "", "state": {"terminated": {
-                    "exitCode": 0 if succeeded else 1, "reason": "Completed" if succeeded else "Error",
-                    "message": message, "startedAt": now, "finishedAt": now}}}]},
-        }
-        await self.api.create("v1", "pods", namespace, pod)
         if succeeded:
-            status = {"succeeded": 1, "completionTime": now, "conditions": [
+            status = {"succeeded": len(messages), "completionTime": now, "conditions": [
                 {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]}
         else:
-            status = {"failed": job["spec"].get("backoffLimit", 0) + 1, "conditions": [
+            why = ("PodFailurePolicy", f"Container {TRAINER_CONTAINER} for pod {namespace}/{name}-0 failed with "
+                   "exit code 1 matching FailJob rule at index 2") if indexed else \
+                ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+            status = {"failed": len(messages) if indexed else job["spec"].get("backoffLimit", 0) + 1, "conditions": [
                 {"type": "FailureTarget", "status": "True"},
-                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                 "message": "Job has reached the specified backoff limit"}]}
+                {"type": "Failed", "status": "True", "reason": why[0], "message": why[1]}]}
         await self.api.patch("batch/v1", "jobs", namespace, name, {"status": status}, subresource="status")
 
 
