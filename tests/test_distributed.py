@@ -80,6 +80,26 @@ def test_two_ranks_train_the_weights_one_process_does(strategy, one_process, tin
         assert result["metrics"]["ppl"][name]["before"] == pytest.approx(pair["before"], rel=1e-6)
 
 
+def test_two_machines_meet_at_the_first_ones_endpoint_as_pods_do(one_process, tiny_llama_dir, tmp_path):
+    """What each pod of an Indexed Job runs (`--nnodes 2 --rdzv-endpoint <job>-0.<service>:29400`),
+    as two launchers here: they meet through c10d, rank 0's says the result, one checkpoint."""
+    from conftest import free_port
+
+    weights, _ = one_process
+    run = write_run(tmp_path / "run.yaml", tiny_llama_dir, tmp_path / "store", {"strategy": "ddp"})
+    endpoint = f"127.0.0.1:{free_port()}"
+    flags = ("--nnodes", "2", "--rdzv-endpoint", endpoint, "--rdzv-id", "d-r1")
+    pods = [train(run, *flags), train(run, *flags)]
+    outs = [p.communicate(timeout=300) for p in pods]
+    assert [p.returncode for p in pods] == [0, 0], [err[-2000:] for _, err in outs]
+    lines = [ln for out, _ in outs for ln in out.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["status"] == "published"  # rank 0's launcher alone prints
+    store = CheckpointStore.from_uri(f"file://{tmp_path / 'store'}")
+    assert [r.id for r in store.list("d")] == ["d/r000001"]
+    two = load_file(tmp_path / "store" / "d" / "r000001" / "model.safetensors")
+    assert max((two[k] - weights[k]).abs().max().item() for k in weights) <= 1e-5
+
+
 def _rank_pids(launcher: int, rank: int) -> list[int]:
     """Processes below `launcher` whose environment says they are rank `rank`."""
     out = []

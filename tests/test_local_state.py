@@ -373,3 +373,25 @@ def test_the_terminal_prints_plain_lines_when_not_a_tty(tmp_path):
     assert 9 <= len(steps) <= 11, steps  # one a tenth of the steps, not one a step
     assert steps[-1] == "[1:06] training: step 18/18 (100%), loss 1.820, 265 tok/s, ETA 0:00"
     assert lines[-1].startswith("round 1: promoted: ")
+
+
+def test_train_procs_runs_each_round_as_ranks_and_a_failed_rank_reaches_the_record(tmp_path):
+    from selflearn.local import trainer_process
+    from selflearn.local.trainer_process import TrainerOptions
+
+    args = build_parser().parse_args(["local", "--train-procs", "2", "--data-dir", str(tmp_path)])
+    opts = TrainerOptions(nice=0, procs=args.train_procs)
+    cmd = trainer_process.trainer_command(opts, tmp_path / "run.yaml", 3, None, tmp_path, tmp_path / "p.json")
+    assert cmd[cmd.index("--procs") + 1] == "2"
+    assert "--procs" not in trainer_process.trainer_command(TrainerOptions(nice=0), tmp_path / "run.yaml", 3, None,
+                                                            tmp_path, tmp_path / "p.json")
+    with pytest.raises(ValueError, match="--train-procs must be at least 1"):
+        TrainerOptions(procs=0)
+    # The launcher's own line, naming the rank, is the record's reason (not the log's last lines).
+    said = RoundResult("failed", 3, reason="rank 1 of 2 failed (killed by SIGKILL): no output").to_line()
+    log = tmp_path / "round.log"
+    log.write_text("Traceback ...\nRuntimeError: Connection closed by peer\n")
+    got = trainer_process.read_result(1, f"noise\n{said}\n", log, 3)
+    assert got.status == "failed" and got.reason.startswith("rank 1 of 2 failed (killed by SIGKILL)")
+    # Without a line, the log's tail says what happened.
+    assert "Connection closed by peer" in (trainer_process.read_result(1, "", log, 3).reason or "")

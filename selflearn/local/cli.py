@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-feedback", action="store_true",
                    help="do not learn from the chat's 👍/👎 and corrections (learned by default)")
     p.add_argument("--nice", type=int, default=10, help="niceness of the trainer subprocess (default 10)")
+    p.add_argument("--train-procs", type=int, default=1, metavar="N",
+                   help="train each round as N ranks (DDP/FSDP under torchrun; one per GPU on a multi-GPU host)")
 
 
 def parse_source(text: str, articles: int) -> dict[str, Any]:
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     interval = args.interval if args.interval is not None else config.spec.schedule.interval_seconds
     rounds = None if args.forever else args.rounds if args.rounds is not None else config.spec.schedule.max_rounds
     # The terminal shows each round as it runs: a progress bar on a TTY, plain lines otherwise.
-    driver = LocalDriver(config, data_dir, trainer=TrainerOptions(nice=args.nice), on_event=Terminal(sys.stdout))
+    driver = LocalDriver(config, data_dir, trainer=TrainerOptions(nice=args.nice, procs=args.train_procs), on_event=Terminal(sys.stdout))
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         if driver.stop_event.is_set():

@@ -28,6 +28,11 @@ class TrainerOptions:
     nice: int = 10
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)
+    procs: int = 1  # ranks of each round (`selflearn train --procs`): one per GPU of a multi-GPU host
+
+    def __post_init__(self) -> None:
+        if self.procs < 1:
+            raise ValueError(f"--train-procs must be at least 1, got {self.procs}")
 
 
 def trainer_command(opts: TrainerOptions, run_config: Path, round_: int, parent: str | None, workdir: Path,
@@ -36,6 +41,8 @@ def trainer_command(opts: TrainerOptions, run_config: Path, round_: int, parent:
     cmd = [opts.python, "-m", "selflearn.trainer", "--run-config", str(run_config),
            "--round", str(round_), "--parent", parent or "base", "--workdir", str(workdir), "--no-progress",
            "--progress-file", str(progress)]
+    if opts.procs > 1:
+        cmd += ["--procs", str(opts.procs)]
     if opts.nice and shutil.which("nice"):
         cmd = ["nice", "-n", str(opts.nice), *cmd]
     return cmd
@@ -46,12 +53,14 @@ def round_log(logs: Path, round_: int) -> Path:
 
 
 def read_result(returncode: int, stdout: str, log_path: Path, round_: int) -> RoundResult:
-    """The trainer's result line when it exited cleanly, else a failed result quoting its log's tail."""
-    if returncode == 0:
-        try:
-            return RoundResult.from_line(stdout)
-        except ResultError:
-            pass  # exited 0 without a result line: a failure like any other
+    """The trainer's result line when it exited cleanly or said why it failed (a distributed round
+    names the rank), else a failed result quoting its log's tail."""
+    try:
+        said = RoundResult.from_line(stdout)
+        if returncode == 0 or said.status == "failed":
+            return said
+    except ResultError:
+        pass  # no result line: a failure like any other
     tail = log_path.read_text(errors="replace").strip().splitlines()[-3:] if log_path.exists() else []
     return RoundResult("failed", round_,
                        reason=f"trainer exited with {returncode}: " + (" | ".join(tail)[-500:] or "no output"))
