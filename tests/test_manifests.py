@@ -135,6 +135,7 @@ def test_a_multi_worker_round_is_an_indexed_job_whose_pods_meet_through_a_headle
     assert command[command.index("--procs") + 1] == "4"  # one rank per GPU of the pod
     assert command[command.index("--nnodes") + 1] == "2"
     assert command[command.index("--rdzv-endpoint") + 1] == "wiki-r3-2-0.wiki-r3-2:29400"
+    assert command[command.index("--local-addr") + 1] == "wiki-r3-2-$(JOB_COMPLETION_INDEX).wiki-r3-2"
     # Any rank failing fails the whole Job: one index retried alone could never meet the others.
     rules = spec["podFailurePolicy"]["rules"]
     assert {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "NotIn", "values": [0]}} \

@@ -144,7 +144,10 @@ def distributed_flags(spec: LearnerRunSpec, job: str) -> list[str]:
     workers, procs = spec.trainer.workers, trainer_procs(spec)
     flags = ["--procs", str(procs)] if procs > 1 else []
     if workers > 1:
-        flags += ["--nnodes", str(workers), "--rdzv-endpoint", rendezvous_endpoint(job), "--rdzv-id", job]
+        flags += ["--nnodes", str(workers), "--rdzv-endpoint", rendezvous_endpoint(job), "--rdzv-id", job,
+                  # Each pod's own name in the Service (the kubelet expands the index the Job sets),
+                  # where rank 0's pod serves the process group to the others.
+                  "--local-addr", f"{job}-$(JOB_COMPLETION_INDEX).{job}"]
     return flags
 
 

@@ -29,6 +29,7 @@ from collections import deque
 from typing import Callable
 
 from ..contracts import BatchStatus, EngineCounters, EngineRequest, EngineStatus
+from ..machine import available_cpus
 from . import loader as loader_mod
 from .batch import Batch, Sink, Ticket
 from .config import EngineOptions
@@ -45,20 +46,6 @@ class QueueFull(RuntimeError):
 
 class NotReady(RuntimeError):
     """No weights are loaded yet."""
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: affinity, capped by a cgroup v2 quota (containers)."""
-    import os
-
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 def context_error(prompt_tokens: int, new_tokens: int, context: int) -> str:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def unavailable() -> str | None:
     """Why the OpenVINO engine cannot run in this process, whatever the model (None: it can)."""
     from . import openvino_engine
-    from .engine import available_cpus
+    from ..machine import available_cpus
 
     why = openvino_engine.available()
     if why is None and available_cpus() < openvino_engine.MIN_CPUS:
@@ -81,7 +81,7 @@ def load(cfg: ModelConfig, options: EngineOptions, path: Path | None, manifest: 
          base_id: str, tok_src: str, ckpt_id: str, uri: str | None) -> LoadedModel:
     from transformers import GenerationConfig
 
-    from .engine import available_cpus
+    from ..machine import available_cpus
     from .openvino_engine import MIN_CPUS, load_pipeline
 
     ir = ir_dir(cfg, options, path, manifest, base_id)

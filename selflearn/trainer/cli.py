@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--rdzv-endpoint", default=None,
                    help="host:port where the ranks meet (c10d rendezvous; the first worker's); needed with --nnodes > 1")
     d.add_argument("--rdzv-id", default=None, help="the rendezvous' name, the same on every worker (default: the round)")
+    d.add_argument("--local-addr", default=None,
+                   help="this machine's address as the other workers reach it (default: its fully qualified name)")
     d.add_argument("--rdzv-timeout", type=int, default=None,
                    help="seconds to wait for every worker to join (default: the run's trainer.rendezvousTimeoutSeconds)")
 

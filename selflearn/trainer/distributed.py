@@ -175,8 +175,10 @@ def wrap(world: World, model: torch.nn.Module, loss: Callable[..., torch.Tensor]
         from torch.nn.parallel import DistributedDataParallel
 
         device = next(model.parameters()).device
+        # Gradients live in the buckets DDP all-reduces (no copy of every gradient into them: one
+        # model's worth of memory and a pass over it less a step); no buffer changes in training.
         return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None,
-                                       forward_sync_buffers=False)  # no buffer changes in training
+                                       forward_sync_buffers=False, gradient_as_bucket_view=True)
     if world.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

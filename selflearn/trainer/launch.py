@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ..contracts import RoundResult, write_termination_log
+from ..machine import available_cpus
 from ..spec import RunConfig
 
 log = logging.getLogger("selflearn.trainer")
@@ -79,9 +80,11 @@ def launch(args: argparse.Namespace, config: RunConfig) -> int:
         monitor_interval=0.5,
         start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=str(logs), tee=Std.ERR),
+        local_addr=args.local_addr,
     )
-    # Each rank gets its share of the machine's cores (torch would take them all in every rank).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.procs)))
+    # Each rank gets its share of the cores this pod may use (torch would take every core of the
+    # node in every rank, a CPU limit notwithstanding).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // args.procs)))
     log.info("round %d on %d ranks (%d machine(s) x %d), rendezvous %s", args.round, world, args.nnodes,
              args.procs, cfg.rdzv_endpoint)
     try:
