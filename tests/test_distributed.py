@@ -153,6 +153,17 @@ def test_ranks_that_never_meet_time_out_with_the_endpoint_named(tiny_llama_dir, 
     assert time.monotonic() - started < 90
 
 
+def test_a_rendezvous_host_that_never_resolves_fails_the_round_saying_so(tiny_llama_dir, tmp_path):
+    """A pod's name in the headless Service appears in DNS after the pod: the launcher waits for it,
+    up to the rendezvous timeout, then says which name never resolved."""
+    run = write_run(tmp_path / "run.yaml", tiny_llama_dir, tmp_path / "store", {"rendezvousTimeoutSeconds": 10})
+    code, result, err = finished(train(run, "--nnodes", "2", "--rdzv-endpoint", "d-r1-0.no-such-service.invalid:29400"),
+                                 timeout=120)
+    assert code == 1 and result["status"] == "failed", err[-3000:]
+    assert "cannot meet at d-r1-0.no-such-service.invalid:29400" in result["reason"], result
+    assert "does not resolve" in result["reason"]
+
+
 def test_each_rank_takes_its_share_and_runs_zero_weight_work_when_short():
     items = list(range(7))
     shares = [distributed.shard(World(rank=r, size=3), items) for r in range(3)]

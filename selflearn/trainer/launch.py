@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -58,6 +59,24 @@ def _exit(code: int) -> str:
     return f"exit code {code}"
 
 
+def wait_resolvable(endpoint: str, timeout: float) -> str | None:
+    """Wait until the rendezvous host has an address (a pod's name in a headless Service appears in
+    DNS a few seconds after the pod); None when it does, else why not."""
+    import socket
+    import time
+
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return None
+        except OSError as err:
+            if time.monotonic() > deadline:
+                return f"{host} does not resolve: {err}"
+        time.sleep(1.0)
+
+
 def launch(args: argparse.Namespace, config: RunConfig) -> int:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -68,6 +87,8 @@ def launch(args: argparse.Namespace, config: RunConfig) -> int:
         raise ValueError("--nnodes > 1 needs --rdzv-endpoint host:port (the first worker's)")
     timeout = args.rdzv_timeout or config.spec.trainer.rendezvous_timeout_seconds
     world = args.nnodes * args.procs
+    if args.rdzv_endpoint and (why := wait_resolvable(args.rdzv_endpoint, timeout)):
+        return _failed(args.round, f"the {world} ranks cannot meet at {args.rdzv_endpoint}: {why}")
     logs = Path(tempfile.mkdtemp(prefix="selflearn-ranks-"))
     cfg = LaunchConfig(
         min_nodes=args.nnodes, max_nodes=args.nnodes, nproc_per_node=args.procs,
@@ -98,6 +119,8 @@ def launch(args: argparse.Namespace, config: RunConfig) -> int:
     except RendezvousError as err:
         return _failed(args.round, f"the {world} ranks did not meet within {timeout} s at "
                                    f"{cfg.rdzv_endpoint}: {type(err).__name__}: {err}")
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)  # each rank's stderr was shown as it ran (tee)
     return 0
 
 

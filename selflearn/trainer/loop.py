@@ -262,6 +262,10 @@ def train(
                 master = None
         runs = distributed.wrap(world, model, partial(causal_lm_loss, fused=fused), repeated_blocks(model),
                                 cfg.precision)
+    if world.size > cfg.gradient_accumulation:
+        log.warning("%d ranks share %d micro-batch(es) a step: %d rank(s) idle through every step; make "
+                    "training.gradientAccumulation a multiple of the ranks", world.size,
+                    cfg.gradient_accumulation, world.size - cfg.gradient_accumulation)
     optim = _Optimizer.for_model(model, cfg, master, device)
     plan = _Schedule.plan(len(batches), cfg)
     stats = LoopStats()
