@@ -182,6 +182,10 @@ def wrap(world: World, model: torch.nn.Module, loss: Callable[..., torch.Tensor]
     if world.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if precision == "fp16":  # fp16 needs loss scaling across shards, not wired here
+            raise ValueError("trainer.strategy fsdp computes in bf16 or fp32; training.precision fp16 (a GPU "
+                             "without bf16) trains with strategy ddp")
+
         # bf16 compute over fp32 shards, gradients reduced in fp32: FSDP's own master weights.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision == "bf16" else MixedPrecisionPolicy()

@@ -119,6 +119,10 @@ def launch(args: argparse.Namespace, config: RunConfig) -> int:
     except RendezvousError as err:
         return _failed(args.round, f"the {world} ranks did not meet within {timeout} s at "
                                    f"{cfg.rdzv_endpoint}: {type(err).__name__}: {err}")
+    except Exception as err:  # the launcher itself (an address that does not resolve, a port taken)
+        log.exception("the launcher failed")
+        return _failed(args.round, f"the launcher of {args.procs} rank(s) on this machine failed: "
+                                   f"{type(err).__name__}: {err}")
     finally:
         shutil.rmtree(logs, ignore_errors=True)  # each rank's stderr was shown as it ran (tee)
     return 0

@@ -3,6 +3,9 @@ template runs as a container (image, command, args, env, envFrom Secret, the Con
 PersistentVolumeClaim mounts with the pod's fsGroup, the termination message, the memory limit), and the Pod and Job status are written back as a
 cluster would: a Pod per attempt ending in `terminated` with the message, then the Job's Complete or
 Failed condition (backoffLimit, podFailurePolicy's FailJob exit codes, activeDeadlineSeconds).
+An Indexed Job runs its pods side by side (JOB_COMPLETION_INDEX, and the names its headless
+Service would give them, `<job>-<index>.<subdomain>`, mapped to this host with --add-host: the
+containers share the host's network), and ends when every index succeeded or one failed.
 
 A missing image or Secret leaves the pod waiting (ErrImageNeverPull, CreateContainerConfigError)
 and the Job active, as on a cluster; the operator is the one who must say so.
@@ -13,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -22,7 +27,7 @@ from typing import Any
 
 from selflearn.operator.kube import Kube
 
-from .pods import ConfigError, container_env, docker, image_present, memory_limit, now, waiting_status
+from .pods import ConfigError, container_env, cpu_limit, docker, image_present, memory_limit, now, waiting_status
 
 log = logging.getLogger("e2e.job-runner")
 
@@ -54,38 +59,39 @@ class JobRunner:
     async def _run_job(self, job: dict[str, Any]) -> None:
         name, spec = job["metadata"]["name"], job["spec"]
         deadline = spec.get("activeDeadlineSeconds")
-        fail_codes = {v for rule in (spec.get("podFailurePolicy") or {}).get("rules") or []
-                      if rule.get("action") == "FailJob"
-                      for v in (rule.get("onExitCodes") or {}).get("values") or []}
+        indexes = range(spec.get("completions", 1)) if spec.get("completionMode") == "Indexed" else [None]
         t0 = time.monotonic()
         failed = 0
         while True:
             try:
-                code = await asyncio.wait_for(self._run_pod(job), timeout=deadline - (time.monotonic() - t0)
-                                              if deadline else None)
+                codes = await asyncio.wait_for(asyncio.gather(*(self._run_pod(job, i) for i in indexes)),
+                                               timeout=deadline - (time.monotonic() - t0) if deadline else None)
             except asyncio.TimeoutError:
                 await self._finish(name, ok=False, failed=failed + 1, reason="DeadlineExceeded",
                                    message="Job was active longer than specified deadline")
                 return
-            if code is None:  # the pod could not start: it waits, and so does the Job
+            if any(code is None for code in codes):  # a pod could not start: it waits, and so does the Job
                 return
-            if code == 0:
-                await self._finish(name, ok=True)
+            bad = [(i, code) for i, code in zip(indexes, codes) if code != 0]
+            if not bad:
+                await self._finish(name, ok=True, succeeded=len(codes))
                 return
-            failed += 1
-            if code in fail_codes:
+            failed += len(bad)
+            index, code = bad[0]
+            if _fails_job(spec, code):
                 await self._finish(name, ok=False, failed=failed, reason="PodFailurePolicy",
                                    message=f"Container trainer for pod failed with exit code {code} matching "
-                                           f"FailJob rule")
+                                           f"FailJob rule" + (f" at index {index}" if index is not None else ""))
                 return
             if failed > spec.get("backoffLimit", 6):
                 await self._finish(name, ok=False, failed=failed, reason="BackoffLimitExceeded",
                                    message="Job has reached the specified backoff limit")
                 return
 
-    async def _finish(self, name: str, *, ok: bool, failed: int = 0, reason: str = "", message: str = "") -> None:
+    async def _finish(self, name: str, *, ok: bool, failed: int = 0, reason: str = "", message: str = "",
+                      succeeded: int = 1) -> None:
         if ok:
-            status = {"succeeded": 1, "completionTime": now(), "conditions": [
+            status = {"succeeded": succeeded, "completionTime": now(), "conditions": [
                 {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]}
         else:
             status = {"failed": failed, "conditions": [
@@ -93,16 +99,18 @@ class JobRunner:
                 {"type": "Failed", "status": "True", "reason": reason, "message": message}]}
         await self.kube.patch("batch/v1", "jobs", self.namespace, name, {"status": status}, subresource="status")
 
-    async def _run_pod(self, job: dict[str, Any]) -> int | None:
-        """One attempt: the Pod object, the container, its end. None: it cannot start (it waits)."""
+    async def _run_pod(self, job: dict[str, Any], index: int | None = None) -> int | None:
+        """One attempt: the Pod object, the container, its end. None: it cannot start (it waits).
+        `index`: the pod's completion index in an Indexed Job."""
         jname = job["metadata"]["name"]
         pod_spec = job["spec"]["template"]["spec"]
         (c,) = pod_spec["containers"]
-        pod_name = f"{jname}-{uuid.uuid4().hex[:5]}"
+        pod_name = f"{jname}-{uuid.uuid4().hex[:5]}" if index is None else f"{jname}-{index}-{uuid.uuid4().hex[:5]}"
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": pod_name, "namespace": self.namespace,
                             "labels": dict(job["spec"]["template"]["metadata"].get("labels") or {})
-                            | {"batch.kubernetes.io/job-name": jname, "job-name": jname},
+                            | {"batch.kubernetes.io/job-name": jname, "job-name": jname}
+                            | ({"batch.kubernetes.io/job-completion-index": str(index)} if index is not None else {}),
                             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": jname,
                                                  "uid": job["metadata"]["uid"], "controller": True}]},
                "spec": pod_spec, "status": {"phase": "Pending"}}
@@ -137,7 +145,19 @@ class JobRunner:
                 args += ["-e", f"{k}={v}"]
             if mem := memory_limit(c):
                 args += ["--memory", mem]
-            cmd = list(c.get("command") or [])
+            if cpus := cpu_limit(c):
+                args += ["--cpus", cpus]
+            if index is not None:
+                args += ["-e", f"JOB_COMPLETION_INDEX={index}"]
+                if sub := pod_spec.get("subdomain"):  # the headless Service's names for every index
+                    for k in range(job["spec"]["completions"]):
+                        args += ["--add-host", f"{jname}-{k}.{sub}:127.0.0.1"]
+                # A pod's /etc/hosts names the pod itself (the ranks' process group resolves it);
+                # on the host's network that name is the host's.
+                args += ["--add-host", f"{socket.gethostname()}:127.0.0.1"]
+            # The kubelet's $(VAR) expansion in command and args, from the container's environment.
+            expand = {**env, **({"JOB_COMPLETION_INDEX": str(index)} if index is not None else {})}
+            cmd = [re.sub(r"\$\((\w+)\)", lambda m: expand.get(m[1], m[0]), a) for a in c.get("command") or []]
             argv = ["run", "--name", pod_name, "--network", self.network, *args]
             argv += (["--entrypoint", cmd[0], c["image"], *cmd[1:]] if cmd else [c["image"]]) + list(c.get("args") or [])
             started = now()
@@ -197,3 +217,15 @@ class JobRunner:
         if fs_group is not None:  # and the group is one of the container's supplementary groups
             args += ["--group-add", str(fs_group)]
         return args
+
+
+def _fails_job(spec: dict[str, Any], code: int) -> bool:
+    """Whether exit `code` matches one of the Job's podFailurePolicy FailJob rules (In / NotIn)."""
+    for rule in (spec.get("podFailurePolicy") or {}).get("rules") or []:
+        on = rule.get("onExitCodes") or {}
+        if rule.get("action") != "FailJob" or not on:
+            continue
+        values = set(on.get("values") or [])
+        if (code in values) == (on.get("operator", "In") == "In"):
+            return True
+    return False

@@ -70,6 +70,12 @@ def memory_limit(container: dict[str, Any]) -> str | None:
     return q or None
 
 
+def cpu_limit(container: dict[str, Any]) -> str | None:
+    """A Kubernetes CPU quantity as docker's --cpus ("500m" -> "0.5")."""
+    q = str(((container.get("resources") or {}).get("limits") or {}).get("cpu") or "")
+    return str(int(q[:-1]) / 1000) if q.endswith("m") else q or None
+
+
 async def docker(*args: str, check: bool = True) -> str:
     proc = await asyncio.create_subprocess_exec("docker", *args, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.STDOUT)

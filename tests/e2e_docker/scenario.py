@@ -205,6 +205,16 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         async def lr_status() -> dict[str, Any]:
             return ((await kube.get("selflearn.dev/v1alpha1", "learnerruns", NS, run)) or {}).get("status") or {}
 
+        # Round 2 on two pods that meet through the headless Service (an Indexed Job): the spec
+        # changes once round 1's Job exists, and the operator builds the next round from it.
+        async def first_job() -> dict[str, Any] | None:
+            return await kube.get("batch/v1", "jobs", NS, f"{run}-r1")
+
+        await wait_for(first_job, timeout=120, what="round 1's Job")
+        await kube.patch("selflearn.dev/v1alpha1", "learnerruns", NS, run, {"spec": {"trainer": {
+            "workers": 2, "procsPerWorker": 1, "strategy": "ddp",
+            "resources": {"requests": {"cpu": "1", "memory": "3Gi"}, "limits": {"cpu": "1", "memory": "5Gi"}}}}})
+
         t_serve = time.monotonic()
         await wait_for(lambda: serve_ready(url), timeout=600, what="the serve container's /readyz", interval=2)
         figures["serve_start_s"] = round(time.monotonic() - t_serve, 1)
@@ -241,6 +251,13 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
                 restarted += len(gone)
             log.info("after %s: replicas %s", ckpt, after)
             base_replicas = after
+        # Round 2's two pods both ran and exited 0; the checkpoint they published says so.
+        pair = [r for r in runner.runs if r["job"] == f"{run}-r2"]
+        check(len(pair) == 2 and all(r["exit_code"] == 0 for r in pair), f"round 2 ran on two pods ({pair})")
+        check(await kube.get("v1", "services", NS, f"{run}-r2") is not None, f"the headless Service {run}-r2")
+        m2 = json.loads(s3.get_object(Bucket="selflearn", Key=_key(spec["storage"]["uri"], run, "r000002"))["Body"].read())
+        check(m2.get("world") == {"size": 2, "strategy": "ddp"}, f"r000002 trained by 2 ranks ({m2.get('world')})")
+        figures["distributed_round_pod_seconds"] = [r["seconds"] for r in pair]
         figures["publish_to_serve_s"] = swaps
         figures["replicas_restarted_on_promote"] = restarted
         check(restarted == 0, "no replica restarted by a promotion (same replica ids and pids)")
@@ -363,6 +380,12 @@ async def bad_inputs(kube: Kube, spec: dict[str, Any], *, lr_status_of) -> dict[
         seconds[name] = round(time.monotonic() - t0, 1)
         await kube.delete("selflearn.dev/v1alpha1", "learnerruns", NS, name)
     return seconds
+
+
+def _key(store_uri: str, run: str, ckpt: str) -> str:
+    """The S3 key of a checkpoint's manifest under the store `s3://bucket/prefix`."""
+    prefix = store_uri[len("s3://"):].partition("/")[2].strip("/")
+    return "/".join(x for x in (prefix, run, ckpt, "manifest.json") if x)
 
 
 def _is(served: str | None, checkpoint_id: str) -> bool:
