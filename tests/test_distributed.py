@@ -29,9 +29,10 @@ TRAINING = {"maxLength": 64, "batchSize": 2, "gradientAccumulation": 4, "learnin
             "format": "text"}
 
 
-def write_run(path: Path, model: str, store: Path, trainer: dict | None = None, **training) -> Path:
+def write_run(path: Path, model: str, store: Path, trainer: dict | None = None, articles: int = 3,
+              **training) -> Path:
     path.write_text(yaml.safe_dump({"name": "d", "spec": {
-        "baseModel": model, "sources": [{"snapshot": {"language": "en", "articlesPerRound": 3}}],
+        "baseModel": model, "sources": [{"snapshot": {"language": "en", "articlesPerRound": articles}}],
         "training": {**TRAINING, **training}, "storage": {"uri": f"file://{store}"},
         "trainer": trainer or {}, "serving": {"engine": "torch"}}}))
     return path
@@ -98,6 +99,49 @@ def test_two_machines_meet_at_the_first_ones_endpoint_as_pods_do(one_process, ti
     assert [r.id for r in store.list("d")] == ["d/r000001"]
     two = load_file(tmp_path / "store" / "d" / "r000001" / "model.safetensors")
     assert max((two[k] - weights[k]).abs().max().item() for k in weights) <= 1e-5
+
+
+def test_two_ranks_share_the_probes_and_answer_as_one_process(tiny_llama_dir, tmp_path):
+    """With chatEval on, each rank generates whole batches of the probes' questions and the report
+    is gathered: the knowledge and chat figures equal the one-process round's (fp32, same batches)."""
+    results = {}
+    for procs in (1, 2):
+        d = tmp_path / f"p{procs}"
+        d.mkdir()
+        # Enough articles for several batches of 32 questions: ranks take whole batches each.
+        run = write_run(d / "run.yaml", tiny_llama_dir, d / "store", {"strategy": "ddp"}, articles=32,
+                        chatEval=True, epochs=1, format="mixed")
+        code, result, err = finished(train(run, *(("--procs", "2") if procs == 2 else ())))
+        assert code == 0 and result["status"] == "published", err[-3000:]
+        results[procs] = result["metrics"]
+    one, two = results[1], results[2]
+    assert one["knowledge"] is not None and one["chat"] is not None
+    asked = one["knowledge"]["asked"]
+    assert asked["learned"] + asked["held_out"] + asked["general"] > 32, asked  # 2+ batches of 32
+    assert two["knowledge"] == one["knowledge"]  # every answer the same: its batch was the same
+    assert two["chat"]["format_ok"] == one["chat"]["format_ok"]
+    assert two["chat"]["retention"] == pytest.approx(one["chat"]["retention"], rel=1e-4)  # summed apart
+
+
+def test_ranks_generating_whole_batches_give_every_answer_in_its_place(embedded_model_dir, tmp_path):
+    """probe.generate on 2 ranks (5 batches of 4 dealt between them, gathered) returns the very
+    answers, in the very order, that one process generates: the real model, whose answers differ."""
+    from selflearn import basemodel
+    from selflearn.trainer import probe
+
+    prompts = [f"What is {x}?" for x in ("Paris", "the Moon", "water", "a violin", "Jupiter", "rice", "a bridge",
+                                          "Mozart", "iron", "the Nile", "a tiger", "chess", "snow", "glass",
+                                          "Rome", "a comet", "salt", "jazz")]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "tests.support.shared_generation", str(tmp_path / "prompts.json"), str(tmp_path / "out.json")],
+                   check=True, env=env, capture_output=True, timeout=300)
+    shared = json.loads((tmp_path / "out.json").read_text())
+    model, tok = basemodel.load_model(embedded_model_dir), basemodel.load_tokenizer(embedded_model_dir)
+    alone = [g.text for g in probe.generate(model, tok, prompts, max_new_tokens=8, batch_size=4)]
+    assert len(set(alone)) > len(prompts) // 2  # answers that tell places apart
+    assert shared == alone
 
 
 def _rank_pids(launcher: int, rank: int) -> list[int]:

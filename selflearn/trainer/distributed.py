@@ -135,6 +135,15 @@ def shard(world: World, items: Sequence[T]) -> tuple[list[T], int]:
     return mine, math.ceil(len(items) / world.size) - len(mine)
 
 
+def gathered(world: World, mine: dict[Any, T]) -> dict[Any, T]:
+    """Every rank's `mine` (keys distinct across ranks) merged, on every rank."""
+    if not world.distributed:
+        return dict(mine)
+    parts: list[dict[Any, T] | None] = [None] * world.size
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts if part for k, v in part.items()}
+
+
 def summed(world: World, values: Sequence[float]) -> list[float]:
     """`values` summed over the ranks (float64)."""
     if not world.distributed:

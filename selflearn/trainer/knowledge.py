@@ -29,6 +29,7 @@ from ..prompting import render_example
 from ..sources.base import Article
 from ..spec import MemoryUseSpec
 from . import probe
+from .distributed import SOLO, World
 from .reading import Reading, reading_contexts
 from .qa import PairGenerator, QAPair, language_of, make_pairs, pairs_for, templates_for
 
@@ -269,17 +270,19 @@ class ProbeReport:
 
 
 def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: int, precision: str,
-            known: KnownProbe | None = None, memory: Memory | None = None) -> ProbeReport:
+            known: KnownProbe | None = None, memory: Memory | None = None, world: World = SOLO) -> ProbeReport:
     """One model's answers: knowledge per set (with each answer), chat ppl and format health.
 
     `known`: this same model's answers on the fixed sets from an earlier measurement (see
     `ProbeReport.reusable`); with a matching fingerprint they are taken instead of generated again.
+    With several ranks every rank calls this alike and generates its share of the batches; each
+    gets the whole report.
     """
     t0 = time.time()
     fp = fingerprint(sets, precision)
     prior = known if known is not None and known.fingerprint == fp else None
     names = ("learned", "held_out") if prior else ("learned", "held_out", "general")
-    answers = _asked_together(model, tokenizer, {n: getattr(sets, n) for n in names})
+    answers = _asked_together(model, tokenizer, {n: getattr(sets, n) for n in names}, world)
     # With its memory, as serving answers: the open-book articles' questions and as many held-out ones.
     asked = [q.question for q in sets.open_book]
     mem_learned = [probe.with_memory(q, memory, sets.memory_use) for q in sets.learned if q.question in asked]
@@ -289,21 +292,24 @@ def measure(model: torch.nn.Module, tokenizer: Any, sets: ProbeSets, *, block: i
     # steps, so one batch of open-book and with-memory questions takes ~2 s less than two.
     answers.update(_asked_together(model, tokenizer, {
         "open_book": sets.open_book, "memory_learned": mem_learned,
-        "memory_held_out": mem_held[:max(len(mem_learned), len(sets.open_book))]}))
+        "memory_held_out": mem_held[:max(len(mem_learned), len(sets.open_book))]}, world))
     if prior:
         answers["general"] = prior.general
         chat_ppl, format_ok, failures = prior.chat_ppl, prior.format_ok, prior.format_failures
     else:
-        chat_ppl = probe.perplexity_of_references(model, tokenizer, sets.retention, block=block, precision=precision)
-        format_ok, failures = probe.format_check(model, tokenizer, sets.retention, max_new_tokens=CHAT_NEW_TOKENS)
+        chat_ppl = probe.perplexity_of_references(model, tokenizer, sets.retention, block=block, precision=precision,
+                                                  world=world)
+        format_ok, failures = probe.format_check(model, tokenizer, sets.retention, max_new_tokens=CHAT_NEW_TOKENS,
+                                                 world=world)
     return ProbeReport(answers, chat_ppl, format_ok, failures, fp, reused=prior is not None,
                        seconds=round(time.time() - t0, 1))
 
 
-def _asked_together(model: torch.nn.Module, tokenizer: Any,
-                    groups: dict[str, list[probe.Question]]) -> dict[str, list[dict[str, Any]]]:
+def _asked_together(model: torch.nn.Module, tokenizer: Any, groups: dict[str, list[probe.Question]],
+                    world: World = SOLO) -> dict[str, list[dict[str, Any]]]:
     """The greedy answers to every group's questions, generated in one call, by group."""
-    rows = probe.ask(model, tokenizer, [q for qs in groups.values() for q in qs], max_new_tokens=PROBE_NEW_TOKENS)
+    rows = probe.ask(model, tokenizer, [q for qs in groups.values() for q in qs], max_new_tokens=PROBE_NEW_TOKENS,
+                     world=world)
     out, i = {}, 0
     for name, qs in groups.items():
         out[name], i = rows[i:i + len(qs)], i + len(qs)

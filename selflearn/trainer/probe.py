@@ -31,7 +31,8 @@ from ..memory import Memory, reading_prompt
 from ..prompting import PLAIN_STOP, end_of_turn_ids, has_chat_template, render_example, render_prompt
 from ..sources.base import Article
 from ..spec import MemoryUseSpec
-from . import data
+from . import data, distributed
+from .distributed import SOLO, World
 from .qa import language_of, probe_templates_for, reverse_question, split_sentences, templates_for
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -202,14 +203,21 @@ class Generation:
 
 @torch.inference_mode()
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
-             batch_size: int = 32) -> list[Generation]:
+             batch_size: int = 32, world: World = SOLO) -> list[Generation]:
     """Greedy answers to single-turn `prompts`, rendered exactly as the chat renders them.
 
     Left-padded batches: on a CPU a decode step of 21 rows costs 1.6x one of 8 (130 vs 80 ms
     here), so few big batches. In bf16 a greedy answer can depend on its batch's padding, so a set
     whose answers are compared with recorded ones is generated whole, in the order it was recorded
     in. Without a chat template an answer ends where the plain transcript's next `User:` begins.
+    With several ranks (`world`, every rank calling with the same prompts) each generates whole
+    batches of its share, so every answer comes from the batch it would have had in one process.
     """
+    if world.distributed:
+        starts = list(range(0, len(prompts), batch_size))
+        mine = {i: generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
+                            batch_size=batch_size) for i in distributed.shard(world, starts)[0]}
+        return [g for _, gens in sorted(distributed.gathered(world, mine).items()) for g in gens]
     plain = not has_chat_template(tokenizer)
     device = next(model.parameters()).device
     stops = end_of_turn_ids(tokenizer)
@@ -281,26 +289,26 @@ def reference_batches(tokenizer: Any, items: Sequence[dict[str, Any]], block: in
 
 
 def ask(model: torch.nn.Module, tokenizer: Any, questions: Sequence[Question], *,
-        max_new_tokens: int = 64) -> list[dict[str, Any]]:
+        max_new_tokens: int = 64, world: World = SOLO) -> list[dict[str, Any]]:
     """Greedy answers to `questions`, each with its knowledge score."""
     if not questions:
         return []
-    gens = generate(model, tokenizer, [q.prompt for q in questions], max_new_tokens=max_new_tokens)
+    gens = generate(model, tokenizer, [q.prompt for q in questions], max_new_tokens=max_new_tokens, world=world)
     return [{"title": q.title, "question": q.question, "kind": q.kind, "read": [title for title, _ in q.context or ()],
              "answer": g.text, "score": round(q.score(g.text), 4)}
             for q, g in zip(questions, gens)]
 
 
 def perplexity_of_references(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict[str, Any]], *,
-                              block: int, precision: str = "fp32") -> float | None:
+                              block: int, precision: str = "fp32", world: World = SOLO) -> float | None:
     """Perplexity of the reference answers (their tokens only) after their prompts."""
     from .loop import perplexity
 
-    return perplexity(model, reference_batches(tokenizer, items, block), precision) if items else None
+    return perplexity(model, reference_batches(tokenizer, items, block), precision, world) if items else None
 
 
 def format_check(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict[str, Any]], *,
-                 max_new_tokens: int = 128) -> tuple[float | None, list[dict[str, Any]]]:
+                 max_new_tokens: int = 128, world: World = SOLO) -> tuple[float | None, list[dict[str, Any]]]:
     """-> (share of greedy answers in good format, the failures with their reasons).
 
     Only prompts whose recorded base answer ended within the budget count (`ended`): a 135M model
@@ -312,7 +320,7 @@ def format_check(model: torch.nn.Module, tokenizer: Any, items: Sequence[dict[st
     counted = [i for i, it in enumerate(items) if it.get("ended") and it.get("category") != "refusal"]
     if not counted:
         return None, []
-    gens = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens=max_new_tokens)
+    gens = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens=max_new_tokens, world=world)
     failures = []
     for it, g in ((items[i], gens[i]) for i in counted):
         h = format_health(g.text, g.ids, g.ended)

@@ -128,25 +128,26 @@ def _training_batches(ctx: RoundContext, train_docs: list[list[int]], replay_doc
     return data.batches(data.pack_examples(chat.examples, text + fb_docs, L, eos), B), chat, too_long
 
 
-def _probe_parent(ctx: RoundContext, probes: knowledge.ProbeSets) -> knowledge.ProbeReport:
+def _probe_parent(ctx: RoundContext, probes: knowledge.ProbeSets, world: World) -> knowledge.ProbeReport:
     """The parent's answers, reusing what is known of it on the fixed sets; the base model's are
-    kept in the store for the run's later rounds that start from it again."""
+    kept in the store for the run's later rounds that start from it again (by rank 0)."""
+    known = distributed.from_leader(world, lambda: _parent_probe(ctx.store, ctx.run, ctx.parent))
     report = knowledge.measure(ctx.model, ctx.tokenizer, probes, block=ctx.training.max_length,
-                               precision=ctx.precision, known=_parent_probe(ctx.store, ctx.run, ctx.parent),
-                               memory=ctx.parent_memory)
-    if ctx.parent is None and not report.reused:
+                               precision=ctx.precision, known=known, memory=ctx.parent_memory, world=world)
+    if ctx.parent is None and not report.reused and world.leader:
         ctx.store.put_json(f"{ctx.run}/{BASE_PROBE_KEY}", report.reusable())
     return report
 
 
-def _probe_candidate(ctx: RoundContext, prep: Prepared,
-                     before: knowledge.ProbeReport) -> tuple[knowledge.ProbeMetrics, dict[str, Any]]:
+def _probe_candidate(ctx: RoundContext, prep: Prepared, before: knowledge.ProbeReport,
+                     world: World) -> tuple[knowledge.ProbeMetrics, dict[str, Any]]:
     """-> (the metrics the gate reads, what the manifest shows): the candidate against its parent."""
     assert prep.probes is not None
     after = knowledge.measure(ctx.model, ctx.tokenizer, prep.probes, block=ctx.training.max_length,
-                              precision=ctx.precision, memory=prep.memory)
+                              precision=ctx.precision, memory=prep.memory, world=world)
     metrics, shown = knowledge.compare(before, after)
-    log.info(knowledge.summary_line(metrics))
+    if world.leader:
+        log.info(knowledge.summary_line(metrics))
     return metrics, shown
 
 
@@ -202,12 +203,12 @@ def _train_and_measure(ctx: RoundContext, prep: Prepared, world: World,
     """Measure the parent, train, measure the candidate: the same sets, probes and precision.
 
     With several ranks the perplexities are sharded and summed, training is shared (loop.train),
-    and the probes, which generate answers, are rank 0's alone. -> (measures, the context whose
+    and the probes' answers are generated a share of whole batches each and gathered. -> (measures, the context whose
     model is the trained one: under FSDP a whole copy gathered from the shards, via `reload`)."""
     t, precision = ctx.training, ctx.precision
     ctx.phases("evaluating the parent")
     ppl_before = {k: loop.perplexity(ctx.model, v, precision, world) for k, v in prep.sets.items()}
-    report_before = _probe_parent(ctx, prep.probes) if prep.probes and world.leader else None
+    report_before = _probe_parent(ctx, prep.probes, world) if prep.probes else None
     fb_data = prep.fb_data
     prefer = fb_data is not None and ctx.feedback_spec.preference != "off" and bool(fb_data.pairs or fb_data.judged)
     fb_refs = preference.references(ctx.model, ctx.tokenizer, fb_data, precision, train=prefer) if fb_data else None
@@ -223,7 +224,7 @@ def _train_and_measure(ctx: RoundContext, prep: Prepared, world: World,
         if fb_data is not None and fb_refs is not None else feedback_learning.FeedbackStats()
     ctx.phases("evaluating the candidate")
     ppl_after = {k: loop.perplexity(ctx.model, v, precision, world) for k, v in prep.sets.items()}
-    probed, shown = _probe_candidate(ctx, prep, report_before) \
+    probed, shown = _probe_candidate(ctx, prep, report_before, world) \
         if prep.probes and report_before is not None else (None, None)
     fb_metrics = feedback_learning.metrics(ctx, fb_data, fb_refs, fb_stats)
     return _Measured(stats, ppl_before, ppl_after, probed, shown, fb_metrics), ctx
@@ -406,12 +407,12 @@ def _run_round(config: RunConfig, round_: int, world: World, device: torch.devic
                            started_at=t_start, parent_memory=Memory.load(tmp / "parent") if parent_ref else None)
         built: list[Prepared] = []
 
-        def prepare() -> Prepared:  # rank 0 builds; the others get it without the memory, which only it saves
+        def prepare() -> Prepared:  # rank 0 builds; the others rebuild the memory (an index) themselves
             built.append(_prepare(ctx))
             return replace(built[0], memory=None)
 
         shared = distributed.from_leader(world, prepare)
-        prep = built[0] if built else shared
+        prep = built[0] if built else replace(shared, memory=_grown_memory(ctx))
         measured, ctx = _train_and_measure(ctx, prep, world, partial(reload_for_training, spec, parent_ref,
                                                                      tmp / "parent", device))
 
