@@ -103,8 +103,9 @@ def with_strategy(world: World, setting: str, model: torch.nn.Module, device: to
     return World(world.rank, world.size, world.local_rank, strategy)
 
 
-class Failed(RuntimeError):
-    """What rank 0 failed with, raised on every other rank (each exits naming it)."""
+class Failed(ValueError):
+    """What rank 0 failed with, raised on every other rank: each ends with that one line (the
+    command's clear error), not a traceback of its own."""
 
 
 def from_leader(world: World, make: Callable[[], T]) -> T:
