@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -46,7 +47,8 @@ def _reason(stderr: Path) -> str:
     for ln in reversed(lines):
         if ln.startswith("selflearn train: error:"):
             return ln.removeprefix("selflearn train: error:").strip()
-    tb = [ln for ln in lines if not ln.startswith(("[rank", "W", "I"))]
+    # Not the launcher's own log lines (glog style, "W1203 22:46:18.39 ..."), which tee mixes in.
+    tb = [ln for ln in lines if not re.match(r"\[?[WIEF]\d{4} |\[rank", ln)]
     return tb[-1] if tb else "no output"
 
 

@@ -10,13 +10,11 @@ applies selflearn.policy to the metrics this round publishes.
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
 import random
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -25,19 +23,20 @@ import torch
 
 from .. import basemodel
 from ..checkpoints import CheckpointRef, CheckpointStore
-from ..contracts import FeedbackMetrics, Pair, RoundMetrics, RoundResult, checkpoint_id
+from ..contracts import RoundResult, checkpoint_id
 from ..memory import Memory
 from ..sources.base import Article, Source
 from ..sources.factory import general_language
 from ..sources.snapshot import general_set
 from ..spec import RunConfig
 from .. import precision as prec
-from . import data, distributed, feedback_learning, knowledge, loop, preference
+from . import data, distributed, feedback_learning, knowledge, loop, preference, publishing
 from .context import Listener, Phases, Prepared, RoundContext
 from .data import Block
 from .distributed import World
-from .inputs import ARTICLES_FILE, STATE_KEY, earlier_articles, gather
-from .model_io import load_for_training, reload_for_training, save_for_checkpoint
+from .inputs import earlier_articles, gather
+from .model_io import load_for_training, reload_for_training
+from .publishing import Measured
 from .qa import make_pairs
 from .reading import MIN_READING_TOKENS, Reading
 from .renderings import renderings
@@ -188,18 +187,8 @@ def _prepare(ctx: RoundContext) -> Prepared:
                     _grown_memory(ctx))
 
 
-@dataclass(frozen=True)
-class _Measured:
-    stats: loop.LoopStats
-    ppl_before: dict[str, float | None]
-    ppl_after: dict[str, float | None]
-    probe: knowledge.ProbeMetrics | None  # None: training.chatEval off
-    shown: dict[str, Any] | None  # the example answers, parent vs candidate, for the manifest
-    fb_metrics: FeedbackMetrics | None
-
-
 def _train_and_measure(ctx: RoundContext, prep: Prepared, world: World,
-                       reload: "Callable[[], torch.nn.Module]") -> tuple[_Measured, RoundContext]:
+                       reload: "Callable[[], torch.nn.Module]") -> tuple[Measured, RoundContext]:
     """Measure the parent, train, measure the candidate: the same sets, probes and precision.
 
     With several ranks the perplexities are sharded and summed, training is shared (loop.train),
@@ -227,7 +216,7 @@ def _train_and_measure(ctx: RoundContext, prep: Prepared, world: World,
     probed, shown = _probe_candidate(ctx, prep, report_before, world) \
         if prep.probes and report_before is not None else (None, None)
     fb_metrics = feedback_learning.metrics(ctx, fb_data, fb_refs, fb_stats)
-    return _Measured(stats, ppl_before, ppl_after, probed, shown, fb_metrics), ctx
+    return Measured(stats, ppl_before, ppl_after, probed, shown, fb_metrics), ctx
 
 
 def _gathered(ctx: RoundContext, state: dict[str, torch.Tensor], reload: "Callable[[], torch.nn.Module]") -> RoundContext:
@@ -239,104 +228,12 @@ def _gathered(ctx: RoundContext, state: dict[str, torch.Tensor], reload: "Callab
     return replace(ctx, model=model, master=master)
 
 
-def _save(ctx: RoundContext, out: Path) -> None:
-    """The candidate's weights in fp32, its tokenizer, and the articles it learned."""
-    if ctx.master:
-        ctx.master.restore_fp32(ctx.model)
-    save_for_checkpoint(ctx.model, ctx.tokenizer, ctx.spec, out)
-    with open(out / ARTICLES_FILE, "w") as f:
-        for a in ctx.inputs.train:
-            # source and extra (topic, description): a later round rebuilds the same questions.
-            f.write(json.dumps({"title": a.title, "sha256": a.sha256, "text": a.text, "source": a.source,
-                                "extra": a.extra}, default=str) + "\n")
-
-
 def _grown_memory(ctx: RoundContext) -> Memory | None:
     """The candidate's memory: its parent's passages and this round's articles (training.memory)."""
     if not ctx.training.memory:
         return None
     parent = ctx.parent_memory or Memory.build([], general_language(ctx.spec))
     return parent.grown(ctx.inputs.train, checkpoint_id(ctx.run, ctx.round))
-
-
-def _metrics(ctx: RoundContext, prep: Prepared, m: _Measured) -> RoundMetrics:
-    inputs, stats, chat, probed = ctx.inputs, m.stats, prep.chat, m.probe
-    return RoundMetrics(
-        train_loss=stats.final_loss,
-        losses=[round(x, 4) for x in stats.losses],
-        train_tokens=stats.tokens,
-        train_seconds=round(stats.seconds, 2),
-        tokens_per_s=round(stats.tokens_per_s, 1),
-        steps=stats.steps,
-        ppl={k: Pair(before=m.ppl_before[k], after=m.ppl_after[k]) for k in prep.sets if m.ppl_before[k] is not None},
-        articles=len(inputs.train),
-        held_out=len(inputs.held),
-        replayed=len(prep.replay_docs),
-        dropped=len(inputs.dropped),
-        format=ctx.training.format,
-        qa_pairs=len(chat.pairs) if chat else None,
-        qa_read=chat.read if chat else None,
-        chat_replayed=chat.replayed if chat else None,
-        qa_reviewed=chat.reviewed if chat else None,
-        text_only=len(chat.text_only) if chat else None,
-        examples_too_long=prep.too_long if chat else None,
-        knowledge=probed.knowledge if probed else None,
-        chat=probed.chat if probed else None,
-        probe_seconds=probed.probe_seconds if probed else None,
-        parent_probe_reused=probed.parent_probe_reused if probed else None,
-        feedback=m.fb_metrics,
-        phase_seconds=ctx.phases.seconds(),
-    )
-
-
-def _export_for_serving(ctx: RoundContext, checkpoint: Path) -> None:
-    """The checkpoint's OpenVINO IR, published with it (sha256 in the manifest like the weights),
-    when the run serves on OpenVINO: each replica then loads it in about a second instead of
-    converting the weights itself. Where this trainer cannot export (openvino not installed, a
-    model outside the Llama family) it publishes without, and replicas convert or serve on torch."""
-    from .. import openvino_ir
-
-    if ctx.config.spec.serving.engine == "torch":
-        return
-    if not openvino_ir.installed():
-        log.info("publishing without OpenVINO IR: openvino is not installed in the trainer")
-        return
-    why = openvino_ir.unsupported(ctx.model.config)
-    if why is None and (checkpoint / "adapter_config.json").is_file():
-        why = "the checkpoint is a bare LoRA adapter (lora.merge: false)"
-    if why:
-        log.info("publishing without OpenVINO IR: %s", why)
-        return
-    ctx.phases("exporting")
-    openvino_ir.export(checkpoint, checkpoint / openvino_ir.CHECKPOINT_SUBDIR)
-
-
-def _manifest(ctx: RoundContext, prep: Prepared, m: _Measured, metrics: RoundMetrics,
-              world: World = distributed.SOLO) -> dict[str, Any]:
-    spec, inputs, chat, fb = ctx.spec, ctx.inputs, prep.chat, ctx.inputs.feedback
-    return {
-        "base_model": spec.base_model,
-        "parent": ctx.parent.uri if ctx.parent else None,
-        "method": spec.training.method,
-        "adapter": spec.training.method == "lora" and not spec.training.lora.merge,
-        "precision": ctx.precision,
-        "device": ctx.device.type,
-        # How many ranks trained it and how they shared the work (none: one process).
-        "world": {"size": world.size, "strategy": world.strategy},
-        "hyperparameters": spec.training.model_dump(by_alias=True, mode="json"),
-        "metrics": metrics.to_json(),
-        "articles": [a.provenance() for a in inputs.train],
-        "held_out_articles": [a.provenance() for a in inputs.held],
-        "dropped_articles": [{"title": t, "reason": r} for t, r in inputs.dropped],
-        **({"qa_pairs": [{"title": p.title, "kind": p.kind, "question": p.question} for p in chat.pairs]}
-           if chat else {}),
-        **({"probe": m.shown} if m.shown else {}),
-        **({"feedback": fb.traces(), "feedback_dropped": [{"id": i, "reason": r} for i, r in fb.dropped]}
-           if fb else {}),
-        "cursors": inputs.cursors,
-        "software": {"torch": torch.__version__, "python": platform.python_version()},
-        "started_at": ctx.started_at,
-    }
 
 
 def run_round(
@@ -376,7 +273,7 @@ def _start(config: RunConfig, round_: int, store: CheckpointStore, parent: str |
     parent_ref = resolve_parent(store, run, parent)
     inputs = gather(config, store, parent_ref, sources)
     if not inputs.train and not (inputs.feedback and inputs.feedback.learned):
-        store.put_json(f"{run}/{STATE_KEY}", {**inputs.state, "cursors": inputs.cursors, "last_round": round_})
+        publishing.record_cursors(store, run, inputs, round_)
         reason = f"empty round: all {len(inputs.dropped)} fetched articles were filtered out" if inputs.dropped \
             else "empty round: the sources returned no new articles"
         log.warning(reason)
@@ -387,7 +284,7 @@ def _start(config: RunConfig, round_: int, store: CheckpointStore, parent: str |
 def _run_round(config: RunConfig, round_: int, world: World, device: torch.device, *, parent: str | None,
                store: CheckpointStore | None, workdir: Path | None, sources: list[Source] | None,
                on_step: Listener | None) -> RoundResult:
-    spec, run, t_start = config.spec, config.name, time.time()
+    spec, t_start = config.spec, time.time()
     store = store or open_store(config)
     started = distributed.from_leader(world, lambda: _start(config, round_, store, parent, sources))
     if isinstance(started, RoundResult):
@@ -416,21 +313,6 @@ def _run_round(config: RunConfig, round_: int, world: World, device: torch.devic
         measured, ctx = _train_and_measure(ctx, prep, world, partial(reload_for_training, spec, parent_ref,
                                                                      tmp / "parent", device))
 
-        def publish() -> RoundResult:
-            _save(ctx, tmp / "checkpoint")
-            if prep.memory is not None:
-                prep.memory.save(tmp / "checkpoint")
-            _export_for_serving(ctx, tmp / "checkpoint")
-            metrics = _metrics(ctx, prep, measured).model_copy(
-                update={"memory_passages": len(prep.memory.passages) if prep.memory else None})
-            manifest = _manifest(ctx, prep, measured, metrics, world)
-            phases("publishing")
-            ref = store.publish(run, round_, tmp / "checkpoint", manifest)
-            store.put_json(f"{run}/{STATE_KEY}", {**inputs.state, "cursors": inputs.cursors, "last_round": round_})
-            store.retain(run, spec.storage.keep_checkpoints, protect=[parent_ref.uri] if parent_ref else [])
-            log.info(json.dumps({"event": "published", "checkpoint": ref.uri, "seconds": round(time.time() - t_start, 1)}))
-            return RoundResult("published", round_, checkpoint=ref.uri, metrics=metrics.summary(), id=ref.id,
-                               parent=parent_ref.uri if parent_ref else None)
-
         # Rank 0 alone writes to the store; the others wait for what it published (or why not).
-        return distributed.from_leader(world, publish)
+        return distributed.from_leader(world, lambda: publishing.publish(ctx, prep, measured, world,
+                                                                          tmp / "checkpoint"))
