@@ -41,13 +41,14 @@ from selflearn.operator.kube import Connection, Kube
 from selflearn.operator.resources import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, served_checkpoint
 from tests.support.operator import EmulatorThread
 
+from .bad_inputs import bad_inputs, run_status
+from .checks import NS, Failed, check, wait_for
 from .job_runner import JobRunner
 from .rayservice_applier import RayServiceApplier
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "learnerrun-tiny.yaml"
 CACHE_PVC = REPO / "examples" / "trainer-cache-pvc.yaml"
-NS = "default"
 log = logging.getLogger("e2e")
 
 
@@ -55,16 +56,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Failed(Exception):
-    pass
-
-
-def check(ok: bool, what: str) -> None:
-    if not ok:
-        raise Failed(what)
-    log.info("ok: %s", what)
 
 
 class Chatter(threading.Thread):
@@ -103,17 +94,6 @@ class Chatter(threading.Thread):
 
     def first_seen(self, checkpoint_id: str) -> float | None:
         return next((t for t, c in self.seen if _is(c, checkpoint_id)), None)
-
-
-async def wait_for(probe, *, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe() if asyncio.iscoroutinefunction(probe) else probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise Failed(f"timed out after {timeout:.0f} s waiting for {what} (last: {value!r})")
-        await asyncio.sleep(interval)
 
 
 def serve_ready(url: str) -> bool:
@@ -202,9 +182,6 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
             await kube.create("v1", "persistentvolumeclaims", NS, pvc | {"status": {"phase": "Bound"}})
         await kube.create("selflearn.dev/v1alpha1", "learnerruns", NS, doc | {"metadata": {"name": run, "namespace": NS}})
 
-        async def lr_status() -> dict[str, Any]:
-            return ((await kube.get("selflearn.dev/v1alpha1", "learnerruns", NS, run)) or {}).get("status") or {}
-
         # Round 2 on two pods that meet through the headless Service (an Indexed Job): the spec
         # changes once round 1's Job exists, and the operator builds the next round from it.
         async def first_job() -> dict[str, Any] | None:
@@ -230,7 +207,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
             ckpt = f"r{round_:06d}"
 
             async def history_row() -> dict[str, Any] | None:
-                return next((h for h in (await lr_status()).get("history") or [] if h.get("round") == round_), None)
+                return next((h for h in (await run_status(kube, run)).get("history") or [] if h.get("round") == round_), None)
 
             row = await wait_for(history_row, timeout=args.round_timeout, what=f"round {round_}'s result",
                                  interval=3)
@@ -314,7 +291,7 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
         check(chatter.failed == 0, f"no failed request ({chatter.failed}/{chatter.total}: {chatter.errors[:3]})")
         figures["round_seconds_in_container"] = [r["seconds"] for r in runner.runs if r["exit_code"] == 0]
         # 8. Bad input, each in a run of its own without serving: one clear line in its status.
-        figures["bad_input_seconds_to_status"] = await bad_inputs(kube, spec, lr_status_of=lambda n: _status(kube, n))
+        figures["bad_input_seconds_to_status"] = await bad_inputs(kube, spec)
     finally:
         chatter.stop_flag.set()
         for t in controllers:
@@ -337,49 +314,6 @@ async def scenario(args: argparse.Namespace) -> dict[str, Any]:
 
     moto.stop()
     return figures
-
-
-BAD_INPUTS = {  # run name: (spec change, what its status message must say)
-    "bad-image": ({"trainer": {"image": "ghcr.io/selflearn/trainer:no-such-tag"}}, "ErrImagePull"),
-    "bad-secret": ({"storage": {"credentialsSecret": "no-such-secret"}}, "no-such-secret"),
-    "bad-s3": ({"storage": {"endpoint": "http://127.0.0.1:9"}}, "is not reachable"),
-}
-
-
-async def _status(kube: Kube, name: str) -> dict[str, Any]:
-    return ((await kube.get("selflearn.dev/v1alpha1", "learnerruns", NS, name)) or {}).get("status") or {}
-
-
-def _merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(base))
-    for k, v in change.items():
-        out[k] = _merged(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
-async def bad_inputs(kube: Kube, spec: dict[str, Any], *, lr_status_of) -> dict[str, float]:
-    """A bad image tag, a wrong Secret name, an unreachable S3 endpoint: seconds until each run's
-    status says so (the trainer's one line for the last, through its termination message)."""
-    seconds: dict[str, float] = {}
-    for name, (change, says) in BAD_INPUTS.items():
-        bad = _merged(spec, change | {"serving": {"replicas": 0}, "schedule": {"intervalSeconds": 0, "maxRounds": 1}})
-        t0 = time.monotonic()
-        await kube.create("selflearn.dev/v1alpha1", "learnerruns", NS, {
-            "apiVersion": "selflearn.dev/v1alpha1", "kind": "LearnerRun",
-            "metadata": {"name": name, "namespace": NS}, "spec": bad})
-
-        async def message(name=name, says=says) -> str | None:
-            st = await lr_status_of(name)  # the phase's message, or the Degraded condition's
-            lines = [st.get("message") or ""] + [c.get("message") or "" for c in st.get("conditions") or []
-                                                 if c.get("type") == "Degraded" and c.get("status") == "True"]
-            return next((m for m in lines if says in m), None)
-
-        line = await wait_for(message, timeout=180, what=f"{name}'s status to say {says!r}", interval=1)
-        log.info("%s: %s", name, line)
-        check("\n" not in line.strip(), f"{name}'s status is one line: {line!r}")
-        seconds[name] = round(time.monotonic() - t0, 1)
-        await kube.delete("selflearn.dev/v1alpha1", "learnerruns", NS, name)
-    return seconds
 
 
 def _key(store_uri: str, run: str, ckpt: str) -> str:
