@@ -13,7 +13,7 @@ def test_typed_message_streams_an_answer_with_its_checkpoint(srv, page):
     page.goto(srv.url + "/")
     expect(page.locator("#served")).to_contain_text("base:", timeout=30_000)  # the page reads /readyz
     expect(page.locator("#dashboard-link")).to_be_visible(timeout=10_000)  # this server has a dashboard
-    page.fill("#max_length", "24")
+    page.fill("#max_length", "96")  # long enough to be caught streaming on the fast (OpenVINO) engine
     page.eval_on_selector("#temperature", "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }")
     page.fill("#message", "Write three sentences about the sea. <b>bold?</b>")
     page.click("#send")
